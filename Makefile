@@ -1,0 +1,28 @@
+# Two commands for a fresh machine: `make run` (the main job) and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+DATA   ?= $(or $(NORMLAB_DATA),./data)
+OUT    ?= runs/latest
+BIN     = $(VENV)/bin
+
+.PHONY: run test install install-dev
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Stamp files make both targets idempotent: pip runs again only when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e . && touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[dev]' && touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+# The three models, 20 epochs each, then the report (resumes an interrupted run).
+run: install
+	$(BIN)/normlab run --data-dir $(DATA) --out $(OUT) --resume
+
+test: install-dev
+	$(BIN)/python -m pytest -q

@@ -1,0 +1,207 @@
+"""Command line: ``normlab train | run | evaluate | summary | report``.
+
+Every flag of a training run comes from ``Config``; expected failures (bad data, bad settings,
+unwritable folders) print one line on stderr and exit with status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from normlab.config import MAX_EPOCHS, Config, ConfigError
+from normlab.data import DataError, resolve_data_dir
+from normlab.models import NORMS
+
+DEFAULTS = Config()
+EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
+
+
+class UsageError(RuntimeError):
+    """A command was given something it cannot use; the message says what to do."""
+
+
+def _widths(text: str) -> tuple[int, int, int]:
+    try:
+        parts = tuple(int(p) for p in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"widths must look like 16,24,32 (got {text!r})") from None
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"widths must be three numbers like 16,24,32 (got {text!r})")
+    return parts  # type: ignore[return-value]
+
+
+def add_config_flags(p: argparse.ArgumentParser, with_norm: bool) -> None:
+    d = DEFAULTS
+    p.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py/ (default: $NORMLAB_DATA, else ./data; downloaded if absent)")
+    if with_norm:
+        p.add_argument("--norm", default=d.norm, help=f"normalization layer: {' | '.join(NORMS)} (default: {d.norm})")
+    p.add_argument("--widths", type=_widths, default=d.widths, help=f"channels of C1-C2, C3-C5, C7-C9 (default: {','.join(map(str, d.widths))})")
+    p.add_argument("--groups", type=int, default=d.groups, help=f"group count of group norm (default: {d.groups})")
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs; more than {MAX_EPOCHS} is flagged as outside the assignment (default: {d.epochs})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"images per step (default: {d.batch_size})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default: {d.lr})")
+    p.add_argument("--warmup", type=float, default=d.warmup, help=f"fraction of steps rising to the peak lr (default: {d.warmup})")
+    p.add_argument("--momentum", type=float, default=d.momentum, help=f"Nesterov momentum (default: {d.momentum})")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"weight decay on conv weights (default: {d.weight_decay})")
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help=f"label smoothing (default: {d.label_smoothing})")
+    p.add_argument("--crop-pad", type=int, default=d.crop_pad, help=f"random-crop padding in pixels, 0 = off (default: {d.crop_pad})")
+    p.add_argument("--no-flip", dest="flip", action="store_false", help="turn off random horizontal flips")
+    p.add_argument("--val-size", type=int, default=d.val_size, help=f"training images held out for validation; use 5000 to tune (default: {d.val_size})")
+    p.add_argument("--no-test", dest="eval_test", action="store_false", help="do not read the test set (tuning runs)")
+    p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"], help=f"(default: {d.device})")
+    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads, 0 = all cores (default: 0)")
+
+
+def config_from(args: argparse.Namespace, **override) -> Config:
+    names = {f.name for f in dataclasses.fields(Config)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values.update(override)
+    return Config(**values).validate()
+
+
+def set_threads(n: int) -> None:
+    # Before any work: the thread pool is fixed at the first parallel op.
+    torch.set_num_threads(n or os.cpu_count() or 1)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from normlab.train import fit
+
+    cfg = config_from(args, seed=args.seed)
+    set_threads(cfg.threads)
+    out = Path(args.out or f"runs/{cfg.norm}")
+    args._resume_hint = f"normlab train --resume {shlex.quote(str(out))}"
+    fit(cfg, resolve_data_dir(args.data_dir), out, resume=args.resume)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from normlab.train import fit
+
+    parent = Path(args.out)
+    norms = args.norms.split(",")
+    for n in norms:
+        if n not in NORMS:
+            raise ConfigError(f"unknown norm {n!r} in --norms; choose from: {', '.join(NORMS)}")
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1 (got {args.seeds})")
+    base = config_from(args, norm=norms[0])
+    set_threads(base.threads)
+    args._resume_hint = f"normlab run --resume --out {shlex.quote(str(parent))}"
+    for norm in norms:
+        for s in range(args.seeds):
+            seed = args.seed + s
+            cfg = dataclasses.replace(base, norm=norm, seed=seed).validate()
+            out = parent / norm if args.seeds == 1 else parent / norm / f"seed{seed}"
+            if (out / "results.json").is_file():
+                if args.resume:
+                    print(f"{out}: finished earlier, skipped")
+                    continue
+                raise UsageError(f"{out} already holds a finished run; use --resume to skip finished models, or choose another --out")
+            resume = args.resume and (out / "checkpoint.pt").is_file()
+            if not resume and (out / "checkpoint.pt").is_file():
+                raise UsageError(f"{out} holds an unfinished run; continue it with: normlab run --resume --out {parent}")
+            fit(cfg, resolve_data_dir(args.data_dir), out, resume=resume)
+    from normlab.report import summary_table, write_report
+
+    print(summary_table(parent))
+    if not args.no_report:
+        path = write_report(parent)
+        print(f"report: {path}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from normlab.evaluate import evaluate_checkpoint
+
+    set_threads(args.threads)
+    result = evaluate_checkpoint(Path(args.checkpoint), args.data_dir, args.device)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from normlab.report import model_summary
+
+    print(model_summary(args.norm, args.widths, args.groups))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from normlab.report import write_report
+
+    path = write_report(Path(args.run_dir))
+    print(f"report: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="normlab", description="Batch vs group vs layer norm on one small CNN for CIFAR-10.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one model into one run folder")
+    add_config_flags(t, with_norm=True)
+    t.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    t.add_argument("--out", default=None, help="run folder (default: runs/NORM)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last complete epoch")
+    t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("run", help="train bn, gn and ln (the main job), then write the report")
+    add_config_flags(r, with_norm=False)
+    r.add_argument("--norms", default="bn,gn,ln", help="comma-separated norms to train (default: bn,gn,ln)")
+    r.add_argument("--seeds", type=int, default=1, help="seeds per model; results give mean and std (default: 1)")
+    r.add_argument("--seed", type=int, default=0, help="first seed (default: 0)")
+    r.add_argument("--out", default="runs/latest", help="parent folder, one subfolder per model (default: runs/latest)")
+    r.add_argument("--resume", action="store_true", help="skip finished models and continue an interrupted one")
+    r.add_argument("--no-report", action="store_true", help="print the table but do not write report.md")
+    r.set_defaults(func=cmd_run)
+
+    e = sub.add_parser("evaluate", help="test accuracy of a saved model.pt on a CIFAR-10 folder")
+    e.add_argument("checkpoint", help="a model.pt written by normlab train")
+    e.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py/ (default: $NORMLAB_DATA, else ./data)")
+    e.add_argument("--json", default=None, help="also write the result to this JSON file (default: none)")
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
+    e.add_argument("--threads", type=int, default=0, help="CPU threads, 0 = all cores (default: 0)")
+    e.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("summary", help="layers, output shapes and parameter counts of one model")
+    s.add_argument("--norm", default=DEFAULTS.norm, help=f"{' | '.join(NORMS)} (default: {DEFAULTS.norm})")
+    s.add_argument("--widths", type=_widths, default=DEFAULTS.widths, help=f"(default: {','.join(map(str, DEFAULTS.widths))})")
+    s.add_argument("--groups", type=int, default=DEFAULTS.groups, help=f"(default: {DEFAULTS.groups})")
+    s.set_defaults(func=cmd_summary)
+
+    rp = sub.add_parser("report", help="write report.md and figures from a run folder")
+    rp.add_argument("run_dir", help="a folder written by normlab run or normlab train")
+    rp.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from normlab.train import TrainingError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        hint = getattr(args, "_resume_hint", None)
+        msg = "normlab: interrupted; the last complete epoch is kept" + (f". Resume with: {hint}" if hint else "")
+        print(msg, file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ConfigError, DataError, TrainingError, UsageError, ValueError) as e:
+        print(f"normlab: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

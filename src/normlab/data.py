@@ -1,0 +1,203 @@
+"""CIFAR-10 from the official python-pickle layout to uint8 tensors, splits, batched augmentation.
+
+The whole data set lives as one uint8 tensor on the training device; it is normalized once per
+batch on the device, and crops and flips are drawn per image but applied per batch on tensors
+(no per-image PIL transforms), in the manner of airbench.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+MD5 = "c58f30108f718f92721af3b95e74349a"
+FOLDER = "cifar-10-batches-py"
+TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
+TEST_FILES = ["test_batch"]
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+MEAN = (125.31 / 255, 122.95 / 255, 113.87 / 255)  # training-set channel means (of 1)
+STD = (0.2470, 0.2435, 0.2616)                     # training-set channel standard deviations
+DEFAULT_DIR = "./data"
+
+
+class DataError(RuntimeError):
+    """The data set is missing or unreadable; the message says what to do."""
+
+
+def resolve_data_dir(arg: str | os.PathLike | None) -> Path:
+    """``--data-dir``, else ``$NORMLAB_DATA``, else ``./data``."""
+    return Path(arg or os.environ.get("NORMLAB_DATA") or DEFAULT_DIR)
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def safe_extract(archive: Path, target: Path) -> None:
+    """Extract a .tar.gz into ``target``, refusing any member that would land outside it."""
+    target = target.resolve()
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar.getmembers():
+            dest = (target / member.name).resolve()
+            if not dest.is_relative_to(target) or member.issym() or member.islnk():
+                raise DataError(f"archive {archive} has a member that would land outside {target}: {member.name!r}; refusing to extract it")
+            if not (member.isfile() or member.isdir()):
+                raise DataError(f"archive {archive} has a member that is not a plain file or folder: {member.name!r}; refusing to extract it")
+        tar.extractall(target, filter="data")
+
+
+def download(root: Path, url: str = URL, md5: str = MD5) -> None:
+    """Fetch the official archive into ``root``, check its MD5, extract it safely, keep it."""
+    root.mkdir(parents=True, exist_ok=True)
+    archive = root / Path(url).name
+    if not archive.exists():
+        partial = archive.with_suffix(archive.suffix + ".part")
+        print(f"normlab: downloading CIFAR-10 (163 MB) from {url} to {root} ...", flush=True)
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response, open(partial, "wb") as f:
+                shutil.copyfileobj(response, f)
+        except OSError as e:
+            partial.unlink(missing_ok=True)
+            raise DataError(
+                f"CIFAR-10 not found in {root / FOLDER} and the download from {url} failed ({e}); "
+                "point normlab at a folder that holds cifar-10-batches-py/ with --data-dir DIR or NORMLAB_DATA=DIR"
+            ) from None
+        got = _md5(partial)
+        if got != md5:
+            partial.unlink(missing_ok=True)
+            raise DataError(f"downloaded archive from {url} has MD5 {got}, expected {md5}; the partial file was removed, try again")
+        partial.rename(archive)
+    elif _md5(archive) != md5:
+        raise DataError(f"archive {archive} has the wrong MD5 (expected {md5}); delete it and run again to download it afresh")
+    safe_extract(archive, root)
+
+
+def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="latin1")
+        data, labels = d["data"], d["labels"]
+    except FileNotFoundError:
+        raise DataError(f"CIFAR-10 batch {path} is missing; copy the complete cifar-10-batches-py/ folder again") from None
+    except Exception as e:  # truncated pickles raise EOFError, UnpicklingError, ValueError, KeyError...
+        raise DataError(f"CIFAR-10 batch {path} is truncated or corrupt ({type(e).__name__}: {e}); replace the file or delete the folder to download it again") from None
+    data = np.asarray(data)
+    labels = np.asarray(labels)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataError(f"CIFAR-10 batch {path} holds data of shape {data.shape} and type {data.dtype}; expected (N, 3072) uint8")
+    if labels.ndim != 1 or len(labels) != len(data):
+        raise DataError(f"CIFAR-10 batch {path} has {len(data)} images but {labels.size} labels")
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(CLASSES)):
+        raise DataError(f"CIFAR-10 batch {path} has labels outside 0-9 (min {labels.min()}, max {labels.max()})")
+    return data, labels.astype(np.int64)
+
+
+def load_split(root: str | os.PathLike, train: bool, allow_download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, 3, 32, 32) uint8 and labels (N,) int64 of the training or test split."""
+    root = Path(root)
+    folder = root / FOLDER
+    if not folder.is_dir():
+        if not allow_download:
+            raise DataError(f"no CIFAR-10 in {folder}; pass --data-dir DIR (a folder that holds {FOLDER}/) or set NORMLAB_DATA=DIR")
+        download(root)
+    parts = [_read_batch(folder / name) for name in (TRAIN_FILES if train else TEST_FILES)]
+    data = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    if len(data) == 0:
+        raise DataError(f"CIFAR-10 {'training' if train else 'test'} split in {folder} is empty")
+    images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
+    return images, torch.from_numpy(labels)
+
+
+def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (train, val) with ``val_size`` images held out in equal shares per class."""
+    n = len(labels)
+    if val_size == 0:
+        return torch.arange(n), torch.arange(0)
+    if val_size >= n:
+        raise DataError(f"--val-size {val_size} leaves no training images (the split has {n}); choose fewer")
+    g = torch.Generator().manual_seed(10_000 + seed)
+    order = torch.randperm(n, generator=g)
+    # Rank each image within its class in the shuffled order; take the lowest ranks per class.
+    shuffled = labels[order]
+    counts = torch.bincount(shuffled, minlength=len(CLASSES)).double()
+    quota = torch.floor(counts * val_size / n)
+    short = val_size - int(quota.sum())  # hand the remainder out, one per class, largest first
+    quota[torch.argsort(counts - quota, descending=True)[:short]] += 1
+    rank = torch.zeros(n, dtype=torch.long)
+    for c in range(len(CLASSES)):
+        idx = (shuffled == c).nonzero().squeeze(1)
+        rank[idx] = torch.arange(len(idx))
+    is_val = rank < quota[shuffled].long()
+    return order[~is_val].sort().values, order[is_val].sort().values
+
+
+def normalize(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """uint8 (B, 3, 32, 32) -> float (B, 3, 32, 32) with training-set mean 0 and std 1 per channel."""
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255
+    x = (images.float() - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def augment(images: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Random crop (zero padding ``pad``) and horizontal flip, drawn per image, applied per batch."""
+    b, c, h, w = images.shape
+    if pad:
+        padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
+        dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(images.device)
+        dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(images.device)
+        rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]  # (B, 1, H, 1)
+        cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]  # (B, 1, 1, W)
+        batch = torch.arange(b, device=images.device)[:, None, None, None]
+        chan = torch.arange(c, device=images.device)[None, :, None, None]
+        images = padded[batch, chan, rows, cols]
+    if flip:
+        mask = (torch.rand(b, generator=generator) < 0.5).to(images.device)
+        images = torch.where(mask[:, None, None, None], images.flip(3), images)
+    return images
+
+
+@dataclass
+class Batches:
+    """Shuffled, augmented training batches (or plain ordered batches when ``train`` is False)."""
+
+    images: torch.Tensor  # (N, 3, 32, 32) uint8, on the training device
+    labels: torch.Tensor  # (N,) int64, on the training device
+    batch_size: int
+    train: bool = True
+    pad: int = 4
+    flip: bool = True
+    channels_last: bool = True
+    generator: torch.Generator | None = None
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.labels)
+        if self.train:
+            order = torch.randperm(n, generator=self.generator).to(self.images.device)
+        else:
+            order = torch.arange(n, device=self.images.device)
+        for i in range(0, n, self.batch_size):
+            idx = order[i : i + self.batch_size]
+            x = self.images[idx]
+            if self.train:
+                x = augment(x, self.pad, self.flip, self.generator)
+            yield normalize(x, self.channels_last), self.labels[idx]

@@ -1,0 +1,110 @@
+"""The prescribed network, C1 C2 c3 P1 C3 C4 C5 c6 P2 C7 C8 C9 GAP C10, in three norms.
+
+The norm layer is picked by name from ``NORMS`` (``bn``, ``gn``, ``ln``) so that one
+network definition serves all three variants; every norm constructor takes the channel
+count first so that they swap freely (as in timm's ``create_norm``).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+PARAM_BUDGET = 50_000  # trainable parameters, strictly fewer (the assignment's limit)
+NUM_CLASSES = 10
+LAYER_ORDER = ("C1", "C2", "c3", "P1", "C3", "C4", "C5", "c6", "P2", "C7", "C8", "C9", "GAP", "C10")
+
+
+def _batch_norm(channels: int, groups: int) -> nn.Module:
+    return nn.BatchNorm2d(channels)
+
+
+def _group_norm(channels: int, groups: int) -> nn.Module:
+    if channels % groups:
+        raise ValueError(f"group norm needs the group count ({groups}) to divide every width; {channels} channels do not split")
+    return nn.GroupNorm(groups, channels)
+
+
+def _layer_norm(channels: int, groups: int) -> nn.Module:
+    # Layer norm for conv maps: statistics over (C, H, W) of each sample = GroupNorm with one group.
+    return nn.GroupNorm(1, channels)
+
+
+NORMS: dict[str, Callable[[int, int], nn.Module]] = {"bn": _batch_norm, "gn": _group_norm, "ln": _layer_norm}
+NORM_NAMES = {"bn": "Batch Normalization", "gn": "Group Normalization", "ln": "Layer Normalization"}
+
+
+def make_norm(name: str, channels: int, groups: int = 4) -> nn.Module:
+    """Return the norm layer called ``name`` for ``channels`` channels."""
+    if name not in NORMS:
+        raise ValueError(f"unknown norm {name!r}; choose one of: {', '.join(NORMS)}")
+    return NORMS[name](channels, groups)
+
+
+class ConvBlock(nn.Sequential):
+    """conv (3x3 or 1x1, 'same' padding, no bias: the norm has one) -> norm -> ReLU."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, norm: str, groups: int):
+        super().__init__(
+            nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False),
+            make_norm(norm, cout, groups),
+            nn.ReLU(inplace=True),
+        )
+
+
+class Net(nn.Module):
+    """C1 C2 c3 P1 C3 C4 C5 c6 P2 C7 C8 C9 GAP C10.
+
+    ``widths = (w1, w2, w3)``: C1 and C2 have w1 channels at 32x32; c3 maps w1 -> w2 and
+    C3..C5 keep w2 at 16x16; c6 maps w2 -> w3 and C7..C9 keep w3 at 8x8; C10 maps w3 -> 10.
+
+    Skip additions (the output of one layer added to the output of a later one):
+      * C1 -> C2: ``C2(x1) + x1`` at 32x32,
+      * C3 -> C5: ``C5(C4(x3)) + x3`` at 16x16,
+      * C7 -> C9: ``C9(C8(x7)) + x7`` at 8x8.
+    """
+
+    def __init__(self, norm: str = "bn", widths: Sequence[int] = (16, 24, 32), groups: int = 4):
+        super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"unknown norm {norm!r}; choose one of: {', '.join(NORMS)}")
+        if len(widths) != 3 or any(int(w) < 1 for w in widths):
+            raise ValueError(f"widths must be three positive channel counts, got {tuple(widths)}")
+        w1, w2, w3 = (int(w) for w in widths)
+        self.norm, self.widths, self.groups = norm, (w1, w2, w3), groups
+        self.C1 = ConvBlock(3, w1, 3, norm, groups)
+        self.C2 = ConvBlock(w1, w1, 3, norm, groups)
+        self.c3 = ConvBlock(w1, w2, 1, norm, groups)
+        self.P1 = nn.MaxPool2d(2)
+        self.C3 = ConvBlock(w2, w2, 3, norm, groups)
+        self.C4 = ConvBlock(w2, w2, 3, norm, groups)
+        self.C5 = ConvBlock(w2, w2, 3, norm, groups)
+        self.c6 = ConvBlock(w2, w3, 1, norm, groups)
+        self.P2 = nn.MaxPool2d(2)
+        self.C7 = ConvBlock(w3, w3, 3, norm, groups)
+        self.C8 = ConvBlock(w3, w3, 3, norm, groups)
+        self.C9 = ConvBlock(w3, w3, 3, norm, groups)
+        self.GAP = nn.AdaptiveAvgPool2d(1)
+        self.C10 = nn.Conv2d(w3, NUM_CLASSES, 1)
+        n = count_params(self)
+        if n >= PARAM_BUDGET:
+            raise ValueError(
+                f"widths {self.widths} give {n:,} trainable parameters; the budget is fewer than {PARAM_BUDGET:,}. "
+                "Choose smaller widths."
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, 32, 32) -> (B, 10)
+        x = self.C1(x)
+        x = self.C2(x) + x
+        x = self.P1(self.c3(x))  # (B, w2, 16, 16)
+        x = self.C3(x)
+        x = self.C5(self.C4(x)) + x
+        x = self.P2(self.c6(x))  # (B, w3, 8, 8)
+        x = self.C7(x)
+        x = self.C9(self.C8(x)) + x
+        return self.C10(self.GAP(x)).flatten(1)  # (B, 10)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,45 @@
+"""Small CIFAR-10 look-alikes in the official on-disk layout, made in a temporary folder."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from normlab.data import FOLDER, TEST_FILES, TRAIN_FILES
+
+
+def make_cifar(root: Path, per_batch: int = 40, test: int = 50, seed: int = 0) -> Path:
+    """Write ``root/cifar-10-batches-py`` with 5 x ``per_batch`` training and ``test`` test images.
+
+    The images are learnable: each class has its own mean colour plus noise, so a few training
+    steps visibly lower the loss.
+    """
+    rng = np.random.default_rng(seed)
+    folder = root / FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    palette = rng.integers(30, 225, size=(10, 3))
+
+    def batch(n: int, name: str) -> None:
+        labels = np.arange(n) % 10
+        rng.shuffle(labels)
+        img = palette[labels][:, :, None, None] + rng.normal(0, 25, size=(n, 3, 32, 32))
+        data = np.clip(img, 0, 255).astype(np.uint8).reshape(n, 3072)
+        d = {"batch_label": name, "labels": labels.tolist(), "data": data, "filenames": [f"{name}_{i}.png" for i in range(n)]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(d, f)
+
+    for name in TRAIN_FILES:
+        batch(per_batch, name)
+    for name in TEST_FILES:
+        batch(test, name)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]}, f)
+    return root
+
+
+@pytest.fixture
+def cifar_dir(tmp_path: Path) -> Path:
+    """A data directory holding a small synthetic CIFAR-10 (200 training, 50 test images)."""
+    return make_cifar(tmp_path / "data")
