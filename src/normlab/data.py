@@ -61,9 +61,13 @@ def safe_extract(archive: Path, target: Path) -> None:
         tar.extractall(target, filter="data")
 
 
-def download(root: Path, url: str = URL, md5: str = MD5) -> None:
+def download(root: Path, url: str | None = None, md5: str | None = None) -> None:
     """Fetch the official archive into ``root``, check its MD5, extract it safely, keep it."""
-    root.mkdir(parents=True, exist_ok=True)
+    url, md5 = url or URL, md5 or MD5  # read at call time, so that tests can point URL elsewhere
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create data folder {root} ({e.strerror or e}); pass --data-dir DIR (a folder that holds {FOLDER}/ or can receive it)") from None
     archive = root / Path(url).name
     if not archive.exists():
         partial = archive.with_suffix(archive.suffix + ".part")
@@ -99,11 +103,11 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     data = np.asarray(data)
     labels = np.asarray(labels)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise DataError(f"CIFAR-10 batch {path} holds data of shape {data.shape} and type {data.dtype}; expected (N, 3072) uint8")
-    if labels.ndim != 1 or len(labels) != len(data):
-        raise DataError(f"CIFAR-10 batch {path} has {len(data)} images but {labels.size} labels")
+        raise DataError(f"CIFAR-10 batch {path} holds data of shape {data.shape} and type {data.dtype}; expected (N, 3072) uint8; replace the file or delete the folder to download it again")
+    if labels.ndim != 1 or len(labels) != len(data) or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"CIFAR-10 batch {path} has {len(data)} images but {labels.size} labels of type {labels.dtype} (expected whole numbers 0-9); replace the file or delete the folder to download it again")
     if len(labels) and (labels.min() < 0 or labels.max() >= len(CLASSES)):
-        raise DataError(f"CIFAR-10 batch {path} has labels outside 0-9 (min {labels.min()}, max {labels.max()})")
+        raise DataError(f"CIFAR-10 batch {path} has labels outside 0-9 (min {labels.min()}, max {labels.max()}); replace the file or delete the folder to download it again")
     return data, labels.astype(np.int64)
 
 
@@ -119,7 +123,7 @@ def load_split(root: str | os.PathLike, train: bool, allow_download: bool = True
     data = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
     if len(data) == 0:
-        raise DataError(f"CIFAR-10 {'training' if train else 'test'} split in {folder} is empty")
+        raise DataError(f"CIFAR-10 {'training' if train else 'test'} split in {folder} is empty; copy the complete {FOLDER}/ folder again")
     images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
     return images, torch.from_numpy(labels)
 
