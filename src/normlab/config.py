@@ -39,7 +39,9 @@ class Config:
     eval_test: bool = True                 # read the test set at the end (final figures only)
 
     def validate(self) -> "Config":
-        from normlab.models import NORMS
+        import torch
+
+        from normlab.models import NORMS, Net
 
         if self.norm not in NORMS:
             raise ConfigError(f"unknown norm {self.norm!r}; choose one of: {', '.join(NORMS)}")
@@ -62,6 +64,14 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if self.norm == "gn" and any(w % self.groups for w in self.widths):
+            raise ConfigError(f"--groups {self.groups} must divide every width of --widths {','.join(map(str, self.widths))} "
+                              "for group norm; choose another group count or other widths")
+        try:  # the network checks its parameter budget; on the meta device huge widths allocate nothing
+            with torch.device("meta"):
+                Net(self.norm, self.widths, self.groups)
+        except ValueError as e:
+            raise ConfigError(f"--widths {','.join(map(str, self.widths))}: {e}") from None
         return self
 
     @property
