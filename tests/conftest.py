@@ -39,6 +39,21 @@ def make_cifar(root: Path, per_batch: int = 40, test: int = 50, seed: int = 0) -
     return root
 
 
+@pytest.fixture(autouse=True)
+def no_network_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never download in a test (a missing data folder fails at once), and train on one thread.
+
+    One thread: the tests' models are tiny, and two threads on a busy 2-core machine oversubscribe it
+    and run many times slower. ``normlab.data.URL`` is read at call time, so this covers every path.
+    """
+    import torch
+
+    import normlab.data
+
+    monkeypatch.setattr(normlab.data, "URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")  # discard port: refused
+    torch.set_num_threads(1)
+
+
 @pytest.fixture
 def cifar_dir(tmp_path: Path) -> Path:
     """A data directory holding a small synthetic CIFAR-10 (200 training, 50 test images)."""

@@ -72,14 +72,22 @@ def set_threads(n: int) -> None:
     torch.set_num_threads(n or os.cpu_count() or 1)
 
 
+def resume_command(args: argparse.Namespace) -> str:
+    """The command line that was run, with ``--resume`` added: same data, threads and settings."""
+    argv = list(args._argv)
+    if not any(a == "--resume" or a.startswith("--resume=") for a in argv):
+        argv.append("--resume")
+    return "normlab " + shlex.join(argv)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from normlab.train import fit
 
     cfg = config_from(args, seed=args.seed)
     set_threads(cfg.threads)
-    out = Path(args.out or f"runs/{cfg.norm}")
-    args._resume_hint = f"normlab train --resume {shlex.quote(str(out))}"
-    fit(cfg, resolve_data_dir(args.data_dir), out, resume=args.resume)
+    out = Path(args.resume or args.out or f"runs/{cfg.norm}")
+    args._resume_hint = resume_command(args)
+    fit(cfg, resolve_data_dir(args.data_dir), out, resume=args.resume is not None)
     return 0
 
 
@@ -95,7 +103,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--seeds must be at least 1 (got {args.seeds})")
     base = config_from(args, norm=norms[0])
     set_threads(base.threads)
-    args._resume_hint = f"normlab run --resume --out {shlex.quote(str(parent))}"
+    args._resume_hint = resume_command(args)
+    plan = []  # (config, run folder, resume?) of every model; all are checked before any trains
     for norm in norms:
         for s in range(args.seeds):
             seed = args.seed + s
@@ -103,13 +112,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             out = parent / norm if args.seeds == 1 else parent / norm / f"seed{seed}"
             if (out / "results.json").is_file():
                 if args.resume:
-                    print(f"{out}: finished earlier, skipped")
+                    plan.append((cfg, out, None))
                     continue
                 raise UsageError(f"{out} already holds a finished run; use --resume to skip finished models, or choose another --out")
             resume = args.resume and (out / "checkpoint.pt").is_file()
             if not resume and (out / "checkpoint.pt").is_file():
-                raise UsageError(f"{out} holds an unfinished run; continue it with: normlab run --resume --out {parent}")
-            fit(cfg, resolve_data_dir(args.data_dir), out, resume=resume)
+                raise UsageError(f"{out} holds an unfinished run; continue it with: {resume_command(args)}")
+            plan.append((cfg, out, resume))
+    for cfg, out, resume in plan:
+        if resume is None:
+            print(f"{out}: finished earlier, skipped")
+            continue
+        fit(cfg, resolve_data_dir(args.data_dir), out, resume=resume)
     from normlab.report import summary_table, write_report
 
     print(summary_table(parent))
@@ -141,7 +155,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from normlab.report import write_report
 
-    path = write_report(Path(args.run_dir))
+    path = write_report(Path(args.run_dir), args.data_dir)
     print(f"report: {path}")
     return 0
 
@@ -154,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(t, with_norm=True)
     t.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     t.add_argument("--out", default=None, help="run folder (default: runs/NORM)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last complete epoch")
+    t.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR (default: --out) from its last complete epoch, with its saved settings")
     t.set_defaults(func=cmd_train)
 
     r = sub.add_parser("run", help="train bn, gn and ln (the main job), then write the report")
@@ -183,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help="write report.md and figures from a run folder")
     rp.add_argument("run_dir", help="a folder written by normlab run or normlab train")
+    rp.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py/ for the image figures (default: the one the run recorded, else $NORMLAB_DATA, else ./data)")
     rp.set_defaults(func=cmd_report)
     return p
 
@@ -191,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     from normlab.train import TrainingError
 
     args = build_parser().parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -198,8 +215,12 @@ def main(argv: list[str] | None = None) -> int:
         msg = "normlab: interrupted; the last complete epoch is kept" + (f". Resume with: {hint}" if hint else "")
         print(msg, file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ConfigError, DataError, TrainingError, UsageError, ValueError) as e:
-        print(f"normlab: error: {e}", file=sys.stderr)
+    except Exception as e:
+        report = sys.modules.get("normlab.report")  # imported only by the commands that need it
+        expected = (ConfigError, DataError, TrainingError, UsageError, ValueError, OSError) + ((report.ReportError,) if report else ())
+        if not isinstance(e, expected):
+            raise
+        print("normlab: error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, always
         return EXIT_ERROR
 
 

@@ -18,7 +18,7 @@ def load_model(path: Path) -> tuple[Net, Config]:
     if not path.is_file():
         raise TrainingError(f"no checkpoint at {path}; pass the model.pt of a run folder")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        ck = torch.load(path, map_location="cpu", weights_only=True)  # plain tensors and dicts: no code runs
     except Exception as e:
         raise TrainingError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}); pass the model.pt that normlab train wrote") from None
     if not isinstance(ck, dict) or "config" not in ck or "model" not in ck:

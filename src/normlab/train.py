@@ -187,7 +187,11 @@ def fit(cfg: Config, data_dir: str | os.PathLike | None, out: str | os.PathLike,
     if resume:
         if not (out / "config.json").is_file() or not ckpt_path.is_file():
             raise TrainingError(f"{out} is not a normlab run that can be resumed (no config.json or {CHECKPOINT}); start it with normlab train --out {out}")
-        saved = Config.load(out / "config.json")
+        try:
+            saved = Config.load(out / "config.json").validate()
+        except (OSError, ValueError, TypeError) as e:
+            raise TrainingError(f"{out / 'config.json'} is not a readable normlab config ({type(e).__name__}); "
+                                f"{out} cannot be resumed, start afresh with another --out") from None
         if saved != cfg:
             cfg = saved  # a resumed run keeps the settings it was started with
     elif (out / "results.json").exists() or ckpt_path.exists():
@@ -215,11 +219,15 @@ def fit(cfg: Config, data_dir: str | os.PathLike | None, out: str | os.PathLike,
     start_epoch, step = 1, 0
     if resume:
         ck = load_checkpoint(ckpt_path)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        gen.set_state(ck["generator"])
-        torch.set_rng_state(ck["torch_rng"])
-        rows, step, start_epoch = ck["metrics"], ck["step"], ck["epoch"] + 1
+        try:
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            gen.set_state(ck["generator"])
+            torch.set_rng_state(ck["torch_rng"])
+            rows, step, start_epoch = ck["metrics"], ck["step"], ck["epoch"] + 1
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise TrainingError(f"{ckpt_path} is not a checkpoint of this run ({type(e).__name__}); "
+                                f"{out} cannot be resumed, start afresh with another --out") from None
         log(f"resuming {out} after epoch {ck['epoch']} of {cfg.epochs}")
     else:
         cfg.save(out / "config.json")
@@ -238,8 +246,9 @@ def fit(cfg: Config, data_dir: str | os.PathLike | None, out: str | os.PathLike,
         seconds = time.perf_counter() - t0
         if r["bad_batch"] >= 0:
             raise TrainingError(
-                f"the training loss became NaN or infinite in epoch {epoch}, batch {r['bad_batch'] + 1}; "
-                f"the last good epoch ({epoch - 1}) is kept in {out}. Lower --lr and start again"
+                f"the training loss became NaN or infinite in epoch {epoch}, batch {r['bad_batch'] + 1} of {len(batches)}; "
+                + (f"the last good epoch ({epoch - 1}) is kept in {out}. " if epoch > 1 else "")
+                + "Start again with a lower --lr and another --out"
             )
         step = r["step"]
         val_acc, val_loss = evaluate(model, val_x, val_y, amp, cl) if len(val_y) else (None, None)
