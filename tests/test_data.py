@@ -1,0 +1,233 @@
+"""Data: the official on-disk layout, checked downloads, safe extraction, splits, batched augmentation."""
+import hashlib
+import io
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from normlab import data as D
+from normlab.data import FOLDER, DataError, augment, load_split, stratified_split
+from conftest import make_cifar
+
+
+# ---------------------------------------------------------------- loading the official layout
+def test_loader_reads_official_layout(cifar_dir):
+    images, labels = load_split(cifar_dir, train=True)
+    assert images.shape == (200, 3, 32, 32) and images.dtype == torch.uint8
+    assert labels.shape == (200,) and labels.dtype == torch.int64
+    assert labels.min() >= 0 and labels.max() <= 9 and torch.bincount(labels).tolist() == [20] * 10
+    # The 3072 bytes of a row are the red, green and blue planes of 32 x 32, in this order.
+    with open(cifar_dir / FOLDER / "data_batch_1", "rb") as f:
+        d = pickle.load(f, encoding="latin1")
+    assert torch.equal(images[0], torch.from_numpy(d["data"][0].reshape(3, 32, 32)))
+    assert labels[:40].tolist() == d["labels"]
+    test_images, test_labels = load_split(cifar_dir, train=False)
+    assert test_images.shape == (50, 3, 32, 32) and test_labels.shape == (50,)
+
+
+def _rewrite(path: Path, **changes) -> None:
+    with open(path, "rb") as f:
+        d = pickle.load(f, encoding="latin1")
+    d.update(changes)
+    with open(path, "wb") as f:
+        pickle.dump(d, f)
+
+
+BAD_BATCHES = {
+    "truncated": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+    "garbage": lambda p: p.write_bytes(b"this is not a pickle\n" * 10),
+    "empty file": lambda p: p.write_bytes(b""),
+    "not a dict": lambda p: p.write_bytes(pickle.dumps([1, 2, 3])),
+    "missing": lambda p: p.unlink(),
+    "wrong shape": lambda p: _rewrite(p, data=np.zeros((40, 100), np.uint8)),
+    "wrong dtype": lambda p: _rewrite(p, data=np.zeros((40, 3072), np.float32)),
+    "labels out of range": lambda p: _rewrite(p, labels=[10] * 40),
+    "negative labels": lambda p: _rewrite(p, labels=[-1] * 40),
+    "label count": lambda p: _rewrite(p, labels=[0] * 39),
+    "text labels": lambda p: _rewrite(p, labels=["cat"] * 40),
+}
+
+
+@pytest.mark.parametrize("damage", list(BAD_BATCHES))
+def test_bad_batch_is_rejected_naming_the_file(cifar_dir, damage):
+    path = cifar_dir / FOLDER / "data_batch_3"
+    BAD_BATCHES[damage](path)
+    with pytest.raises(DataError) as e:
+        load_split(cifar_dir, train=True)
+    message = str(e.value)
+    assert str(path) in message and "\n" not in message
+    assert any(w in message for w in ("replace", "copy", "delete")), message  # says what to do
+
+
+def test_missing_folder_without_download(tmp_path):
+    with pytest.raises(DataError, match="--data-dir"):
+        load_split(tmp_path / "nowhere", train=True, allow_download=False)
+
+
+def test_missing_folder_unreachable_download(tmp_path):
+    # conftest points normlab.data.URL at a closed local port: no test ever reaches the internet.
+    root = tmp_path / "data"
+    with pytest.raises(DataError, match="download .* failed.*--data-dir"):
+        load_split(root, train=True)
+    assert list(root.iterdir()) == []  # no partial file left behind
+
+
+# ---------------------------------------------------------------- downloads and archives
+def _tar_gz(path: Path, members: dict[str, bytes]) -> str:
+    """Write a .tar.gz with ``members`` (name -> content); returns its MD5."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, content in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def archive(tmp_path) -> tuple[str, str]:
+    """A small CIFAR-10 look-alike packed like the official archive; (file:// URL, MD5)."""
+    src = make_cifar(tmp_path / "src", per_batch=10, test=10)
+    members = {f"{FOLDER}/{p.name}": p.read_bytes() for p in sorted((src / FOLDER).iterdir())}
+    path = tmp_path / "srv" / "cifar-10-python.tar.gz"
+    path.parent.mkdir()
+    return path.as_uri(), _tar_gz(path, members)
+
+
+def test_download_checks_md5_and_extracts(tmp_path, archive):
+    url, md5 = archive
+    root = tmp_path / "data"
+    D.download(root, url=url, md5=md5)
+    assert (root / "cifar-10-python.tar.gz").is_file()  # kept, so that a later run need not fetch it
+    assert not list(root.glob("*.part"))
+    images, labels = load_split(root, train=True, allow_download=False)
+    assert images.shape == (50, 3, 32, 32)
+
+
+def test_download_through_load_split(tmp_path, archive, monkeypatch):
+    url, md5 = archive
+    monkeypatch.setattr(D, "URL", url)
+    monkeypatch.setattr(D, "MD5", md5)
+    images, _ = load_split(tmp_path / "data", train=False)
+    assert images.shape == (10, 3, 32, 32)
+
+
+def test_checksum_mismatch_is_rejected(tmp_path, archive):
+    url, md5 = archive
+    root = tmp_path / "data"
+    with pytest.raises(DataError, match="MD5") as e:
+        D.download(root, url=url, md5="0" * 32)
+    assert "removed" in str(e.value)
+    assert list(root.iterdir()) == []  # neither the partial file nor anything extracted
+
+
+def test_kept_archive_with_wrong_checksum_is_rejected(tmp_path, archive):
+    url, md5 = archive
+    root = tmp_path / "data"
+    D.download(root, url=url, md5=md5)
+    kept = root / "cifar-10-python.tar.gz"
+    kept.write_bytes(kept.read_bytes()[:-10])
+    with pytest.raises(DataError, match="delete it"):
+        D.download(root, url=url, md5=md5)
+
+
+@pytest.mark.parametrize("name", ["../evil", f"{FOLDER}/../../evil", "/tmp/normlab-evil-absolute"])
+def test_member_outside_target_is_refused(tmp_path, name):
+    root = tmp_path / "deep" / "data"
+    root.mkdir(parents=True)
+    path = tmp_path / "srv" / "cifar-10-python.tar.gz"
+    path.parent.mkdir()
+    md5 = _tar_gz(path, {f"{FOLDER}/data_batch_1": b"fine", name: b"evil"})
+    with pytest.raises(DataError, match="outside"):
+        D.download(root, url=path.as_uri(), md5=md5)
+    assert not (tmp_path / "deep" / "evil").exists() and not (tmp_path / "evil").exists()
+    assert not Path("/tmp/normlab-evil-absolute").exists()
+    assert not (root / FOLDER).exists()  # nothing extracted: all members are checked first
+
+
+def test_symlink_member_is_refused(tmp_path):
+    path = tmp_path / "a.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo(f"{FOLDER}/link")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(info)
+    with pytest.raises(DataError, match="outside"):
+        D.safe_extract(path, tmp_path / "data")
+
+
+# ---------------------------------------------------------------- splits
+def test_stratified_split_equal_per_class_and_disjoint():
+    labels = torch.arange(1000) % 10
+    train, val = stratified_split(labels, 200, seed=0)
+    assert len(val) == 200 and len(train) == 800
+    assert torch.bincount(labels[val], minlength=10).tolist() == [20] * 10
+    assert torch.bincount(labels[train], minlength=10).tolist() == [80] * 10
+    assert set(train.tolist()).isdisjoint(val.tolist())
+    assert sorted(train.tolist() + val.tolist()) == list(range(1000))
+    again_train, again_val = stratified_split(labels, 200, seed=0)
+    assert torch.equal(val, again_val) and torch.equal(train, again_train)
+    assert not torch.equal(val, stratified_split(labels, 200, seed=1)[1])
+
+
+def test_stratified_split_remainder_spread():
+    labels = torch.arange(1000) % 10
+    _, val = stratified_split(labels, 15, seed=3)
+    counts = torch.bincount(labels[val], minlength=10)
+    assert counts.sum() == 15 and counts.max() - counts.min() <= 1
+
+
+def test_stratified_split_limits():
+    labels = torch.arange(100) % 10
+    train, val = stratified_split(labels, 0, seed=0)
+    assert len(train) == 100 and len(val) == 0
+    with pytest.raises(DataError, match="--val-size"):
+        stratified_split(labels, 100, seed=0)
+
+
+# ---------------------------------------------------------------- augmentation
+def _candidates(image: torch.Tensor, pad: int) -> list[torch.Tensor]:
+    padded = torch.nn.functional.pad(image, (pad, pad, pad, pad))
+    crops = [padded[:, y : y + 32, x : x + 32] for y in range(2 * pad + 1) for x in range(2 * pad + 1)]
+    return crops + [c.flip(2) for c in crops]
+
+
+def test_augment_keeps_shape_and_draws_per_image():
+    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    batch = image.expand(64, 3, 32, 32).contiguous()  # one image 64 times
+    out = augment(batch, 4, True, torch.Generator().manual_seed(0))
+    assert out.shape == batch.shape and out.dtype == torch.uint8
+    distinct = {tuple(o.flatten().tolist()) for o in out}
+    assert len(distinct) > 20  # crops and flips differ within one batch
+    candidates = _candidates(image, 4)
+    assert all(any(torch.equal(o, c) for c in candidates) for o in out)  # each is a crop, maybe flipped
+    flipped = sum(any(torch.equal(o, c) for c in candidates[81:]) and not any(torch.equal(o, c) for c in candidates[:81]) for o in out)
+    assert 10 < flipped < 54  # about half flipped
+
+
+def test_augment_same_seed_same_result():
+    batch = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    a = augment(batch, 4, True, torch.Generator().manual_seed(7))
+    b = augment(batch, 4, True, torch.Generator().manual_seed(7))
+    c = augment(batch, 4, True, torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_augment_off_is_identity():
+    batch = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    assert torch.equal(augment(batch, 0, False, torch.Generator().manual_seed(0)), batch)
+
+
+def test_batches_cover_each_image_once():
+    images = torch.arange(50, dtype=torch.uint8).view(50, 1, 1, 1).expand(50, 3, 32, 32).contiguous()
+    labels = torch.arange(50) % 10
+    batches = D.Batches(images, labels, 16, True, 0, False, False, torch.Generator().manual_seed(0))
+    assert len(batches) == 4
+    seen = torch.cat([y for _, y in batches])
+    assert sorted(seen.tolist()) == sorted(labels.tolist())
+    xs = [x for x, _ in batches]
+    assert xs[0].dtype == torch.float32 and xs[0].shape == (16, 3, 32, 32) and xs[-1].shape[0] == 2
+    ordered = D.Batches(images, labels, 16, False, 4, True, False)
+    assert torch.equal(torch.cat([y for _, y in ordered]), labels)  # evaluation: in order, unaugmented

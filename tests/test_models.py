@@ -1,0 +1,92 @@
+"""The network: parameter budget, layer order, output shape, and clear errors for bad settings."""
+import pytest
+import torch
+from torch import nn
+
+from normlab.config import Config, ConfigError
+from normlab.models import LAYER_ORDER, NORMS, PARAM_BUDGET, Net, count_params, make_norm
+
+ALL_NORMS = ["bn", "gn", "ln"]
+
+
+def test_norms_are_the_three():
+    assert sorted(NORMS) == sorted(ALL_NORMS)
+
+
+@pytest.mark.parametrize("norm", ALL_NORMS)
+def test_parameter_budget(norm):
+    model = Net(norm)
+    n = count_params(model)
+    assert 0 < n < PARAM_BUDGET == 50_000
+    assert n == sum(p.numel() for p in model.parameters())  # every parameter is trained
+
+
+@pytest.mark.parametrize("norm", ALL_NORMS)
+def test_layer_order_registered_and_applied(norm):
+    model = Net(norm)
+    assert LAYER_ORDER == ("C1", "C2", "c3", "P1", "C3", "C4", "C5", "c6", "P2", "C7", "C8", "C9", "GAP", "C10")
+    assert tuple(name for name, _ in model.named_children()) == LAYER_ORDER
+    called = []
+    for name, module in model.named_children():
+        module.register_forward_hook(lambda m, i, o, name=name: called.append(name))
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    assert tuple(called) == LAYER_ORDER
+
+
+@pytest.mark.parametrize("norm", ALL_NORMS)
+def test_norm_layers_are_the_named_kind(norm):
+    model = Net(norm)
+    norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm))]
+    assert len(norms) == 10  # one in each conv block, C1..C9 with c3 and c6; none after C10
+    if norm == "bn":
+        assert all(isinstance(m, nn.BatchNorm2d) for m in norms)
+    else:
+        assert all(isinstance(m, nn.GroupNorm) for m in norms)
+        assert all(m.num_groups == (1 if norm == "ln" else model.groups) for m in norms)
+
+
+@pytest.mark.parametrize("norm", ALL_NORMS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_output_shape(norm, channels_last):
+    model = Net(norm)
+    x = torch.randn(5, 3, 32, 32)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    model.train()
+    y = model(x)
+    assert y.shape == (5, 10) and y.dtype == torch.float32 and torch.isfinite(y).all()
+
+
+def test_unknown_norm_lists_valid_names():
+    for make in (lambda: Net("xx"), lambda: make_norm("xx", 16)):
+        with pytest.raises(ValueError) as e:
+            make()
+        assert "'xx'" in str(e.value) and all(n in str(e.value) for n in ALL_NORMS)
+    with pytest.raises(ConfigError, match="bn, gn, ln"):
+        Config(norm="batch").validate()
+
+
+@pytest.mark.parametrize("norm", ALL_NORMS)
+def test_widths_over_budget(norm):
+    with pytest.raises(ValueError, match="50,000"):
+        Net(norm, widths=(64, 64, 64))
+    with pytest.raises(ConfigError, match="--widths 64,64,64"):
+        Config(norm=norm, widths=(64, 64, 64)).validate()
+
+
+def test_huge_widths_fail_without_allocating():
+    # 6.5 billion parameters would need 26 GB; the check runs on the meta device.
+    with pytest.raises(ConfigError, match="budget"):
+        Config(widths=(10_000, 10_000, 10_000)).validate()
+
+
+def test_group_count_must_divide_widths():
+    with pytest.raises(ValueError, match="divide"):
+        Net("gn", widths=(16, 24, 32), groups=5)
+    with pytest.raises(ConfigError, match="--groups 5 must divide"):
+        Config(norm="gn", groups=5).validate()
+    Config(norm="gn", groups=8).validate()
+    Config(norm="bn", groups=5).validate()  # groups matter to group norm only
+    Config(norm="ln", groups=5).validate()
