@@ -1,0 +1,102 @@
+"""The trainer: the loss falls, the schedule, atomic checkpoints, and a NaN loss stops the run."""
+import contextlib
+import csv
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from normlab import data as D
+from normlab import train as T
+from normlab.cli import main
+from normlab.config import Config
+from normlab.models import Net
+
+ALL_NORMS = ["bn", "gn", "ln"]
+
+
+@pytest.mark.parametrize("norm", ALL_NORMS)
+def test_a_few_steps_lower_the_loss(cifar_dir, norm):
+    images, labels = D.load_split(cifar_dir, train=True)
+    cfg = Config(norm=norm, lr=0.05, batch_size=20, epochs=2)
+    torch.manual_seed(0)
+    model = Net(norm)
+    opt = T.make_optimizer(model, cfg)
+    amp = contextlib.nullcontext()
+    before = T.evaluate(model, images, labels, amp, False)[1]
+    batches = D.Batches(images, labels, cfg.batch_size, True, 4, True, False, torch.Generator().manual_seed(0))
+    step, total = 0, cfg.epochs * len(batches)
+    for _ in range(cfg.epochs):
+        r = T.train_epoch(model, opt, batches, cfg, step, total, amp)
+        assert r["bad_batch"] == -1 and r["step"] == step + len(batches)
+        step = r["step"]
+    after = T.evaluate(model, images, labels, amp, False)[1]
+    assert after < before - 0.3, (before, after)
+
+
+def test_lr_schedule_one_cycle():
+    lrs = [T.lr_at(s, 100, 0.2, 0.2) for s in range(101)]
+    assert lrs[0] == pytest.approx(0.02) and max(lrs) == pytest.approx(0.2) == lrs[20]
+    assert lrs[-1] == 0 and all(a <= b for a, b in zip(lrs[:20], lrs[1:21])) and all(a >= b for a, b in zip(lrs[20:], lrs[21:]))
+
+
+def test_weight_decay_on_conv_weights_only():
+    model = Net("bn")
+    decay, no_decay = T.make_optimizer(model, Config()).param_groups
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0
+    assert all(p.ndim == 4 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+
+
+def test_atomic_save_keeps_old_file_on_a_crash(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    T.atomic_save({"epoch": 1}, path)
+
+    def dying_save(obj, f):
+        open(f, "wb").write(b"half a checkp")  # killed while writing
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        T.atomic_save({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path)["epoch"] == 1
+
+
+def _nan_at(call: int):
+    """A stand-in for torch.nn.functional whose ``call``-th cross-entropy is NaN."""
+    calls = [0]
+
+    def cross_entropy(*args, **kwargs):
+        calls[0] += 1
+        loss = F.cross_entropy(*args, **kwargs)
+        return loss * float("nan") if calls[0] == call else loss
+
+    return types.SimpleNamespace(cross_entropy=cross_entropy)
+
+
+def test_nan_loss_stops_and_keeps_last_good_epoch(cifar_dir, tmp_path, monkeypatch, capsys):
+    # 200 images in batches of 50: 4 per epoch, so the 7th loss is epoch 2, batch 3.
+    monkeypatch.setattr(T, "F", _nan_at(7))
+    out = tmp_path / "run"
+    rc = main(["train", "--data-dir", str(cifar_dir), "--norm", "gn", "--epochs", "3", "--batch-size", "50",
+               "--threads", "1", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("\n") == 1 and err.startswith("normlab: error: ") and "Traceback" not in err
+    assert "NaN" in err and "epoch 2, batch 3 of 4" in err and "last good epoch (1)" in err and "--lr" in err
+    ck = torch.load(out / T.CHECKPOINT, weights_only=True)
+    assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1"]
+    assert not (out / "results.json").exists() and not (out / T.MODEL).exists()
+
+
+def test_nan_loss_in_first_epoch(cifar_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(T, "F", _nan_at(1))
+    out = tmp_path / "run"
+    rc = main(["train", "--data-dir", str(cifar_dir), "--norm", "ln", "--epochs", "2", "--batch-size", "100",
+               "--threads", "1", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "epoch 1, batch 1 of 2" in err
+    assert not (out / T.CHECKPOINT).exists() and not (out / "results.json").exists()
