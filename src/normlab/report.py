@@ -1,0 +1,523 @@
+"""report.md from the files of a run folder: results, misclassified images, training curves,
+per-class accuracy, model summaries, receptive fields and sample images.
+
+It reads only what training wrote (config.json, metrics.csv, results.json, predictions.csv of each
+model) plus the CIFAR-10 images, so a report can be rebuilt at any time without training again.
+Layouts: one ``normlab train`` folder, or a ``normlab run`` parent with bn/ gn/ ln/ (one seed) or
+bn/seed0/ bn/seed1/ ... (several seeds). The figures themselves are drawn in ``figures.py``.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torchinfo
+from torch import nn
+
+from normlab import data as D
+from normlab import figures
+from normlab.config import MAX_EPOCHS, Config
+from normlab.models import LAYER_ORDER, NORM_NAMES, NORMS, PARAM_BUDGET, Net
+
+TARGET_ACC = 0.70        # the assignment's floor for test accuracy
+N_MISCLASSIFIED = 10     # images per misclassified grid (5 rows x 2 columns)
+SAMPLES_PER_CLASS = 8    # training images per class in the sample grid
+FIGURES_DIR = "figures"  # PNGs go here, beside report.md, linked relatively
+RUN_FILES = ("config.json", "results.json", "checkpoint.pt")  # any of these marks a run folder
+
+
+class ReportError(RuntimeError):
+    """The run folder is missing or incomplete; the message names what is missing and what to do."""
+
+
+@dataclass
+class Run:
+    """One trained model (one norm, one seed) as its run folder describes it."""
+
+    path: Path
+    config: Config
+    results: dict[str, Any]
+    metrics: list[dict[str, Any]]  # rows of metrics.csv; val_* None without a validation split
+    labels: np.ndarray | None      # (N,) true test labels, from predictions.csv (None: test set not read)
+    preds: np.ndarray | None       # (N,) predicted labels
+    probs: np.ndarray | None       # (N, 10) class probabilities
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+
+# ---------------------------------------------------------------- reading run folders
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ReportError(f"{path} is unreadable ({type(e).__name__}: {e}); copy the run folder again") from None
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        out = [{k: (None if v in ("", None) else (int(v) if k == "epoch" else float(v))) for k, v in r.items()} for r in rows]
+    except (OSError, ValueError) as e:
+        raise ReportError(f"{path} is unreadable ({type(e).__name__}: {e}); copy the run folder again") from None
+    if not out:
+        raise ReportError(f"{path} has no epochs: the run did not finish its first epoch")
+    return out
+
+
+def _read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    try:
+        table = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
+    except (OSError, ValueError) as e:
+        raise ReportError(f"{path} is unreadable ({type(e).__name__}: {e}); copy the run folder again") from None
+    if table.shape[1] != 3 + len(D.CLASSES) or not np.array_equal(table[:, 0], np.arange(len(table))):
+        raise ReportError(f"{path} does not hold index,label,pred and 10 probabilities per test image in order; it was not written by normlab")
+    return table[:, 1].astype(np.int64), table[:, 2].astype(np.int64), table[:, 3:]
+
+
+def load_run(folder: Path, resume_hint: str) -> Run:
+    """Read one finished model folder; ``resume_hint`` is the command that would finish it."""
+    if not (folder / "results.json").is_file():
+        raise ReportError(f"{folder} has no results.json: the run did not finish; resume it with {resume_hint}")
+    for name in ("config.json", "metrics.csv"):
+        if not (folder / name).is_file():
+            raise ReportError(f"{folder} has results.json but no {name}: the run folder is incomplete; copy all of it again")
+    results = _read_json(folder / "results.json")
+    try:
+        config = Config.from_dict(_read_json(folder / "config.json"))
+    except TypeError as e:
+        raise ReportError(f"{folder / 'config.json'} does not describe a normlab run ({e})") from None
+    labels = preds = probs = None
+    if "test_acc" in results:
+        if not (folder / "predictions.csv").is_file():
+            raise ReportError(f"{folder} has a test accuracy but no predictions.csv: the run folder is incomplete; copy all of it again")
+        labels, preds, probs = _read_predictions(folder / "predictions.csv")
+    return Run(folder, config, results, _read_metrics(folder / "metrics.csv"), labels, preds, probs)
+
+
+def _seed_folders(norm_dir: Path) -> list[Path]:
+    found = [p for p in norm_dir.glob("seed*") if p.is_dir() and p.name[4:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[4:]))
+
+
+def find_runs(run_dir: Path) -> tuple[dict[str, list[Run]], bool]:
+    """Models of ``run_dir`` as {norm: runs sorted by seed}, and whether it is a ``normlab run`` parent."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ReportError(f"{run_dir} does not exist; pass a folder written by normlab run or normlab train")
+    if any((run_dir / f).exists() for f in RUN_FILES):  # a single normlab train folder
+        run = load_run(run_dir, f"normlab train --resume --out {run_dir}")
+        return {run.config.norm: [run]}, False
+    hint = f"normlab run --resume --out {run_dir}"
+    models: dict[str, list[Run]] = {}
+    for norm in NORMS:
+        norm_dir = run_dir / norm
+        if not norm_dir.is_dir():
+            continue
+        if any((norm_dir / f).exists() for f in RUN_FILES):
+            models[norm] = [load_run(norm_dir, hint)]
+        elif seeds := _seed_folders(norm_dir):
+            models[norm] = [load_run(s, hint) for s in seeds]
+        else:
+            raise ReportError(f"{norm_dir} holds no run (no results.json, no seed*/ folders): the run did not finish; resume it with {hint}")
+    if not models:
+        raise ReportError(f"{run_dir} holds no normlab run (no results.json in it, nor in {'/, '.join(NORMS)}/); "
+                          "pass a folder written by normlab run or normlab train")
+    seed_sets = {norm: [r.seed for r in runs] for norm, runs in models.items()}
+    if len({tuple(s) for s in seed_sets.values()}) > 1:
+        have = "; ".join(f"{n}: seeds {', '.join(map(str, s))}" for n, s in seed_sets.items())
+        raise ReportError(f"{run_dir} has different seeds per model ({have}): the run did not finish; resume it with {hint}")
+    return models, True
+
+
+# ---------------------------------------------------------------- formatting
+def pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.2f}%"
+
+
+def _secs(x: float) -> str:
+    return f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def _mean_std(values: Sequence[float | None], unit: str, fmt: Callable[[float], str]) -> str:
+    """One value as it is; several as 'mean ± std' (sample std over seeds)."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "–"
+    if len(vals) == 1:
+        return fmt(vals[0]) + unit
+    return f"{fmt(statistics.mean(vals))} ± {fmt(statistics.stdev(vals))}{unit}"
+
+
+def acc_cell(values: Sequence[float | None]) -> str:
+    """Accuracies as '85.23%' or '85.23 ± 0.31%' (mean ± sample std over seeds)."""
+    return _mean_std([None if v is None else 100 * v for v in values], "%", lambda v: f"{v:.2f}")
+
+
+def secs_cell(values: Sequence[float | None]) -> str:
+    return _mean_std(values, "", _secs)
+
+
+def _col(runs: list[Run], key: str) -> list[Any]:
+    return [r.results.get(key) for r in runs]
+
+
+def limit_flags(runs: list[Run]) -> list[str]:
+    """What lies outside the assignment's limits: params, epochs, mean test accuracy."""
+    r = runs[0].results
+    flags = []
+    if r["params"] >= r.get("param_budget", PARAM_BUDGET):
+        flags.append(f"params ≥ {PARAM_BUDGET:,}")
+    if r["epochs"] > MAX_EPOCHS:
+        flags.append(f"epochs > {MAX_EPOCHS}")
+    tests = [v for v in _col(runs, "test_acc") if v is not None]
+    if tests and statistics.mean(tests) < TARGET_ACC:
+        flags.append(f"test acc < {TARGET_ACC:.0%}")
+    return flags
+
+
+def summary_table(parent: Path) -> str:
+    """Fixed-width text table, one row per model; mean ± std over seeds where there are several."""
+    models, _ = find_runs(Path(parent))
+    header = ["model", "seeds", "params", "epochs", "train acc (running, augmented)", "train acc (clean)", "test acc", "s/epoch", "limits"]
+    rows = [[norm, str(len(runs)), f"{runs[0].results['params']:,}", str(runs[0].results["epochs"]),
+             acc_cell(_col(runs, "train_acc_running")), acc_cell(_col(runs, "train_acc_clean")),
+             acc_cell(_col(runs, "test_acc")), secs_cell(_col(runs, "seconds_per_epoch")),
+             ", ".join(limit_flags(runs)) or ("ok" if runs[0].results.get("test_acc") is not None else "ok, no test")]
+            for norm, runs in models.items()]
+    widths = [max(len(c) for c in col) for col in zip(header, *rows)]
+    lines = ["  ".join(c.ljust(w) if i in (0, 8) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+             for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str) -> str:
+    """A GitHub markdown table; ``align`` holds one letter per column, l or r."""
+    rule = ["---:" if a == "r" else ":---" for a in align]
+    return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in [header, rule, *rows])
+
+
+# ---------------------------------------------------------------- misclassified images
+def select_misclassified(labels: np.ndarray, preds: np.ndarray, probs: np.ndarray, k: int = N_MISCLASSIFIED) -> list[int]:
+    """Indices of the ``k`` most confident mistakes: highest predicted-class probability, ties by lower index.
+
+    ``probs`` is (N, 10) class probabilities or (N,) probabilities of the predicted class.
+    """
+    labels, preds, probs = np.asarray(labels), np.asarray(preds), np.asarray(probs, dtype=np.float64)
+    conf = probs[np.arange(len(preds)), preds] if probs.ndim == 2 else probs
+    wrong = np.flatnonzero(labels != preds)
+    order = np.lexsort((wrong, -conf[wrong]))  # last key first: by confidence (descending), then index
+    return wrong[order][:k].tolist()
+
+
+# ---------------------------------------------------------------- model: summary and receptive field
+def model_summary(norm: str, widths: Sequence[int], groups: int) -> str:
+    """torchinfo table of Net(norm, widths, groups) on a (1, 3, 32, 32) input, layers named as in the spec."""
+    s = torchinfo.summary(Net(norm, widths, groups), input_size=(1, 3, 32, 32), col_names=("output_size", "kernel_size", "num_params"),
+                          row_settings=("var_names",), depth=2, verbose=0, device="cpu")
+    return str(s).replace("(Units.MEGABYTES)", "(M)")  # torchinfo 1.8 prints the enum's repr on Python >= 3.11
+
+
+_GEOMETRY = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def _one(v: Any) -> int:
+    return int(v[0] if isinstance(v, tuple) else v)
+
+
+def receptive_field(model: nn.Module, input_size: int = 32) -> list[dict[str, Any]]:
+    """Per layer: kernel, stride, padding, jump and receptive field (in input pixels), output size.
+
+    Walks ``LAYER_ORDER`` on a normlab Net, else the children of ``model`` in order (an
+    nn.Sequential of Conv2d / MaxPool2d). j_out = j_in * s; r_out = r_in + (k - 1) * j_in, with the
+    dilated kernel for k. Skip additions do not widen the field (the longer branch sets it), so the
+    main path gives it. A global pool ends the count: from there on every output sees the whole input.
+    """
+    names = LAYER_ORDER if all(hasattr(model, n) for n in LAYER_ORDER) else [n for n, _ in model.named_children()]
+    rows: list[dict[str, Any]] = []
+    rf, jump, size, whole = 1, 1, input_size, False
+    for name in names:
+        m = next((m for m in getattr(model, name).modules() if isinstance(m, _GEOMETRY)), None)
+        if m is None:
+            continue
+        if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+            if _one(m.output_size) != 1:
+                raise ValueError(f"{name}: only global adaptive pooling (output 1x1) is supported")
+            k, s, p, d = size, size, 0, 1
+            whole = True
+        else:
+            k, d = _one(m.kernel_size), _one(getattr(m, "dilation", 1))
+            s = _one(m.stride) if m.stride is not None else k
+            p = m.padding if not isinstance(m.padding, str) else (d * (k - 1) // 2 if m.padding == "same" else 0)
+            p = _one(p)
+        k_eff = d * (k - 1) + 1
+        out_size = (size + 2 * p - k_eff) // s + 1
+        new_rf = None if whole else rf + (k_eff - 1) * jump
+        rows.append({"layer": name, "type": type(m).__name__, "kernel": k, "stride": s, "padding": p, "jump_in": jump,
+                     "jump": jump * s, "rf_in": rf, "rf": new_rf, "size_in": size, "size": out_size, "global": whole})
+        rf, jump, size = (new_rf if new_rf is not None else rf), jump * s, out_size
+    return rows
+
+
+# ---------------------------------------------------------------- report sections
+def _flags_cell(runs: list[Run]) -> str:
+    flags = limit_flags(runs)
+    if flags:
+        return "⚠️ **no**: " + ", ".join(flags)
+    return "yes" if runs[0].results.get("test_acc") is not None else "params and epochs yes; test set not read"
+
+
+def _norm_layer(norm: str, groups: int) -> str:
+    return {"bn": "BatchNorm2d", "gn": f"GroupNorm, {groups} groups", "ln": "GroupNorm, 1 group (over C, H, W)"}[norm]
+
+
+def _command(models: dict[str, list[Run]], run_dir: Path, is_parent: bool) -> str:
+    """The normlab command line that trains this folder again (flags that differ from the defaults)."""
+    first = next(iter(models.values()))[0]
+    cfg, base = first.config, Config()
+    parts = ["normlab", "run" if is_parent else "train"]
+    if not is_parent:
+        parts += ["--norm", cfg.norm]
+    elif list(models) != list(NORMS):
+        parts += ["--norms", ",".join(models)]
+    for f in dataclasses.fields(Config):
+        v = getattr(cfg, f.name)
+        if f.name in ("norm", "seed") or v == getattr(base, f.name):
+            continue
+        if isinstance(v, bool):
+            parts.append({"flip": "--no-flip", "eval_test": "--no-test"}[f.name])
+        else:
+            parts += [f"--{f.name.replace('_', '-')}", ",".join(map(str, v)) if isinstance(v, tuple) else str(v)]
+    seeds = [r.seed for r in next(iter(models.values()))]
+    if len(seeds) > 1:
+        parts += ["--seeds", str(len(seeds))]
+    if seeds[0] != 0:
+        parts += ["--seed", str(seeds[0])]
+    return " ".join(parts + ["--out", str(run_dir)])
+
+
+def _header(models: dict[str, list[Run]], run_dir: Path, is_parent: bool, data_dir: Path) -> str:
+    runs = [r for rs in models.values() for r in rs]
+    seeds = [r.seed for r in next(iter(models.values()))]
+    names = ", ".join(f"{NORM_NAMES[n]} ({n})" for n in models)
+    settings = [("widths (C1–C2, c3–C5, c6–C9)", "widths"), ("groups (group norm)", "groups"), ("epochs", "epochs"),
+                ("batch size", "batch_size"), ("peak learning rate (one-cycle)", "lr"), ("warm-up fraction", "warmup"),
+                ("momentum (Nesterov)", "momentum"), ("weight decay (conv weights)", "weight_decay"),
+                ("label smoothing", "label_smoothing"), ("random-crop padding (px)", "crop_pad"), ("random flips", "flip"),
+                ("validation images held out", "val_size")]
+    rows = []
+    for label, key in settings:
+        values = {n: getattr(rs[0].config, key) for n, rs in models.items()}
+        shown = {",".join(map(str, v)) if isinstance(v, tuple) else str(v) for v in values.values()}
+        rows.append([label, shown.pop() if len(shown) == 1 else "; ".join(f"{n}: {v}" for n, v in values.items())])
+    r0 = runs[0].results
+    rows.append(["device, precision", f"{r0.get('device', '?')}, {r0.get('precision', '?')}, {r0.get('threads', '?')} threads"])
+    rows.append(["torch", r0.get("torch", "?")])
+    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"{len(seeds)} seeds ({', '.join(map(str, seeds))})"
+    return "\n\n".join([
+        f"# normlab report: `{run_dir}`",
+        f"{names} in one network (C1 C2 c3 P1 C3 C4 C5 c6 P2 C7 C8 C9 GAP C10) trained on CIFAR-10; {seed_text}.",
+        md_table(["setting", "value"], rows, "ll"),
+        f"The command line that trains it again:\n\n```sh\n{_command(models, run_dir, is_parent)}\n```",
+        "Every table and figure below is computed from the files in this folder (`config.json`, `metrics.csv`, "
+        f"`results.json`, `predictions.csv` of each model) and the CIFAR-10 images in `{data_dir}`; "
+        f"rebuild it with `normlab report {run_dir}`.",
+    ])
+
+
+def _results_section(models: dict[str, list[Run]]) -> str:
+    header = ["model", "norm layer", "params", "epochs", "train acc (running, augmented)", "train acc (clean)",
+              "**test acc**", "test acc, flip TTA", "s/epoch", "device", "within limits"]
+    rows = [[f"{NORM_NAMES[n]} ({n})", _norm_layer(n, rs[0].config.groups), f"{rs[0].results['params']:,}", rs[0].results["epochs"],
+             acc_cell(_col(rs, "train_acc_running")), acc_cell(_col(rs, "train_acc_clean")),
+             f"**{acc_cell(_col(rs, 'test_acc'))}**", acc_cell(_col(rs, "test_acc_flip_tta")),
+             secs_cell(_col(rs, "seconds_per_epoch")), f"{rs[0].results.get('device', '?')}, {rs[0].results.get('precision', '?')}",
+             _flags_cell(rs)] for n, rs in models.items()]
+    parts = ["## Results", md_table(header, rows, "llrrrrrrrll")]
+    n_seeds = len(next(iter(models.values())))
+    has_val = any(r.results.get("val_acc") is not None for rs in models.values() for r in rs)
+    if n_seeds > 1 or has_val:
+        seed_rows = [[n, r.seed, pct(r.results.get("train_acc_running")), pct(r.results.get("train_acc_clean")),
+                      pct(r.results.get("val_acc")), pct(r.results.get("test_acc")), pct(r.results.get("test_acc_flip_tta")),
+                      _secs(r.results["seconds_per_epoch"])] for n, rs in models.items() for r in rs]
+        parts += ["Per seed:" if n_seeds > 1 else "With the validation split:",
+                  md_table(["model", "seed", "train (running)", "train (clean)", "validation", "test", "test, flip TTA", "s/epoch"],
+                           seed_rows, "lrrrrrrr")]
+    notes = [f"Limits of the assignment: fewer than {PARAM_BUDGET:,} trainable parameters, at most {MAX_EPOCHS} epochs, "
+             f"test accuracy of at least {TARGET_ACC:.0%}; anything outside them is marked ⚠️."]
+    if n_seeds > 1:
+        notes.append(f"With several seeds: mean ± sample standard deviation over the {n_seeds} seeds; the per-seed values are above.")
+    notes += ["*Running* train accuracy is measured on the augmented batches of the last epoch while the weights were still "
+              "changing; *clean* train accuracy is the final model's on the un-augmented training images. "
+              "*Flip TTA* averages the logits of each test image and its mirror image; it is reported beside the plain "
+              "test accuracy, not in its place. Seconds per epoch are training time only."]
+    return "\n\n".join(parts + ["\n".join(f"- {n}" for n in notes)])
+
+
+def _misclassified_section(models, fig_dir: Path, test_images: np.ndarray | None) -> str:
+    parts = ["## Misclassified test images",
+             f"For each model: the {N_MISCLASSIFIED} test images it got wrong with the highest predicted-class probability "
+             "(its most confident mistakes), ties broken by the lower test-set index, read from `predictions.csv`. "
+             "Pixels are the raw test images, enlarged with nearest-neighbour interpolation."]
+    if len(next(iter(models.values()))) > 1:
+        parts[-1] += " With several seeds the first seed's model is shown."
+    for norm, runs in models.items():
+        r = runs[0]
+        if r.labels is None or test_images is None:
+            parts.append(f"{NORM_NAMES[norm]}: the test set was not read (`--no-test`), so there are no predictions to show.")
+            continue
+        idx = select_misclassified(r.labels, r.preds, r.probs)
+        seed = f", seed {r.seed}" if len(runs) > 1 else ""
+        title = f"{NORM_NAMES[norm]} ({norm}{seed})\ntest accuracy {pct(r.results['test_acc'])}: the {len(idx)} most confident mistakes"
+        path = figures.misclassified_grid(test_images, r.labels, r.preds, r.probs, idx, title, fig_dir / f"misclassified_{norm}.png")
+        short = "" if len(idx) == N_MISCLASSIFIED else f" (only {len(idx)} test images were misclassified)"
+        parts.append(f"### {NORM_NAMES[norm]}{short}\n\n![{NORM_NAMES[norm]}: misclassified test images]({FIGURES_DIR}/{path.name})")
+    return "\n\n".join(parts)
+
+
+def _mean_rows(runs: list[Run]) -> list[dict[str, Any]]:
+    """Metrics averaged over seeds, epoch by epoch (epochs that every seed has)."""
+    n = min(len(r.metrics) for r in runs)
+    keys = ("train_loss", "train_acc", "val_loss", "val_acc")
+    return [{"epoch": runs[0].metrics[i]["epoch"],
+             **{k: None if any(r.metrics[i][k] is None for r in runs) else statistics.mean(r.metrics[i][k] for r in runs) for k in keys}}
+            for i in range(n)]
+
+
+def _curves_section(models, fig_dir: Path) -> str:
+    parts = ["## Training curves",
+             "Loss and accuracy per epoch from `metrics.csv`: training (solid; running values on augmented batches, the loss "
+             "with label smoothing) and validation (dashed, where a validation split was held out)."]
+    if len(models) > 1:
+        n_seeds = len(next(iter(models.values())))
+        over = f" (mean over {n_seeds} seeds)" if n_seeds > 1 else ""
+        path = figures.training_curves({n: _mean_rows(rs) for n, rs in models.items()}, f"All models{over}",
+                                       fig_dir / "curves_all.png", figures.MODEL_COLOURS)
+        parts.append(f"All models together{over}:\n\n![training curves of all models]({FIGURES_DIR}/{path.name})")
+    for norm, runs in models.items():
+        series = {f"seed {r.seed}": r.metrics for r in runs}
+        path = figures.training_curves(series, NORM_NAMES[norm], fig_dir / f"curves_{norm}.png")
+        parts.append(f"### {NORM_NAMES[norm]}\n\n![training curves, {NORM_NAMES[norm]}]({FIGURES_DIR}/{path.name})")
+    return "\n\n".join(parts)
+
+
+def _per_class_section(models, fig_dir: Path) -> str:
+    tested = {n: rs for n, rs in models.items() if rs[0].labels is not None}
+    parts = ["## Per-class test accuracy"]
+    if not tested:
+        return "\n\n".join(parts + ["The test set was not read (`--no-test`)."])
+    n_seeds = len(next(iter(tested.values())))
+    rows = []
+    for c, name in enumerate(D.CLASSES):
+        accs = {n: [float(np.mean(r.preds[r.labels == c] == c)) if np.any(r.labels == c) else None for r in rs] for n, rs in tested.items()}
+        rows.append([name, *(acc_cell(a) for a in accs.values())])
+    rows.append(["**all**", *(f"**{acc_cell(_col(rs, 'test_acc'))}**" for rs in tested.values())])
+    parts += [md_table(["class", *(f"{NORM_NAMES[n]} ({n})" for n in tested)], rows, "l" + "r" * len(tested)),
+              "Confusion matrices (rows: true class, columns: predicted class; numbers are image counts, colour is the share "
+              f"of the true class){', of the first seed' if n_seeds > 1 else ''}:"]
+    if n_seeds > 1:
+        parts[1] = f"Mean ± std over {n_seeds} seeds.\n\n" + parts[1]
+    for norm, runs in tested.items():
+        r = runs[0]
+        path = figures.confusion_matrix(r.labels, r.preds, f"{NORM_NAMES[norm]}: confusion matrix (test accuracy {pct(r.results['test_acc'])})",
+                                        fig_dir / f"confusion_{norm}.png")
+        parts.append(f"![confusion matrix, {NORM_NAMES[norm]}]({FIGURES_DIR}/{path.name})")
+    return "\n\n".join(parts)
+
+
+def _summary_section(models) -> str:
+    parts = ["## Model summaries",
+             "From `torchinfo` on the network each run's `config.json` describes, input (1, 3, 32, 32); layer names as in the "
+             "specification (C = 3x3 conv, c = 1x1 conv, each followed by its norm and ReLU; P = max pool)."]
+    for norm, runs in models.items():
+        cfg = runs[0].config
+        params = runs[0].results["params"]
+        parts.append(f"<details>\n<summary>{NORM_NAMES[norm]} ({norm}): {params:,} trainable parameters</summary>\n\n"
+                     f"```text\n{model_summary(norm, cfg.widths, cfg.groups)}\n```\n\n</details>")
+    return "\n\n".join(parts)
+
+
+def _rf_section(models) -> str:
+    cfg = next(iter(models.values()))[0].config
+    rows = receptive_field(Net(cfg.norm, cfg.widths, cfg.groups))
+    table = [[r["layer"], r["type"], f"{r['kernel']}×{r['kernel']}", r["stride"], r["padding"], f"{r['jump_in']} → {r['jump']}",
+              f"{r['rf_in']} → {r['rf']}" if not r["global"] else "whole image", f"{r['size']}×{r['size']}"] for r in rows]
+    last_conv = [r for r in rows if not r["global"]][-1]
+    return "\n\n".join([
+        "## Receptive field",
+        "Computed from the model's own layers in the order C1 … C10: jump j_out = j_in · stride, receptive field "
+        "r_out = r_in + (kernel − 1) · j_in, starting from r = j = 1 on the 32×32 input. The norm layers and the widths do not "
+        "change it, so it is the same for all three models. The skip additions (C1→C2, C3→C5, C7→C9) add a branch with a "
+        "smaller field to the main one, so the main path sets it.",
+        md_table(["layer", "module", "kernel", "stride", "padding", "jump (in → out)", "receptive field (in → out)", "output"],
+                 table, "llrrrrrr"),
+        f"The last convolution, {last_conv['layer']}, sees {last_conv['rf']}×{last_conv['rf']} pixels of the (zero-padded) "
+        f"input per output unit, on a {last_conv['size']}×{last_conv['size']} map. GAP then averages that whole "
+        f"{last_conv['size']}×{last_conv['size']} map, so every output of GAP and C10 depends on the whole 32×32 image.",
+    ])
+
+
+# ---------------------------------------------------------------- the whole report
+def _resolve_data_dir(models, data_dir) -> Path:
+    """An explicit ``data_dir`` wins (the run folder may have moved); else the one the run recorded, else the default."""
+    if data_dir is not None:
+        return Path(data_dir)
+    recorded = next(iter(models.values()))[0].results.get("data_dir")
+    if recorded and (Path(recorded) / D.FOLDER).is_dir():
+        return Path(recorded)
+    return D.resolve_data_dir(None)
+
+
+def _load_images(data_dir: Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        images, labels = D.load_split(data_dir, train=train, allow_download=False)
+    except D.DataError as e:
+        raise ReportError(f"the report's figures need the CIFAR-10 images: {e}") from None
+    return images.numpy(), labels.numpy()
+
+
+def write_report(run_dir: Path, data_dir: str | os.PathLike | None = None) -> Path:
+    """Write ``run_dir/report.md`` and its PNGs in ``run_dir/figures/``; returns the path of report.md."""
+    run_dir = Path(run_dir)
+    models, is_parent = find_runs(run_dir)
+    data_dir = _resolve_data_dir(models, data_dir)
+    test_images = None
+    if any(rs[0].labels is not None for rs in models.values()):
+        test_images, test_labels = _load_images(data_dir, train=False)
+        for rs in models.values():
+            if rs[0].labels is not None and not np.array_equal(rs[0].labels, test_labels):
+                raise ReportError(f"the test split in {data_dir} ({len(test_labels):,} images) is not the one {rs[0].path / 'predictions.csv'} "
+                                  f"was made on ({len(rs[0].labels):,} images); pass the data folder the run used with --data-dir")
+    fig_dir = run_dir / FIGURES_DIR
+    try:
+        fig_dir.mkdir(exist_ok=True)
+    except OSError as e:
+        raise ReportError(f"cannot write the report into {run_dir} ({e.strerror or e})") from None
+    train_images, train_labels = _load_images(data_dir, train=True)
+    samples = figures.sample_grid(train_images, train_labels, SAMPLES_PER_CLASS, fig_dir / "samples.png")
+    sections = [
+        _header(models, run_dir, is_parent, data_dir.resolve()),
+        _results_section(models),
+        _misclassified_section(models, fig_dir, test_images),
+        _curves_section(models, fig_dir),
+        _per_class_section(models, fig_dir),
+        _summary_section(models),
+        _rf_section(models),
+        f"## Sample training images\n\nThe first {SAMPLES_PER_CLASS} training images of each class in file order:"
+        f"\n\n![CIFAR-10 training images]({FIGURES_DIR}/{samples.name})",
+    ]
+    path = run_dir / "report.md"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n\n".join(sections) + "\n")
+    os.replace(tmp, path)
+    return path

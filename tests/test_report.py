@@ -1,0 +1,173 @@
+"""normlab report: report.md and its figures from small synthetic runs; selection, receptive field
+and error paths checked against hand-made cases."""
+import json
+import re
+import shutil
+
+import matplotlib.image
+import numpy as np
+import pytest
+from conftest import make_cifar
+from torch import nn
+
+from normlab.cli import main
+from normlab.models import NORM_NAMES, NORMS, Net
+from normlab.report import ReportError, model_summary, receptive_field, select_misclassified, summary_table, write_report
+
+TINY = ["--epochs", "1", "--batch-size", "32", "--threads", "1"]
+FIGURES = [f"{kind}_{n}.png" for kind in ("misclassified", "curves", "confusion") for n in NORMS] + ["curves_all.png", "samples.png"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_cifar(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def run_parent(data_dir, tmp_path_factory):
+    """bn, gn and ln for one seed, one epoch each, as ``normlab run`` writes them."""
+    parent = tmp_path_factory.mktemp("runs") / "x"
+    assert main(["run", "--data-dir", str(data_dir), *TINY, "--out", str(parent), "--no-report"]) == 0
+    return parent
+
+
+@pytest.fixture(scope="module")
+def report(run_parent):
+    """report.md of ``run_parent``; the test images are found through results.json's data_dir alone."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NORMLAB_DATA", str(run_parent / "no-data-here"))
+        mp.chdir(run_parent)  # and not ./data
+        assert main(["report", str(run_parent)]) == 0
+    return run_parent / "report.md"
+
+
+def results(folder):
+    return json.loads((folder / "results.json").read_text())
+
+
+def test_report_writes_markdown_and_every_figure(report):
+    text = report.read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    for name in FIGURES:
+        assert f"figures/{name}" in links, name
+    for link in links:
+        assert (report.parent / link).is_file(), link  # relative links that resolve
+    for section in ("## Results", "## Misclassified test images", "## Training curves", "## Per-class test accuracy",
+                    "## Model summaries", "## Receptive field", "## Sample training images"):
+        assert section in text
+    for norm in NORMS:  # 5 rows x 2 columns of square tiles: a tall figure
+        h, w, _ = matplotlib.image.imread(report.parent / "figures" / f"misclassified_{norm}.png").shape
+        assert h > 2 * w
+
+
+def test_report_states_the_accuracies_of_results_json(report, run_parent):
+    text = report.read_text()
+    for norm in NORMS:
+        r = results(run_parent / norm)
+        row = next(line for line in text.splitlines() if line.startswith(f"| {NORM_NAMES[norm]} ({norm}) |"))
+        assert f"**{100 * r['test_acc']:.2f}%**" in row
+        assert f"{100 * r['test_acc_flip_tta']:.2f}%" in row
+        assert f"{r['params']:,}" in row
+        assert "test acc < 70%" in row  # one epoch on noise is far below the assignment's floor
+    assert "10 test images it got wrong with the highest predicted-class probability" in text
+
+
+def test_select_misclassified_takes_the_most_confident_mistakes():
+    rng = np.random.default_rng(0)
+    n = 40
+    probs = rng.dirichlet(np.ones(10), size=n)
+    preds = probs.argmax(1)
+    labels = preds.copy()
+    wrong = np.arange(0, n, 2)  # every other image is a mistake
+    labels[wrong] = (preds[wrong] + 1) % 10
+    probs[3, preds[3]] = 0.999  # a confident correct answer must not be picked
+    probs[[10, 4], preds[[10, 4]]] = 0.95  # a tie: the lower index comes first
+    got = select_misclassified(labels, preds, probs, k=10)
+    assert len(got) == 10 and len(set(got)) == 10
+    assert all(labels[i] != preds[i] for i in got)
+    conf = probs[np.arange(n), preds]
+    expected = sorted(wrong, key=lambda i: (-conf[i], i))[:10]
+    assert got == expected
+    assert got[:2] == [4, 10]
+    assert min(conf[got]) >= max(np.delete(conf[wrong], np.searchsorted(wrong, got)))
+    assert select_misclassified(labels, preds, conf, k=10) == got  # (N,) confidences work too
+    assert select_misclassified(labels[:4], preds[:4], probs[:4]) == [0, 2]  # fewer mistakes than k: all of them
+
+
+def test_receptive_field_of_the_net_matches_hand_calculation():
+    rows = {r["layer"]: r for r in receptive_field(Net("gn"))}
+    expected = {"C1": (3, 1, 32), "C2": (5, 1, 32), "c3": (5, 1, 32), "P1": (6, 2, 16), "C3": (10, 2, 16), "C4": (14, 2, 16),
+                "C5": (18, 2, 16), "c6": (18, 2, 16), "P2": (20, 4, 8), "C7": (28, 4, 8), "C8": (36, 4, 8), "C9": (44, 4, 8)}
+    for name, (rf, jump, size) in expected.items():
+        assert (rows[name]["rf"], rows[name]["jump"], rows[name]["size"]) == (rf, jump, size), name
+    assert rows["GAP"]["global"] and rows["GAP"]["size"] == 1 and rows["GAP"]["kernel"] == 8
+    assert rows["C10"]["global"]
+
+
+def test_receptive_field_of_a_small_network():
+    # conv3 p1 -> pool2 -> conv5 s2 p2 -> conv3 p0 on 32x32, by hand:
+    # r: 1 -> 3 -> 3+1*1=4 -> 4+4*2=12 -> 12+2*4=20;  j: 1 -> 1 -> 2 -> 4 -> 4;  size: 32 -> 32 -> 16 -> 8 -> 6
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.MaxPool2d(2), nn.Conv2d(4, 4, 5, stride=2, padding=2), nn.Conv2d(4, 4, 3))
+    got = [(r["rf"], r["jump"], r["size"]) for r in receptive_field(net)]
+    assert got == [(3, 1, 32), (4, 2, 16), (12, 4, 8), (20, 4, 6)]
+
+
+def test_model_summary_names_the_layers_as_the_spec():
+    text = model_summary("gn", (16, 24, 32), 4)
+    for name in ("(C1)", "(C2)", "(c3)", "(P1)", "(c6)", "(P2)", "(C9)", "(GAP)", "(C10)", "GroupNorm"):
+        assert name in text
+    assert f"Trainable params: {sum(p.numel() for p in Net('gn').parameters()):,}" in text
+
+
+def test_summary_table_has_one_row_per_model(run_parent):
+    lines = summary_table(run_parent).splitlines()
+    assert [line.split()[0] for line in lines[1:]] == list(NORMS)
+    for line, norm in zip(lines[1:], NORMS):
+        assert f"{100 * results(run_parent / norm)['test_acc']:.2f}%" in line
+
+
+def test_single_train_folder(run_parent, data_dir):
+    path = write_report(run_parent / "bn", data_dir)  # a normlab run's bn/ is a normlab train folder
+    text = path.read_text()
+    assert "normlab train --norm bn" in text and "figures/misclassified_bn.png" in text
+    assert (path.parent / "figures" / "misclassified_bn.png").is_file()
+
+
+def test_partial_run_is_an_error_that_names_what_is_missing(run_parent, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(run_parent, broken, ignore=shutil.ignore_patterns("figures", "report.md"))
+    (broken / "gn" / "results.json").unlink()
+    with pytest.raises(ReportError, match=r"gn has no results.json: the run did not finish; resume it with normlab run --resume --out"):
+        summary_table(broken)
+    assert main(["report", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert "gn has no results.json" in err and len(err.strip().splitlines()) == 1
+
+    (broken / "gn" / "results.json").write_text((run_parent / "gn" / "results.json").read_text())
+    (broken / "ln" / "predictions.csv").unlink()
+    with pytest.raises(ReportError, match=r"ln has a test accuracy but no predictions.csv"):
+        write_report(broken)
+
+
+def test_missing_folder_or_data_is_exit_code_2(run_parent, tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert "holds no normlab run" in capsys.readouterr().err
+    assert main(["report", str(run_parent), "--data-dir", str(tmp_path / "empty")]) == 2
+    assert "CIFAR-10" in capsys.readouterr().err
+
+
+def test_several_seeds_give_mean_and_std(data_dir, tmp_path):
+    parent = tmp_path / "seeds"
+    assert main(["run", "--data-dir", str(data_dir), *TINY, "--norms", "bn", "--seeds", "2", "--out", str(parent), "--no-report"]) == 0
+    accs = [results(parent / "bn" / f"seed{s}")["test_acc"] for s in (0, 1)]
+    cell = f"{100 * np.mean(accs):.2f} ± {100 * np.std(accs, ddof=1):.2f}%"
+    assert cell in summary_table(parent)
+    assert main(["report", str(parent), "--data-dir", str(data_dir)]) == 0
+    text = (parent / "report.md").read_text()
+    assert f"**{cell}**" in text
+    for acc in accs:  # and the per-seed values
+        assert f"{100 * acc:.2f}%" in text
+    assert "--seeds 2" in text and "first seed" in text
