@@ -29,10 +29,11 @@ def test_loader_reads_official_layout(cifar_dir):
     assert test_images.shape == (50, 3, 32, 32) and test_labels.shape == (50,)
 
 
-def _rewrite(path: Path, **changes) -> None:
+def _rewrite(path: Path, change) -> None:
+    """Replace entries of a pickled batch with ``change(batch)``, a dict; sizes follow the batch's own."""
     with open(path, "rb") as f:
         d = pickle.load(f, encoding="latin1")
-    d.update(changes)
+    d.update(change(d))
     with open(path, "wb") as f:
         pickle.dump(d, f)
 
@@ -43,12 +44,12 @@ BAD_BATCHES = {
     "empty file": lambda p: p.write_bytes(b""),
     "not a dict": lambda p: p.write_bytes(pickle.dumps([1, 2, 3])),
     "missing": lambda p: p.unlink(),
-    "wrong shape": lambda p: _rewrite(p, data=np.zeros((40, 100), np.uint8)),
-    "wrong dtype": lambda p: _rewrite(p, data=np.zeros((40, 3072), np.float32)),
-    "labels out of range": lambda p: _rewrite(p, labels=[10] * 40),
-    "negative labels": lambda p: _rewrite(p, labels=[-1] * 40),
-    "label count": lambda p: _rewrite(p, labels=[0] * 39),
-    "text labels": lambda p: _rewrite(p, labels=["cat"] * 40),
+    "wrong shape": lambda p: _rewrite(p, lambda d: {"data": np.zeros((len(d["labels"]), 100), np.uint8)}),
+    "wrong dtype": lambda p: _rewrite(p, lambda d: {"data": d["data"].astype(np.float32)}),
+    "labels out of range": lambda p: _rewrite(p, lambda d: {"labels": [10] * len(d["labels"])}),
+    "negative labels": lambda p: _rewrite(p, lambda d: {"labels": [-1] * len(d["labels"])}),
+    "label count": lambda p: _rewrite(p, lambda d: {"labels": d["labels"][:-1]}),
+    "text labels": lambda p: _rewrite(p, lambda d: {"labels": ["cat"] * len(d["labels"])}),
 }
 
 
