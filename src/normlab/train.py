@@ -179,7 +179,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- the whole run
-def fit(cfg: Config, data_dir: str | os.PathLike | None, out: str | os.PathLike, resume: bool = False, log=print) -> dict[str, Any]:
+def _log(message: str) -> None:
+    print(message, flush=True)  # flushed: a log file of a long run must show each epoch as it ends
+
+
+def fit(cfg: Config, data_dir: str | os.PathLike | None, out: str | os.PathLike, resume: bool = False, log=_log) -> dict[str, Any]:
     """Train one model as ``cfg`` says and write its run folder ``out``; returns results.json's content."""
     cfg.validate()
     out = Path(out)
@@ -270,7 +274,7 @@ def fit(cfg: Config, data_dir: str | os.PathLike | None, out: str | os.PathLike,
         "val_acc": rows[-1]["val_acc"] if rows else None,
         "seconds_per_epoch": sum(r["seconds"] for r in rows) / max(1, len(rows)),
         "device": device_name(device), "precision": "bf16" if bf16 else "fp32", "channels_last": cl,
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "data_dir": str(Path(data_dir).resolve()),
     }
     if cfg.eval_test:
         test_x, test_y = (t.to(device) for t in D.load_split(data_dir, train=False))

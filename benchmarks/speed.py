@@ -1,0 +1,178 @@
+"""Training and evaluation throughput: normlab's trainer (bn, gn, ln) against the classic recipe.
+
+The classic recipe is what most notebooks do: a torch DataLoader over per-image PIL transforms
+(RandomCrop with padding, RandomHorizontalFlip, ToTensor, Normalize), float32, NCHW, batch 512,
+on the same network and data. Each measurement runs in its own fresh process, times a number of
+training steps after a warm-up, and reports its peak resident memory. Needs torchvision for the
+classic recipe (`pip install -e '.[bench]'`).
+
+    python benchmarks/speed.py --data-dir ../shared/cifar10              # brief: ~1-2 minutes
+    python benchmarks/speed.py --data-dir ../shared/cifar10 --full       # one whole epoch each
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+EPOCH = 50_000  # images in a training epoch of the final runs
+
+
+def machine() -> dict:
+    from normlab.train import cpu_has_bf16, device_name, pick_device
+
+    dev = pick_device("auto")
+    return {"device": device_name(dev), "cores": os.cpu_count(), "bf16": cpu_has_bf16() if dev.type == "cpu" else torch.cuda.is_bf16_supported(),
+            "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads()}
+
+
+def worker_normlab(args) -> dict:
+    """normlab's own code path: Batches (uint8 on device, per-batch augmentation) + train_epoch."""
+    from normlab import data as D
+    from normlab.config import Config
+    from normlab.models import Net
+    from normlab.train import autocast, infer, make_optimizer, pick_device, train_epoch, use_bf16, use_channels_last
+
+    cfg = Config(norm=args.norm, batch_size=args.batch_size)
+    dev = pick_device(args.device)
+    bf16, cl = use_bf16(dev), use_channels_last(cfg.norm, dev)
+    if args.fp32:
+        bf16 = False
+    if args.layout != "auto":
+        cl = args.layout == "cl"
+    amp = autocast(dev, bf16)
+    torch.manual_seed(0)
+    model = Net(cfg.norm, cfg.widths, cfg.groups).to(dev)
+    if cl:
+        model = model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, cfg)
+    images, labels = D.load_split(args.data_dir, train=True)
+    images, labels = images.to(dev), labels.to(dev)
+    gen = torch.Generator().manual_seed(0)
+    n = len(labels) if args.full else args.batches * args.batch_size
+    warm = D.Batches(images[: args.warmup * args.batch_size], labels[: args.warmup * args.batch_size], args.batch_size, True, 4, True, cl, gen)
+    timed = D.Batches(images[:n], labels[:n], args.batch_size, True, 4, True, cl, gen)
+    train_epoch(model, opt, warm, cfg, 0, 10_000, amp)
+    t0 = time.perf_counter()
+    train_epoch(model, opt, timed, cfg, 0, 10_000, amp)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    train_s = time.perf_counter() - t0
+    test, _ = D.load_split(args.data_dir, train=False)
+    test = test.to(dev)
+    infer(model, test[:2000], amp, cl)
+    t0 = time.perf_counter()
+    infer(model, test, amp, cl)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    eval_s = time.perf_counter() - t0
+    return {"what": f"normlab {args.norm}", "precision": "bf16" if bf16 else "fp32", "layout": "channels_last" if cl else "NCHW",
+            "images": n, "train_s": train_s, "eval_images_per_s": len(test) / eval_s}
+
+
+def worker_classic(args) -> dict:
+    """The notebook recipe: Dataset of PIL images, per-image transforms, DataLoader, fp32, NCHW."""
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms
+
+    from normlab import data as D
+    from normlab.models import Net
+
+    images, labels = D.load_split(args.data_dir, train=True)
+    hwc = images.permute(0, 2, 3, 1).numpy()  # (N, 32, 32, 3) uint8, as torchvision's CIFAR10 holds it
+    tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                             transforms.Normalize(D.MEAN, D.STD)])
+
+    class Cifar(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(hwc)
+
+        def __getitem__(self, i):
+            return tf(Image.fromarray(np.ascontiguousarray(hwc[i]))), int(labels[i])
+
+    bs = args.batch_size
+    loader = torch.utils.data.DataLoader(Cifar(), batch_size=bs, shuffle=True, num_workers=args.classic_workers)
+    torch.manual_seed(0)
+    model = Net("bn")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    steps = len(loader) if args.full else args.batches
+    it = iter(loader)
+    t0 = None
+    for i in range(args.warmup + steps):
+        if i == args.warmup:
+            t0 = time.perf_counter()
+        x, y = next(it)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    train_s = time.perf_counter() - t0
+    return {"what": "classic bn", "precision": "fp32", "layout": "NCHW", "images": steps * bs, "train_s": train_s, "eval_images_per_s": None}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", default=os.environ.get("NORMLAB_DATA", "./data"), help="folder with cifar-10-batches-py/ (default: $NORMLAB_DATA or ./data)")
+    p.add_argument("--batches", type=int, default=20, help="timed training batches per measurement (default: 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up batches (default: 3)")
+    p.add_argument("--full", action="store_true", help="time one whole 50,000-image epoch per measurement")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: normlab's for normlab, 512 for classic)")
+    p.add_argument("--norms", default="bn,gn,ln", help="normlab variants to time (default: bn,gn,ln)")
+    p.add_argument("--no-classic", action="store_true", help="skip the classic recipe")
+    p.add_argument("--classic-workers", type=int, default=2, help="DataLoader workers of the classic recipe (default: 2)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
+    p.add_argument("--fp32", action="store_true", help="normlab without bf16 autocast (for comparison)")
+    p.add_argument("--layout", default="auto", choices=["auto", "cl", "nchw"], help="force a memory layout (default: normlab's choice)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--norm", default="bn", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    if args.worker:
+        if args.batch_size is None:
+            from normlab.config import Config
+
+            args.batch_size = Config().batch_size if args.worker == "normlab" else 512
+        r = worker_normlab(args) if args.worker == "normlab" else worker_classic(args)
+        r["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print("RESULT " + json.dumps(r))
+        return
+
+    print("machine " + json.dumps(machine()), flush=True)
+    jobs = [["--worker", "normlab", "--norm", n] for n in args.norms.split(",") if n]
+    if not args.no_classic:
+        jobs.append(["--worker", "classic"])
+    passthrough = sys.argv[1:]
+    results = {}
+    for job in jobs:
+        out = subprocess.run([sys.executable, __file__, *passthrough, *job], capture_output=True, text=True)
+        line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            sys.exit(f"benchmark worker {' '.join(job)} failed:\n{out.stderr[-2000:]}")
+        r = json.loads(line[7:])
+        ips = r["images"] / r["train_s"]
+        r["train_images_per_s"], r["epoch_s"] = ips, EPOCH / ips
+        results[r["what"]] = r
+        ev = f"  eval {r['eval_images_per_s']:8.0f} img/s" if r["eval_images_per_s"] else ""
+        print(f"{r['what']:<12} {r['precision']} {r['layout']:<13} train {ips:7.0f} img/s  {r['epoch_s']:6.1f} s/epoch{ev}  peak RSS {r['peak_rss_mib']:6.0f} MiB", flush=True)
+    if "classic bn" in results:
+        base = results["classic bn"]["train_images_per_s"]
+        for what, r in results.items():
+            if what != "classic bn":
+                print(f"ratio {what} / classic bn: {r['train_images_per_s'] / base:.2f}x")
+    if "normlab bn" in results:
+        for what in ("normlab gn", "normlab ln"):
+            if what in results:
+                print(f"ratio {what} s/epoch / normlab bn s/epoch: {results[what]['epoch_s'] / results['normlab bn']['epoch_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
