@@ -399,3 +399,49 @@ def test_python_m_cli_bad_inputs(tmp_path, own_data):
         assert p.stderr.startswith("normlab: error: ") and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
         assert needle in p.stderr
     assert_no_run(tmp_path / "run")
+
+
+# ---------------------------------------------------------------- normlab run, interrupted and resumed
+def test_run_interrupted_then_resumed(runs, data_dir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in epoch 2 of ln (bn finished): the printed command skips bn and ends ln as if never stopped."""
+    import shlex
+
+    from normlab import train as T
+
+    real_epoch = T.train_epoch
+
+    def ctrl_c_in_ln_epoch_2(model, opt, batches, cfg, step, total, amp, desc=""):
+        if not desc.startswith("ln epoch 2/"):
+            return real_epoch(model, opt, batches, cfg, step, total, amp, desc)
+
+        class Cut(list):  # the batches of the epoch, then Ctrl-C after two of them
+            labels = batches.labels
+
+            def __iter__(self):
+                for i, b in enumerate(batches):
+                    if i == 2:
+                        raise KeyboardInterrupt
+                    yield b
+
+        return real_epoch(model, opt, Cut(range(len(batches))), cfg, step, total, amp, desc)
+
+    parent = tmp_path / "parent"
+    argv = ["run", "--data-dir", str(data_dir), "--norms", "bn,ln", *TRAIN_ARGS, "--out", str(parent), "--no-report"]
+    monkeypatch.setattr(T, "train_epoch", ctrl_c_in_ln_epoch_2)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("normlab: interrupted; the last complete epoch is kept. Resume with: normlab run ")
+    assert (parent / "bn" / "results.json").is_file() and not (parent / "ln" / "results.json").exists()
+    assert torch.load(parent / "ln" / CHECKPOINT, weights_only=True)["epoch"] == 1
+    bn_before = _snapshot(parent / "bn")
+
+    monkeypatch.setattr(T, "train_epoch", real_epoch)
+    command = shlex.split(err.split("Resume with: ", 1)[1])
+    assert command[:2] == ["normlab", "run"] and "--resume" in command
+    assert main(command[1:]) == 0
+    out = capsys.readouterr().out
+    assert f"{parent / 'bn'}: finished earlier, skipped" in out and f"resuming {parent / 'ln'} after epoch 1 of {EPOCHS}" in out
+    assert _snapshot(parent / "bn") == bn_before
+    for norm in ("bn", "ln"):  # the same as the uninterrupted runs of the same settings
+        assert without_seconds(metrics_rows(parent / norm / "metrics.csv")) == without_seconds(metrics_rows(runs[0] / norm / "metrics.csv"))
+        assert (parent / norm / "predictions.csv").read_text() == (runs[0] / norm / "predictions.csv").read_text()

@@ -100,3 +100,18 @@ def test_nan_loss_in_first_epoch(cifar_dir, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "epoch 1, batch 1 of 2" in err
     assert not (out / T.CHECKPOINT).exists() and not (out / "results.json").exists()
+
+
+def test_checkpoint_after_every_epoch(cifar_dir, tmp_path, monkeypatch):
+    saved = []
+    real_save = T.atomic_save
+
+    def recording_save(obj, path):
+        real_save(obj, path)
+        saved.append((path.name, obj.get("epoch"), sorted(p.name for p in path.parent.glob("*.tmp"))))
+
+    monkeypatch.setattr(T, "atomic_save", recording_save)
+    out = tmp_path / "run"
+    assert main(["train", "--data-dir", str(cifar_dir), "--norm", "ln", "--epochs", "3", "--batch-size", "200",
+                 "--threads", "1", "--out", str(out)]) == 0
+    assert saved == [(T.CHECKPOINT, 1, []), (T.CHECKPOINT, 2, []), (T.CHECKPOINT, 3, []), (T.MODEL, None, [])]
