@@ -164,6 +164,18 @@ def test_run_resume_skips_finished_models(runs, data_dir, capsys):
     assert _snapshot(parent) == before
 
 
+def test_run_refuses_an_unfinished_model_without_resume(runs, data_dir, tmp_path, capsys):
+    parent = tmp_path / "parent"
+    (parent / "ln").mkdir(parents=True)
+    for name in ("config.json", CHECKPOINT, "metrics.csv"):
+        (parent / "ln" / name).write_bytes((runs[0] / "ln" / name).read_bytes())
+    before = _snapshot(parent)
+    argv = ["run", "--data-dir", str(data_dir), "--norms", "ln", *TRAIN_ARGS, "--out", str(parent), "--no-report"]
+    err = fails(capsys, argv, "holds an unfinished run", "continue it with: normlab run ")
+    assert err.rstrip().endswith("--resume")
+    assert _snapshot(parent) == before
+
+
 def test_run_checks_every_model_before_training(runs, data_dir, tmp_path, capsys):
     # ln is finished in this parent and bn is not: nothing may be trained before the refusal.
     parent = tmp_path / "parent"
@@ -236,6 +248,14 @@ def test_bad_batch_file(own_data, tmp_path, capsys, damage):
             "labels out of range": "labels outside 0-9"}[damage] in err
     assert path.read_bytes() == damaged  # the data is left as it was
     assert_no_run(out)
+
+
+def test_bad_test_batch_fails_before_training(own_data, tmp_path, capsys):
+    path = own_data / FOLDER / "test_batch"
+    path.write_bytes(path.read_bytes()[:1000])
+    out = tmp_path / "run"
+    fails(capsys, train_argv(own_data, out), str(path), "truncated")
+    assert_no_run(out)  # not one epoch spent before finding out
 
 
 def test_bad_test_batch_for_evaluate(runs, own_data, capsys):

@@ -212,6 +212,8 @@ def fit(cfg: Config, data_dir: str | os.PathLike | None, out: str | os.PathLike,
     opt = make_optimizer(model, cfg)
 
     images, labels = D.load_split(data_dir, train=True)
+    # Read (not yet used) up front: a bad test file must fail before the training, not after it.
+    test_split = D.load_split(data_dir, train=False) if cfg.eval_test else None
     train_idx, val_idx = D.stratified_split(labels, cfg.val_size, cfg.seed)
     train_x, train_y = images[train_idx].to(device), labels[train_idx].to(device)
     val_x, val_y = images[val_idx].to(device), labels[val_idx].to(device)
@@ -277,7 +279,7 @@ def fit(cfg: Config, data_dir: str | os.PathLike | None, out: str | os.PathLike,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "data_dir": str(Path(data_dir).resolve()),
     }
     if cfg.eval_test:
-        test_x, test_y = (t.to(device) for t in D.load_split(data_dir, train=False))
+        test_x, test_y = (t.to(device) for t in test_split)
         logits = infer(model, test_x, amp, cl)
         results["test_acc"] = (logits.argmax(1) == test_y).float().mean().item()
         results["test_acc_flip_tta"] = evaluate(model, test_x, test_y, amp, cl, flip=True)[0]
