@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from torch import nn
 
 from conftest import make_cifar
 from normlab import data as D
+from normlab import train as T
 from normlab.cli import main
 from normlab.config import Config
 from normlab.data import FOLDER
@@ -141,6 +143,14 @@ def test_train_refuses_a_finished_folder(runs, data_dir, capsys):
     assert rc == 2
     err = one_error_line(capsys)
     assert "already holds a run" in err and "--resume" in err
+    assert _snapshot(out) == before
+
+
+def test_train_resume_of_a_finished_folder_changes_nothing(runs, data_dir, capsys):
+    out = runs[1] / "gn"
+    before = _snapshot(out)
+    assert main(["train", "--resume", str(out), "--data-dir", str(data_dir), "--threads", "1"]) == 0
+    assert "finished earlier, nothing to resume" in capsys.readouterr().out
     assert _snapshot(out) == before
 
 
@@ -421,17 +431,13 @@ def test_python_m_cli_bad_inputs(tmp_path, own_data):
     assert_no_run(tmp_path / "run")
 
 
-# ---------------------------------------------------------------- normlab run, interrupted and resumed
-def test_run_interrupted_then_resumed(runs, data_dir, tmp_path, monkeypatch, capsys):
-    """Ctrl-C in epoch 2 of ln (bn finished): the printed command skips bn and ends ln as if never stopped."""
-    import shlex
-
-    from normlab import train as T
-
+# ---------------------------------------------------------------- Ctrl-C in process, then the printed command
+def ctrl_c_in(epoch_desc: str):
+    """A train_epoch that stops with Ctrl-C after two batches of the epoch whose description starts so."""
     real_epoch = T.train_epoch
 
-    def ctrl_c_in_ln_epoch_2(model, opt, batches, cfg, step, total, amp, desc=""):
-        if not desc.startswith("ln epoch 2/"):
+    def train_epoch(model, opt, batches, cfg, step, total, amp, desc=""):
+        if not desc.startswith(epoch_desc):
             return real_epoch(model, opt, batches, cfg, step, total, amp, desc)
 
         class Cut(list):  # the batches of the epoch, then Ctrl-C after two of them
@@ -445,9 +451,15 @@ def test_run_interrupted_then_resumed(runs, data_dir, tmp_path, monkeypatch, cap
 
         return real_epoch(model, opt, Cut(range(len(batches))), cfg, step, total, amp, desc)
 
+    return train_epoch
+
+
+def test_run_interrupted_then_resumed(runs, data_dir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in epoch 2 of ln (bn finished): the printed command skips bn and ends ln as if never stopped."""
+    real_epoch = T.train_epoch
     parent = tmp_path / "parent"
     argv = ["run", "--data-dir", str(data_dir), "--norms", "bn,ln", *TRAIN_ARGS, "--out", str(parent), "--no-report"]
-    monkeypatch.setattr(T, "train_epoch", ctrl_c_in_ln_epoch_2)
+    monkeypatch.setattr(T, "train_epoch", ctrl_c_in("ln epoch 2/"))
     assert main(argv) == 130
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("normlab: interrupted; the last complete epoch is kept. Resume with: normlab run ")
@@ -465,3 +477,19 @@ def test_run_interrupted_then_resumed(runs, data_dir, tmp_path, monkeypatch, cap
     for norm in ("bn", "ln"):  # the same as the uninterrupted runs of the same settings
         assert without_seconds(metrics_rows(parent / norm / "metrics.csv")) == without_seconds(metrics_rows(runs[0] / norm / "metrics.csv"))
         assert (parent / norm / "predictions.csv").read_text() == (runs[0] / norm / "predictions.csv").read_text()
+
+
+def test_train_interrupted_in_its_first_epoch_then_resumed(runs, data_dir, tmp_path, monkeypatch, capsys):
+    """No epoch was complete: the printed command starts the run again with its saved settings."""
+    real_epoch = T.train_epoch
+    out = tmp_path / "run"
+    monkeypatch.setattr(T, "train_epoch", ctrl_c_in("gn epoch 1/"))
+    assert main(["train", "--data-dir", str(data_dir), "--norm", "gn", *TRAIN_ARGS, "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Resume with: normlab train " in err
+    assert (out / "config.json").is_file() and not (out / CHECKPOINT).exists()
+    monkeypatch.setattr(T, "train_epoch", real_epoch)
+    assert main(shlex.split(err.split("Resume with: ", 1)[1])[1:]) == 0
+    assert "starting it again" in capsys.readouterr().out
+    assert without_seconds(metrics_rows(out / "metrics.csv")) == without_seconds(metrics_rows(runs[0] / "gn" / "metrics.csv"))
+    assert (out / "predictions.csv").read_text() == (runs[0] / "gn" / "predictions.csv").read_text()

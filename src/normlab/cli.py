@@ -86,6 +86,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = config_from(args, seed=args.seed)
     set_threads(cfg.threads)
     out = Path(args.resume or args.out or f"runs/{cfg.norm}")
+    if args.resume is not None and (out / "results.json").is_file():
+        print(f"{out}: finished earlier, nothing to resume")  # and nothing is rewritten
+        return 0
     args._resume_hint = resume_command(args)
     fit(cfg, resolve_data_dir(args.data_dir), out, resume=args.resume is not None)
     return 0

@@ -189,8 +189,8 @@ def fit(cfg: Config, data_dir: str | os.PathLike | None, out: str | os.PathLike,
     out = Path(out)
     ckpt_path = out / CHECKPOINT
     if resume:
-        if not (out / "config.json").is_file() or not ckpt_path.is_file():
-            raise TrainingError(f"{out} is not a normlab run that can be resumed (no config.json or {CHECKPOINT}); start it with normlab train --out {out}")
+        if not (out / "config.json").is_file():
+            raise TrainingError(f"{out} is not a normlab run that can be resumed (no config.json); start it with normlab train --out {out}")
         try:
             saved = Config.load(out / "config.json").validate()
         except (OSError, ValueError, TypeError) as e:
@@ -198,6 +198,9 @@ def fit(cfg: Config, data_dir: str | os.PathLike | None, out: str | os.PathLike,
                                 f"{out} cannot be resumed, start afresh with another --out") from None
         if saved != cfg:
             cfg = saved  # a resumed run keeps the settings it was started with
+        if not ckpt_path.is_file():  # stopped within its first epoch: nothing to keep, start it again
+            resume = False
+            log(f"{out} stopped before its first epoch ended; starting it again with its saved settings")
     elif (out / "results.json").exists() or ckpt_path.exists():
         raise TrainingError(f"{out} already holds a run; resume it with --resume, or choose another --out")
     check_writable(out)
