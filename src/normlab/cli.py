@@ -75,7 +75,7 @@ def set_threads(n: int) -> None:
 def resume_command(args: argparse.Namespace) -> str:
     """The command line that was run, with ``--resume`` added: same data, threads and settings."""
     argv = list(args._argv)
-    if not any(a == "--resume" or a.startswith("--resume=") for a in argv):
+    if args.resume in (None, False):  # train: None or a folder ("" = --out); run: a flag
         argv.append("--resume")
     return "normlab " + shlex.join(argv)
 
