@@ -55,9 +55,9 @@ def safe_extract(archive: Path, target: Path) -> None:
         for member in tar.getmembers():
             dest = (target / member.name).resolve()
             if not dest.is_relative_to(target) or member.issym() or member.islnk():
-                raise DataError(f"archive {archive} has a member that would land outside {target}: {member.name!r}; refusing to extract it")
+                raise DataError(f"archive {archive} has a member that would land outside {target}: {member.name!r}; refusing to extract it. Delete it and use the official archive")
             if not (member.isfile() or member.isdir()):
-                raise DataError(f"archive {archive} has a member that is not a plain file or folder: {member.name!r}; refusing to extract it")
+                raise DataError(f"archive {archive} has a member that is not a plain file or folder: {member.name!r}; refusing to extract it. Delete it and use the official archive")
         tar.extractall(target, filter="data")
 
 

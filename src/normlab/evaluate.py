@@ -29,7 +29,7 @@ def load_model(path: Path) -> tuple[Net, Config]:
         model.load_state_dict(ck["model"])
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
         first = str(e).strip().splitlines()[0]
-        raise TrainingError(f"{path} holds weights of another network, not normlab's ({first[:160]})") from None
+        raise TrainingError(f"{path} holds weights of another network, not normlab's ({first[:160]}); pass the model.pt that normlab train wrote") from None
     return model, cfg
 
 
