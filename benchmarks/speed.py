@@ -49,7 +49,7 @@ def worker_normlab(args) -> dict:
         cl = args.layout == "cl"
     amp = autocast(dev, bf16)
     torch.manual_seed(0)
-    model = Net(cfg.norm, cfg.widths, cfg.groups).to(dev)
+    model = Net.from_config(cfg).to(dev)
     if cl:
         model = model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg)

@@ -23,6 +23,7 @@ class Config:
     norm: str = "bn"                       # bn | gn | ln
     widths: tuple[int, int, int] = (16, 24, 32)  # channels of C1-C2 | c3, C3-C5 | c6, C7-C9
     groups: int = 4                        # group count of group norm (gn only)
+    weight_std: bool = True                # weight-standardized convs (all but C10)
     epochs: int = 20                       # passes over the training images
     batch_size: int = 256                  # images per optimizer step
     lr: float = 0.2                        # peak learning rate of the one-cycle schedule
@@ -69,7 +70,7 @@ class Config:
                               "for group norm; choose another group count or other widths")
         try:  # the network checks its parameter budget; on the meta device huge widths allocate nothing
             with torch.device("meta"):
-                Net(self.norm, self.widths, self.groups)
+                Net.from_config(self)
         except ValueError as e:
             raise ConfigError(f"--widths {','.join(map(str, self.widths))}: {e}") from None
         return self

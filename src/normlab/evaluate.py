@@ -25,7 +25,7 @@ def load_model(path: Path) -> tuple[Net, Config]:
         raise TrainingError(f"{path} is not a normlab checkpoint (no config and weights); pass the model.pt that normlab train wrote")
     try:
         cfg = Config.from_dict(ck["config"])
-        model = Net(cfg.norm, cfg.widths, cfg.groups)
+        model = Net.from_config(cfg)
         model.load_state_dict(ck["model"])
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
         first = str(e).strip().splitlines()[0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 PARAM_BUDGET = 50_000  # trainable parameters, strictly fewer (the assignment's limit)
@@ -42,12 +43,29 @@ def make_norm(name: str, channels: int, groups: int = 4) -> nn.Module:
     return NORMS[name](channels, groups)
 
 
+class WSConv2d(nn.Conv2d):
+    """A convolution whose filters are standardized (zero mean, unit variance) on every forward.
+
+    Weight standardization (Qiao et al., 2019, "Micro-Batch Training with Batch-Channel
+    Normalization and Weight Standardization") keeps every output channel on the same scale,
+    which group and layer norm cannot do themselves (they share statistics across channels).
+    On the validation split it lifted layer norm from 38 % to 61 % after 400 steps, and batch
+    norm from 69 % to 71 % (docs/experiments.md). It adds no parameters.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var, mean = torch.var_mean(self.weight, dim=(1, 2, 3), keepdim=True, unbiased=False)
+        w = (self.weight - mean) * torch.rsqrt(var + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
 class ConvBlock(nn.Sequential):
     """conv (3x3 or 1x1, 'same' padding, no bias: the norm has one) -> norm -> ReLU."""
 
-    def __init__(self, cin: int, cout: int, kernel: int, norm: str, groups: int):
+    def __init__(self, cin: int, cout: int, kernel: int, norm: str, groups: int, weight_std: bool = True):
+        conv = WSConv2d if weight_std else nn.Conv2d
         super().__init__(
-            nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False),
+            conv(cin, cout, kernel, padding=kernel // 2, bias=False),
             make_norm(norm, cout, groups),
             nn.ReLU(inplace=True),
         )
@@ -56,6 +74,7 @@ class ConvBlock(nn.Sequential):
 class Net(nn.Module):
     """C1 C2 c3 P1 C3 C4 C5 c6 P2 C7 C8 C9 GAP C10.
 
+    Every conv but C10 is weight-standardized (``WSConv2d``) unless ``weight_std`` is False.
     ``widths = (w1, w2, w3)``: C1 and C2 have w1 channels at 32x32; c3 maps w1 -> w2 and
     C3..C5 keep w2 at 16x16; c6 maps w2 -> w3 and C7..C9 keep w3 at 8x8; C10 maps w3 -> 10.
 
@@ -65,26 +84,27 @@ class Net(nn.Module):
       * C7 -> C9: ``C9(C8(x7)) + x7`` at 8x8.
     """
 
-    def __init__(self, norm: str = "bn", widths: Sequence[int] = (16, 24, 32), groups: int = 4):
+    def __init__(self, norm: str = "bn", widths: Sequence[int] = (16, 24, 32), groups: int = 4, weight_std: bool = True):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; choose one of: {', '.join(NORMS)}")
         if len(widths) != 3 or any(int(w) < 1 for w in widths):
             raise ValueError(f"widths must be three positive channel counts, got {tuple(widths)}")
         w1, w2, w3 = (int(w) for w in widths)
-        self.norm, self.widths, self.groups = norm, (w1, w2, w3), groups
-        self.C1 = ConvBlock(3, w1, 3, norm, groups)
-        self.C2 = ConvBlock(w1, w1, 3, norm, groups)
-        self.c3 = ConvBlock(w1, w2, 1, norm, groups)
+        self.norm, self.widths, self.groups, self.weight_std = norm, (w1, w2, w3), groups, weight_std
+        norm_args = (norm, groups, weight_std)
+        self.C1 = ConvBlock(3, w1, 3, *norm_args)
+        self.C2 = ConvBlock(w1, w1, 3, *norm_args)
+        self.c3 = ConvBlock(w1, w2, 1, *norm_args)
         self.P1 = nn.MaxPool2d(2)
-        self.C3 = ConvBlock(w2, w2, 3, norm, groups)
-        self.C4 = ConvBlock(w2, w2, 3, norm, groups)
-        self.C5 = ConvBlock(w2, w2, 3, norm, groups)
-        self.c6 = ConvBlock(w2, w3, 1, norm, groups)
+        self.C3 = ConvBlock(w2, w2, 3, *norm_args)
+        self.C4 = ConvBlock(w2, w2, 3, *norm_args)
+        self.C5 = ConvBlock(w2, w2, 3, *norm_args)
+        self.c6 = ConvBlock(w2, w3, 1, *norm_args)
         self.P2 = nn.MaxPool2d(2)
-        self.C7 = ConvBlock(w3, w3, 3, norm, groups)
-        self.C8 = ConvBlock(w3, w3, 3, norm, groups)
-        self.C9 = ConvBlock(w3, w3, 3, norm, groups)
+        self.C7 = ConvBlock(w3, w3, 3, *norm_args)
+        self.C8 = ConvBlock(w3, w3, 3, *norm_args)
+        self.C9 = ConvBlock(w3, w3, 3, *norm_args)
         self.GAP = nn.AdaptiveAvgPool2d(1)
         self.C10 = nn.Conv2d(w3, NUM_CLASSES, 1)
         n = count_params(self)
@@ -93,6 +113,11 @@ class Net(nn.Module):
                 f"widths {self.widths} give {n:,} trainable parameters; the budget is fewer than {PARAM_BUDGET:,}. "
                 "Choose smaller widths."
             )
+
+    @classmethod
+    def from_config(cls, cfg) -> "Net":
+        """The network that a ``normlab.config.Config`` describes."""
+        return cls(cfg.norm, cfg.widths, cfg.groups, cfg.weight_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, 32, 32) -> (B, 10)
         x = self.C1(x)

@@ -449,7 +449,7 @@ def _summary_section(models) -> str:
 
 def _rf_section(models) -> str:
     cfg = next(iter(models.values()))[0].config
-    rows = receptive_field(Net(cfg.norm, cfg.widths, cfg.groups))
+    rows = receptive_field(Net.from_config(cfg))
     table = [[r["layer"], r["type"], f"{r['kernel']}×{r['kernel']}", r["stride"], r["padding"], f"{r['jump_in']} → {r['jump']}",
               f"{r['rf_in']} → {r['rf']}" if not r["global"] else "whole image", f"{r['size']}×{r['size']}"] for r in rows]
     last_conv = [r for r in rows if not r["global"]][-1]

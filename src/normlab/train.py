@@ -209,7 +209,7 @@ def fit(cfg: Config, data_dir: str | os.PathLike | None, out: str | os.PathLike,
     bf16, cl = use_bf16(device), use_channels_last(cfg.norm, device)
     amp = autocast(device, bf16)
     torch.manual_seed(cfg.seed)
-    model = Net(cfg.norm, cfg.widths, cfg.groups).to(device)
+    model = Net.from_config(cfg).to(device)
     if cl:
         model = model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg)
