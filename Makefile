@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 DATA   ?= $(or $(NORMLAB_DATA),./data)
 OUT    ?= runs/latest
+SEEDS  ?= 1
 BIN     = $(VENV)/bin
 
 .PHONY: run test install install-dev
@@ -22,7 +23,7 @@ install-dev: $(VENV)/.installed-dev
 
 # The three models, 20 epochs each, then the report (resumes an interrupted run).
 run: install
-	$(BIN)/normlab run --data-dir $(DATA) --out $(OUT) --resume
+	$(BIN)/normlab run --data-dir $(DATA) --out $(OUT) --seeds $(SEEDS) --resume
 
 test: install-dev
 	$(BIN)/python -m pytest -q
