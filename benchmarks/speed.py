@@ -99,11 +99,11 @@ def worker_classic(args) -> dict:
             return tf(Image.fromarray(np.ascontiguousarray(hwc[i]))), int(labels[i])
 
     bs = args.batch_size
-    loader = torch.utils.data.DataLoader(Cifar(), batch_size=bs, shuffle=True, num_workers=args.classic_workers)
+    loader = torch.utils.data.DataLoader(Cifar(), batch_size=bs, shuffle=True, num_workers=args.classic_workers, drop_last=True)
     torch.manual_seed(0)
     model = Net("bn")
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    steps = len(loader) if args.full else args.batches
+    steps = len(loader) - args.warmup if args.full else args.batches  # full: the rest of one epoch
     it = iter(loader)
     t0 = None
     for i in range(args.warmup + steps):
