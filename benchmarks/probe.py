@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from normlab import data as D
 from normlab.config import Config
 from normlab.models import Net
-from normlab.train import autocast, evaluate, lr_at, make_optimizer, pick_device, use_bf16, use_channels_last
+from normlab.train import autocast, evaluate, lr_at, make_optimizer, pick_device, place, use_bf16, use_channels_last
 
 
 def main() -> None:
@@ -39,9 +39,7 @@ def main() -> None:
     images, labels = D.load_split(args.data_dir, train=True)
     tr, va = D.stratified_split(labels, 5000, cfg.seed)
     torch.manual_seed(cfg.seed)
-    model = Net.from_config(cfg).to(dev)
-    if cl:
-        model = model.to(memory_format=torch.channels_last)
+    model = place(Net.from_config(cfg), dev, cl)
     opt = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     batches = D.Batches(images[tr].to(dev), labels[tr].to(dev), cfg.batch_size, True, cfg.crop_pad, cfg.flip, cl, gen)

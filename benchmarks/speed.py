@@ -38,7 +38,7 @@ def worker_normlab(args) -> dict:
     from normlab import data as D
     from normlab.config import Config
     from normlab.models import Net
-    from normlab.train import autocast, infer, make_optimizer, pick_device, train_epoch, use_bf16, use_channels_last
+    from normlab.train import autocast, infer, make_optimizer, pick_device, place, train_epoch, use_bf16, use_channels_last
 
     cfg = Config(norm=args.norm, batch_size=args.batch_size)
     dev = pick_device(args.device)
@@ -49,9 +49,7 @@ def worker_normlab(args) -> dict:
         cl = args.layout == "cl"
     amp = autocast(dev, bf16)
     torch.manual_seed(0)
-    model = Net.from_config(cfg).to(dev)
-    if cl:
-        model = model.to(memory_format=torch.channels_last)
+    model = place(Net.from_config(cfg), dev, cl)
     opt = make_optimizer(model, cfg)
     images, labels = D.load_split(args.data_dir, train=True)
     images, labels = images.to(dev), labels.to(dev)

@@ -29,6 +29,7 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 MEAN = (125.31 / 255, 122.95 / 255, 113.87 / 255)  # training-set channel means (of 1)
 STD = (0.2470, 0.2435, 0.2616)                     # training-set channel standard deviations
 DEFAULT_DIR = "./data"
+REPLACE_BATCH = "replace the file or delete the folder to download it again"  # the way out of a damaged batch file
 
 
 class DataError(RuntimeError):
@@ -99,15 +100,15 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except FileNotFoundError:
         raise DataError(f"CIFAR-10 batch {path} is missing; copy the complete cifar-10-batches-py/ folder again") from None
     except Exception as e:  # truncated pickles raise EOFError, UnpicklingError, ValueError, KeyError...
-        raise DataError(f"CIFAR-10 batch {path} is truncated or corrupt ({type(e).__name__}: {e}); replace the file or delete the folder to download it again") from None
+        raise DataError(f"CIFAR-10 batch {path} is truncated or corrupt ({type(e).__name__}: {e}); {REPLACE_BATCH}") from None
     data = np.asarray(data)
     labels = np.asarray(labels)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise DataError(f"CIFAR-10 batch {path} holds data of shape {data.shape} and type {data.dtype}; expected (N, 3072) uint8; replace the file or delete the folder to download it again")
+        raise DataError(f"CIFAR-10 batch {path} holds data of shape {data.shape} and type {data.dtype}; expected (N, 3072) uint8; {REPLACE_BATCH}")
     if labels.ndim != 1 or len(labels) != len(data) or not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"CIFAR-10 batch {path} has {len(data)} images but {labels.size} labels of type {labels.dtype} (expected whole numbers 0-9); replace the file or delete the folder to download it again")
+        raise DataError(f"CIFAR-10 batch {path} has {len(data)} images but {labels.size} labels of type {labels.dtype} (expected whole numbers 0-9); {REPLACE_BATCH}")
     if len(labels) and (labels.min() < 0 or labels.max() >= len(CLASSES)):
-        raise DataError(f"CIFAR-10 batch {path} has labels outside 0-9 (min {labels.min()}, max {labels.max()}); replace the file or delete the folder to download it again")
+        raise DataError(f"CIFAR-10 batch {path} has labels outside 0-9 (min {labels.min()}, max {labels.max()}); {REPLACE_BATCH}")
     return data, labels.astype(np.int64)
 
 

@@ -10,7 +10,7 @@ import torch
 from normlab import data as D
 from normlab.config import Config
 from normlab.models import Net, count_params
-from normlab.train import TrainingError, autocast, device_name, evaluate, pick_device, use_bf16, use_channels_last
+from normlab.train import TrainingError, autocast, device_name, evaluate, pick_device, place, use_bf16, use_channels_last
 
 
 def load_model(path: Path) -> tuple[Net, Config]:
@@ -37,9 +37,7 @@ def evaluate_checkpoint(path: Path, data_dir: str | os.PathLike | None, device: 
     model, cfg = load_model(path)
     dev = pick_device(device)
     bf16, cl = use_bf16(dev), use_channels_last(cfg.norm, dev)
-    model = model.to(dev)
-    if cl:
-        model = model.to(memory_format=torch.channels_last)
+    model = place(model, dev, cl)
     images, labels = D.load_split(D.resolve_data_dir(data_dir), train=False)
     images, labels = images.to(dev), labels.to(dev)
     amp = autocast(dev, bf16)

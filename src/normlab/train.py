@@ -62,6 +62,12 @@ def use_channels_last(norm: str, device: torch.device) -> bool:
     return True if device.type == "cuda" else CPU_CHANNELS_LAST[norm]
 
 
+def place(model: torch.nn.Module, device: torch.device, channels_last: bool) -> torch.nn.Module:
+    """The model on ``device``, its weights in the memory layout that the inputs will have."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
 def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
@@ -196,8 +202,7 @@ def fit(cfg: Config, data_dir: str | os.PathLike | None, out: str | os.PathLike,
         except (OSError, ValueError, TypeError) as e:
             raise TrainingError(f"{out / 'config.json'} is not a readable normlab config ({type(e).__name__}); "
                                 f"{out} cannot be resumed, start afresh with another --out") from None
-        if saved != cfg:
-            cfg = saved  # a resumed run keeps the settings it was started with
+        cfg = saved  # a resumed run keeps the settings it was started with
         if not ckpt_path.is_file():  # stopped within its first epoch: nothing to keep, start it again
             resume = False
             log(f"{out} stopped before its first epoch ended; starting it again with its saved settings")
@@ -209,9 +214,7 @@ def fit(cfg: Config, data_dir: str | os.PathLike | None, out: str | os.PathLike,
     bf16, cl = use_bf16(device), use_channels_last(cfg.norm, device)
     amp = autocast(device, bf16)
     torch.manual_seed(cfg.seed)
-    model = Net.from_config(cfg).to(device)
-    if cl:
-        model = model.to(memory_format=torch.channels_last)
+    model = place(Net.from_config(cfg), device, cl)
     opt = make_optimizer(model, cfg)
 
     images, labels = D.load_split(data_dir, train=True)
