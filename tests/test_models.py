@@ -90,3 +90,42 @@ def test_group_count_must_divide_widths():
     Config(norm="gn", groups=8).validate()
     Config(norm="bn", groups=5).validate()  # groups matter to group norm only
     Config(norm="ln", groups=5).validate()
+
+
+@pytest.mark.parametrize("norm", ALL_NORMS)
+@pytest.mark.parametrize("pool_first", [False, True])
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_variants_keep_order_budget_and_shape(norm, pool_first, act):
+    model = Net(norm, pool_first=pool_first, act=act)
+    assert tuple(name for name, _ in model.named_children()) == LAYER_ORDER
+    assert count_params(model) == count_params(Net(norm))  # the options move layers, they add no parameters
+    kinds = {type(m) for m in model.modules()}
+    assert (nn.GELU in kinds) == (act == "gelu") and (nn.ReLU in kinds) == (act == "relu")
+    # pool first: the pools carry the norms of c3 and c6; otherwise the 1x1 convs do.
+    assert any(isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)) for m in model.P1.modules()) == pool_first
+    assert model(torch.randn(3, 3, 32, 32)).shape == (3, 10)
+
+
+@pytest.mark.parametrize("norm", ALL_NORMS)
+def test_pool_first_runs_the_norm_on_pooled_maps(norm):
+    """c3 -> P1 with pool_first equals max-pool, then the norm and ReLU, of c3's conv output."""
+    model = Net(norm, pool_first=True).eval()
+    x = torch.randn(4, 16, 32, 32)
+    pooled = model.P1(model.c3(x))
+    expected = torch.relu(model.P1.norm(torch.nn.functional.max_pool2d(model.c3(x), 2)))
+    torch.testing.assert_close(pooled, expected)
+    # the CPU pool runs on channels_last, but the block hands back the layout it was given
+    assert model.P1(model.c3(x)).is_contiguous()
+
+
+def test_old_configs_describe_the_old_network():
+    """config.json files written before pool_first existed pooled after the ReLU."""
+    assert Config.from_dict({"norm": "bn"}).pool_first is False
+    assert Config.from_dict(Config().to_dict()).pool_first is True
+
+
+def test_unknown_activation():
+    with pytest.raises(ValueError, match="relu, gelu"):
+        Net("bn", act="tanh")
+    with pytest.raises(ConfigError, match="--act must be one of: relu, gelu"):
+        Config(act="tanh").validate()

@@ -45,6 +45,9 @@ def add_config_flags(p: argparse.ArgumentParser, with_norm: bool) -> None:
         p.add_argument("--norm", default=d.norm, help=f"normalization layer: {' | '.join(NORMS)} (default: {d.norm})")
     p.add_argument("--widths", type=_widths, default=d.widths, help=f"channels of C1-C2, C3-C5, C7-C9 (default: {','.join(map(str, d.widths))})")
     p.add_argument("--no-weight-std", dest="weight_std", action="store_false", help="plain convs instead of weight-standardized ones")
+    p.add_argument("--act", default=d.act, help=f"activation after every norm: relu | gelu (default: {d.act})")
+    p.add_argument("--no-pool-first", dest="pool_first", action="store_false",
+                   help="c3 and c6 as conv -> norm -> ReLU -> pool (default: conv -> pool -> norm -> ReLU)")
     p.add_argument("--groups", type=int, default=d.groups, help=f"group count of group norm (default: {d.groups})")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs; more than {MAX_EPOCHS} is flagged as outside the assignment (default: {d.epochs})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"images per step (default: {d.batch_size})")

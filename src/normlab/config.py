@@ -24,6 +24,8 @@ class Config:
     widths: tuple[int, int, int] = (16, 24, 32)  # channels of C1-C2 | c3, C3-C5 | c6, C7-C9
     groups: int = 8                        # group count of group norm (gn only; 8 beat 4 on validation)
     weight_std: bool = True                # weight-standardized convs (all but C10)
+    act: str = "relu"                      # activation after every norm: relu | gelu
+    pool_first: bool = True                # c3/c6: conv -> max-pool -> norm -> ReLU (False: pool after the ReLU)
     epochs: int = 20                       # passes over the training images
     batch_size: int = 128                  # images per optimizer step
     lr: float = 0.2                        # peak learning rate of the one-cycle schedule
@@ -46,7 +48,10 @@ class Config:
 
         if self.norm not in NORMS:
             raise ConfigError(f"unknown norm {self.norm!r}; choose one of: {', '.join(NORMS)}")
+        from normlab.models import ACTS
+
         checks = [
+            (self.act in ACTS, f"--act must be one of: {', '.join(ACTS)} (got {self.act!r})"),
             (self.epochs >= 1, f"--epochs must be at least 1 (got {self.epochs})"),
             (1 <= self.batch_size <= 8192, f"--batch-size must be between 1 and 8192 (got {self.batch_size})"),
             (0 < self.lr <= 10, f"--lr must be above 0 and at most 10 (got {self.lr})"),
@@ -86,6 +91,7 @@ class Config:
     def from_dict(cls, d: dict[str, Any]) -> "Config":
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in names}
+        kwargs.setdefault("pool_first", False)  # runs written before the option existed pooled after the ReLU
         if "widths" in kwargs:
             kwargs["widths"] = tuple(kwargs["widths"])
         return cls(**kwargs)

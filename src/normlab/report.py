@@ -221,9 +221,9 @@ def select_misclassified(labels: np.ndarray, preds: np.ndarray, probs: np.ndarra
 
 
 # ---------------------------------------------------------------- model: summary and receptive field
-def model_summary(norm: str, widths: Sequence[int], groups: int, weight_std: bool = True) -> str:
+def model_summary(norm: str, widths: Sequence[int], groups: int, weight_std: bool = True, pool_first: bool = True, act: str = "relu") -> str:
     """torchinfo table of Net(norm, widths, groups) on a (1, 3, 32, 32) input, layers named as in the spec."""
-    s = torchinfo.summary(Net(norm, widths, groups, weight_std), input_size=(1, 3, 32, 32), col_names=("output_size", "kernel_size", "num_params"),
+    s = torchinfo.summary(Net(norm, widths, groups, weight_std, pool_first, act), input_size=(1, 3, 32, 32), col_names=("output_size", "kernel_size", "num_params"),
                           row_settings=("var_names",), depth=2, verbose=0, device="cpu")
     return str(s).replace("(Units.MEGABYTES)", "(M)")  # torchinfo 1.8 prints the enum's repr on Python >= 3.11
 
@@ -295,7 +295,8 @@ def _command(models: dict[str, list[Run]], run_dir: Path, is_parent: bool) -> st
         if f.name in ("norm", "seed") or v == getattr(base, f.name):
             continue
         if isinstance(v, bool):
-            parts.append({"flip": "--no-flip", "eval_test": "--no-test", "weight_std": "--no-weight-std"}[f.name])
+            parts.append({"flip": "--no-flip", "eval_test": "--no-test", "weight_std": "--no-weight-std",
+                          "pool_first": "--no-pool-first"}[f.name])
         else:
             parts += [f"--{f.name.replace('_', '-')}", ",".join(map(str, v)) if isinstance(v, tuple) else str(v)]
     seeds = [r.seed for r in next(iter(models.values()))]
@@ -311,7 +312,9 @@ def _header(models: dict[str, list[Run]], run_dir: Path, is_parent: bool, data_d
     seeds = [r.seed for r in next(iter(models.values()))]
     names = ", ".join(f"{NORM_NAMES[n]} ({n})" for n in models)
     settings = [("widths (C1–C2, c3–C5, c6–C9)", "widths"), ("groups (group norm)", "groups"),
-                ("weight-standardized convs", "weight_std"), ("epochs", "epochs"),
+                ("weight-standardized convs", "weight_std"),
+                ("c3, c6: max-pool before norm and activation", "pool_first"),
+                ("activation", "act"), ("epochs", "epochs"),
                 ("batch size", "batch_size"), ("peak learning rate (one-cycle)", "lr"), ("warm-up fraction", "warmup"),
                 ("momentum (Nesterov)", "momentum"), ("weight decay (conv weights)", "weight_decay"),
                 ("label smoothing", "label_smoothing"), ("random-crop padding (px)", "crop_pad"), ("random flips", "flip"),
@@ -444,7 +447,7 @@ def _summary_section(models) -> str:
         cfg = runs[0].config
         params = runs[0].results["params"]
         parts.append(f"<details>\n<summary>{NORM_NAMES[norm]} ({norm}): {params:,} trainable parameters</summary>\n\n"
-                     f"```text\n{model_summary(norm, cfg.widths, cfg.groups, cfg.weight_std)}\n```\n\n</details>")
+                     f"```text\n{model_summary(norm, cfg.widths, cfg.groups, cfg.weight_std, cfg.pool_first, cfg.act)}\n```\n\n</details>")
     return "\n\n".join(parts)
 
 
