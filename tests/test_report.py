@@ -113,7 +113,7 @@ def test_receptive_field_of_a_small_network():
 
 
 def test_model_summary_names_the_layers_as_the_spec():
-    text = model_summary("gn", (16, 24, 32), 4)
+    text = model_summary("gn", (16, 32, 24), 8)
     for name in ("(C1)", "(C2)", "(c3)", "(P1)", "(c6)", "(P2)", "(C9)", "(GAP)", "(C10)", "GroupNorm"):
         assert name in text
     assert f"Trainable params: {sum(p.numel() for p in Net('gn').parameters()):,}" in text

@@ -112,9 +112,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     set_threads(base.threads)
     args._resume_hint = resume_command(args)
     plan = []  # (config, run folder, resume?) of every model; all are checked before any trains
-    for norm in norms:
-        for s in range(args.seeds):
-            seed = args.seed + s
+    # Seed by seed, all norms each time: a run cut short still holds whole seeds to compare.
+    for s in range(args.seeds):
+        seed = args.seed + s
+        for norm in norms:
             cfg = dataclasses.replace(base, norm=norm, seed=seed).validate()
             out = parent / norm if args.seeds == 1 else parent / norm / f"seed{seed}"
             if (out / "results.json").is_file():

@@ -108,8 +108,8 @@ class Net(nn.Module):
       * C7 -> C9: ``C9(C8(x7)) + x7`` at 8x8.
     """
 
-    def __init__(self, norm: str = "bn", widths: Sequence[int] = (16, 24, 32), groups: int = 4, weight_std: bool = True,
-                 pool_first: bool = True, act: str = "relu"):
+    def __init__(self, norm: str = "bn", widths: Sequence[int] = (16, 32, 24), groups: int = 8, weight_std: bool = True,
+                 pool_first: bool = True, act: str = "gelu"):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; choose one of: {', '.join(NORMS)}")

@@ -221,7 +221,7 @@ def select_misclassified(labels: np.ndarray, preds: np.ndarray, probs: np.ndarra
 
 
 # ---------------------------------------------------------------- model: summary and receptive field
-def model_summary(norm: str, widths: Sequence[int], groups: int, weight_std: bool = True, pool_first: bool = True, act: str = "relu") -> str:
+def model_summary(norm: str, widths: Sequence[int], groups: int, weight_std: bool = True, pool_first: bool = True, act: str = "gelu") -> str:
     """torchinfo table of Net(norm, widths, groups) on a (1, 3, 32, 32) input, layers named as in the spec."""
     s = torchinfo.summary(Net(norm, widths, groups, weight_std, pool_first, act), input_size=(1, 3, 32, 32), col_names=("output_size", "kernel_size", "num_params"),
                           row_settings=("var_names",), depth=2, verbose=0, device="cpu")
@@ -442,7 +442,7 @@ def _per_class_section(models, fig_dir: Path) -> str:
 def _summary_section(models) -> str:
     parts = ["## Model summaries",
              "From `torchinfo` on the network each run's `config.json` describes, input (1, 3, 32, 32); layer names as in the "
-             "specification (C = 3x3 conv, c = 1x1 conv, each followed by its norm and ReLU; P = max pool)."]
+             "specification (C = 3x3 conv, c = 1x1 conv, each followed by its norm and activation; P = max pool)."]
     for norm, runs in models.items():
         cfg = runs[0].config
         params = runs[0].results["params"]
