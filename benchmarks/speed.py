@@ -12,6 +12,7 @@ classic recipe (`pip install -e '.[bench]'`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -40,7 +41,7 @@ def worker_normlab(args) -> dict:
     from normlab.models import Net
     from normlab.train import autocast, infer, make_optimizer, pick_device, place, train_epoch, use_bf16, use_channels_last
 
-    cfg = Config(norm=args.norm, batch_size=args.batch_size)
+    cfg = dataclasses.replace(Config(norm=args.norm, batch_size=args.batch_size), **json.loads(args.config)).validate()
     dev = pick_device(args.device)
     bf16, cl = use_bf16(dev), use_channels_last(cfg.norm, dev)
     if args.fp32:
@@ -82,6 +83,7 @@ def worker_classic(args) -> dict:
     from torchvision import transforms
 
     from normlab import data as D
+    from normlab.config import Config
     from normlab.models import Net
 
     images, labels = D.load_split(args.data_dir, train=True)
@@ -99,7 +101,7 @@ def worker_classic(args) -> dict:
     bs = args.batch_size
     loader = torch.utils.data.DataLoader(Cifar(), batch_size=bs, shuffle=True, num_workers=args.classic_workers, drop_last=True)
     torch.manual_seed(0)
-    model = Net("bn")
+    model = Net.from_config(dataclasses.replace(Config(norm="bn"), **json.loads(args.config)))  # the same network as normlab's bn
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     steps = len(loader) - args.warmup if args.full else args.batches  # full: the rest of one epoch
     it = iter(loader)
@@ -129,6 +131,7 @@ def main() -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
     p.add_argument("--fp32", action="store_true", help="normlab without bf16 autocast (for comparison)")
     p.add_argument("--layout", default="auto", choices=["auto", "cl", "nchw"], help="force a memory layout (default: normlab's choice)")
+    p.add_argument("--config", default="{}", help='Config fields as JSON for the network and normlab\'s trainer, e.g. \'{"act": "relu"}\' (default: {})')
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--norm", default="bn", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -145,6 +148,8 @@ def main() -> None:
         return
 
     print("machine " + json.dumps(machine()), flush=True)
+    if args.config != "{}":
+        print("config " + args.config, flush=True)
     jobs = [["--worker", "normlab", "--norm", n] for n in args.norms.split(",") if n]
     if not args.no_classic:
         jobs.append(["--worker", "classic"])

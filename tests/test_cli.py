@@ -90,6 +90,7 @@ def test_train_writes_its_files(runs, data_dir, norm):
         assert 0 <= r[key] <= 1
     assert r["train_acc_running"] == pytest.approx(float(rows[-1]["train_acc"]), abs=1e-5)
     assert r["val_acc"] is None and r["seconds_per_epoch"] > 0 and r["threads"] == 1
+    assert r["wall_seconds"] >= EPOCHS * r["seconds_per_epoch"] and r["peak_rss_mib"] > 100  # torch alone takes more
 
 
 @pytest.mark.parametrize("norm", ALL_NORMS)

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -192,6 +193,7 @@ def _log(message: str) -> None:
 def fit(cfg: Config, data_dir: str | os.PathLike | None, out: str | os.PathLike, resume: bool = False, log=_log) -> dict[str, Any]:
     """Train one model as ``cfg`` says and write its run folder ``out``; returns results.json's content."""
     cfg.validate()
+    started = time.perf_counter()
     out = Path(out)
     ckpt_path = out / CHECKPOINT
     if resume:
@@ -291,10 +293,26 @@ def fit(cfg: Config, data_dir: str | os.PathLike | None, out: str | os.PathLike,
         results["test_acc_flip_tta"] = evaluate(model, test_x, test_y, amp, cl, flip=True)[0]
         write_predictions(out / "predictions.csv", test_y.cpu(), logits)
     atomic_save({"format": "normlab-model", "config": cfg.to_dict(), "model": model.state_dict()}, out / MODEL)
+    # This call's wall time (data loading, training, final evaluations; a resumed run counts from
+    # its resumption) and the process's peak resident memory so far.
+    results["wall_seconds"] = time.perf_counter() - started
+    results["peak_rss_mib"] = peak_rss_mib()
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     test = f", test {results['test_acc']:.2%}" if "test_acc" in results else ""
-    log(f"done: train {results['train_acc_clean']:.2%} (clean), {results['train_acc_running']:.2%} (running, augmented){test}; files in {out}")
+    minutes, secs = divmod(round(results["wall_seconds"]), 60)
+    log(f"done in {minutes} min {secs:02d} s: train {results['train_acc_clean']:.2%} (clean), "
+        f"{results['train_acc_running']:.2%} (running, augmented){test}; files in {out}")
     return results
+
+
+def peak_rss_mib() -> float | None:
+    """Peak resident memory of this process so far, in MiB (None where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
 
 
 def device_name(device: torch.device) -> str:

@@ -1,0 +1,81 @@
+"""Time one training step of the network on random data and show where the time goes.
+
+Settings are any Config fields as JSON; the step is normlab's (bf16 autocast where the CPU
+has it, the memory layout normlab picks per norm, SGD Nesterov), batch 128 by default:
+
+    python benchmarks/profile_step.py '{"norm": "bn"}'                       # step time + profile
+    python benchmarks/profile_step.py '{"norm": "bn", "pool_first": false}' --no-profile
+
+Prints the best of three timings of --steps steps (warm-up excluded), then the ops that took
+the most self CPU time in a torch.profiler trace of 10 steps. Random data: this times the
+network alone, without the data pipeline (benchmarks/speed.py times whole epochs).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from normlab.config import Config
+from normlab.models import Net
+from normlab.train import autocast, make_optimizer, pick_device, place, use_bf16, use_channels_last
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("settings", nargs="?", default="{}", help="Config fields as JSON (default: {})")
+    p.add_argument("--steps", type=int, default=15, help="timed steps per repeat (default: 15)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads, 0 = all cores (default: 0)")
+    p.add_argument("--layout", default="auto", choices=["auto", "cl", "nchw"], help="force a memory layout (default: normlab's choice)")
+    p.add_argument("--no-profile", action="store_true", help="print the step time only")
+    p.add_argument("--rows", type=int, default=15, help="profile rows (default: 15)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = dataclasses.replace(Config(), **json.loads(args.settings)).validate()
+    dev = pick_device(cfg.device)
+    cl = use_channels_last(cfg.norm, dev) if args.layout == "auto" else args.layout == "cl"
+    amp = autocast(dev, use_bf16(dev))
+    torch.manual_seed(0)
+    model = place(Net.from_config(cfg), dev, cl)
+    opt = make_optimizer(model, cfg)
+    x = torch.randn(cfg.batch_size, 3, 32, 32, device=dev)
+    x = x.contiguous(memory_format=torch.channels_last) if cl else x
+    y = torch.randint(0, 10, (cfg.batch_size,), device=dev)
+
+    def step() -> None:
+        with amp:
+            loss = F.cross_entropy(model(x).float(), y, label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(5):
+        step()
+    best = float("inf")
+    for _ in range(3):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t0) / args.steps)
+    ips = cfg.batch_size / best
+    print(f"{args.settings} {'channels_last' if cl else 'NCHW'} {torch.get_num_threads()} threads: "
+          f"{best * 1000:.1f} ms/step, {ips:.0f} img/s, {50_000 / ips:.1f} s per 50,000 images", flush=True)
+    if not args.no_profile:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(10):
+                step()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+
+
+if __name__ == "__main__":
+    main()
