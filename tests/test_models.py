@@ -120,7 +120,8 @@ def test_pool_first_runs_the_norm_on_pooled_maps(norm):
 
 def test_old_configs_describe_the_old_network():
     """config.json files written before pool_first existed pooled after the ReLU."""
-    assert Config.from_dict({"norm": "bn"}).pool_first is False
+    old = Config.from_dict({"norm": "bn"})
+    assert old.pool_first is False and old.act == "relu"
     assert Config.from_dict(Config().to_dict()).pool_first is True
 
 

@@ -91,7 +91,9 @@ class Config:
     def from_dict(cls, d: dict[str, Any]) -> "Config":
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in names}
-        kwargs.setdefault("pool_first", False)  # runs written before the option existed pooled after the ReLU
+        # Runs written before these options existed pooled after the norm and used ReLU.
+        kwargs.setdefault("pool_first", False)
+        kwargs.setdefault("act", "relu")
         if "widths" in kwargs:
             kwargs["widths"] = tuple(kwargs["widths"])
         return cls(**kwargs)

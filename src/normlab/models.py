@@ -63,7 +63,7 @@ class WSConv2d(nn.Conv2d):
 
 
 class ConvBlock(nn.Sequential):
-    """conv (3x3 or 1x1, 'same' padding, no bias: the norm has one) -> norm -> ReLU."""
+    """conv (3x3 or 1x1, 'same' padding, no bias: the norm has one) -> norm -> activation."""
 
     def __init__(self, cin: int, cout: int, kernel: int, norm: str, groups: int, weight_std: bool = True, act: str = "relu"):
         conv = WSConv2d if weight_std else nn.Conv2d
@@ -75,9 +75,9 @@ class ConvBlock(nn.Sequential):
 
 
 class PoolBlock(nn.Module):
-    """2x2 max-pool -> norm -> ReLU: the pool of a 1x1 conv whose norm and ReLU run after it.
+    """2x2 max-pool -> norm -> activation: the pool of a 1x1 conv whose norm and activation follow it.
 
-    Max-pooling before the norm and the ReLU (as airbench's conv groups do) runs them on a
+    Max-pooling before the norm and the activation (as airbench's conv groups do) runs them on a
     quarter of the pixels; on a 2-core CPU this made a batch-norm training step 1.25x faster
     (docs/performance.md). The pool itself always runs on channels_last: PyTorch's CPU max-pool
     of bf16 NCHW maps (the layout of group norm) is about 10x slower.
@@ -98,7 +98,8 @@ class Net(nn.Module):
 
     Every conv but C10 is weight-standardized (``WSConv2d``) unless ``weight_std`` is False.
     With ``pool_first`` (the default) c3 and c6 are bare convs and P1, P2 are ``PoolBlock``s
-    (pool -> norm -> ReLU); without it c3 and c6 are conv -> norm -> ReLU and P1, P2 plain pools.
+    (pool -> norm -> activation); without it c3 and c6 are conv -> norm -> activation and P1, P2
+    plain pools. ``act`` is the activation after every norm (``ACTS``: relu, gelu).
     ``widths = (w1, w2, w3)``: C1 and C2 have w1 channels at 32x32; c3 maps w1 -> w2 and
     C3..C5 keep w2 at 16x16; c6 maps w2 -> w3 and C7..C9 keep w3 at 8x8; C10 maps w3 -> 10.
 
