@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="CPU threads, 0 = all cores (default: 0)")
     p.add_argument("--layout", default="auto", choices=["auto", "cl", "nchw"], help="force a memory layout (default: normlab's choice)")
     p.add_argument("--no-profile", action="store_true", help="print the step time only")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (inductor) before timing")
     p.add_argument("--rows", type=int, default=15, help="profile rows (default: 15)")
     args = p.parse_args()
     if args.threads:
@@ -44,13 +45,14 @@ def main() -> None:
     torch.manual_seed(0)
     model = place(Net.from_config(cfg), dev, cl)
     opt = make_optimizer(model, cfg)
+    net = torch.compile(model) if args.compile else model
     x = torch.randn(cfg.batch_size, 3, 32, 32, device=dev)
     x = x.contiguous(memory_format=torch.channels_last) if cl else x
     y = torch.randint(0, 10, (cfg.batch_size,), device=dev)
 
     def step() -> None:
         with amp:
-            loss = F.cross_entropy(model(x).float(), y, label_smoothing=cfg.label_smoothing)
+            loss = F.cross_entropy(net(x).float(), y, label_smoothing=cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -68,7 +70,7 @@ def main() -> None:
             torch.cuda.synchronize()
         best = min(best, (time.perf_counter() - t0) / args.steps)
     ips = cfg.batch_size / best
-    print(f"{args.settings} {'channels_last' if cl else 'NCHW'} {torch.get_num_threads()} threads: "
+    print(f"{args.settings}{' compiled' if args.compile else ''} {'channels_last' if cl else 'NCHW'} {torch.get_num_threads()} threads: "
           f"{best * 1000:.1f} ms/step, {ips:.0f} img/s, {50_000 / ips:.1f} s per 50,000 images", flush=True)
     if not args.no_profile:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
