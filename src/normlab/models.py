@@ -78,7 +78,7 @@ class PoolBlock(nn.Module):
     """2x2 max-pool -> norm -> activation: the pool of a 1x1 conv whose norm and activation follow it.
 
     Max-pooling before the norm and the activation (as airbench's conv groups do) runs them on a
-    quarter of the pixels; on a 2-core CPU this made a batch-norm training step 1.25x faster
+    quarter of the pixels; on a 2-core CPU this made a batch-norm training step 1.38x faster
     (docs/performance.md). The pool itself always runs on channels_last: PyTorch's CPU max-pool
     of bf16 NCHW maps (the layout of group norm) is about 10x slower.
     """
