@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -143,7 +142,9 @@ def main() -> None:
 
             args.batch_size = Config().batch_size if args.worker == "normlab" else 512
         r = worker_normlab(args) if args.worker == "normlab" else worker_classic(args)
-        r["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        from normlab.train import peak_rss_mib
+
+        r["peak_rss_mib"] = peak_rss_mib()
         print("RESULT " + json.dumps(r))
         return
 

@@ -11,6 +11,7 @@ from conftest import make_cifar
 from torch import nn
 
 from normlab.cli import main
+from normlab.config import Config
 from normlab.models import NORM_NAMES, NORMS, Net
 from normlab.report import ReportError, model_summary, receptive_field, select_misclassified, summary_table, write_report
 
@@ -113,7 +114,7 @@ def test_receptive_field_of_a_small_network():
 
 
 def test_model_summary_names_the_layers_as_the_spec():
-    text = model_summary("gn", (16, 32, 24), 8)
+    text = model_summary(Config(norm="gn"))
     for name in ("(C1)", "(C2)", "(c3)", "(P1)", "(c6)", "(P2)", "(C9)", "(GAP)", "(C10)", "GroupNorm"):
         assert name in text
     assert f"Trainable params: {sum(p.numel() for p in Net('gn').parameters()):,}" in text

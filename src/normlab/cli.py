@@ -47,7 +47,7 @@ def add_config_flags(p: argparse.ArgumentParser, with_norm: bool) -> None:
     p.add_argument("--no-weight-std", dest="weight_std", action="store_false", help="plain convs instead of weight-standardized ones")
     p.add_argument("--act", default=d.act, help=f"activation after every norm: relu | gelu (default: {d.act})")
     p.add_argument("--no-pool-first", dest="pool_first", action="store_false",
-                   help="c3 and c6 as conv -> norm -> ReLU -> pool (default: conv -> pool -> norm -> ReLU)")
+                   help="c3 and c6 as conv -> norm -> activation -> pool (default: conv -> pool -> norm -> activation)")
     p.add_argument("--groups", type=int, default=d.groups, help=f"group count of group norm (default: {d.groups})")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs; more than {MAX_EPOCHS} is flagged as outside the assignment (default: {d.epochs})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"images per step (default: {d.batch_size})")
@@ -156,7 +156,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_summary(args: argparse.Namespace) -> int:
     from normlab.report import model_summary
 
-    print(model_summary(args.norm, args.widths, args.groups))
+    print(model_summary(Config(norm=args.norm, widths=args.widths, groups=args.groups).validate()))
     return 0
 
 

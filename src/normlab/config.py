@@ -44,12 +44,10 @@ class Config:
     def validate(self) -> "Config":
         import torch
 
-        from normlab.models import NORMS, Net
+        from normlab.models import ACTS, NORMS, Net
 
         if self.norm not in NORMS:
             raise ConfigError(f"unknown norm {self.norm!r}; choose one of: {', '.join(NORMS)}")
-        from normlab.models import ACTS
-
         checks = [
             (self.act in ACTS, f"--act must be one of: {', '.join(ACTS)} (got {self.act!r})"),
             (self.epochs >= 1, f"--epochs must be at least 1 (got {self.epochs})"),

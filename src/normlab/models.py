@@ -62,13 +62,17 @@ class WSConv2d(nn.Conv2d):
         return F.conv2d(x, w, self.bias, self.stride, self.padding)
 
 
+def make_conv(cin: int, cout: int, kernel: int, weight_std: bool) -> nn.Conv2d:
+    """A bias-free conv with 'same' padding (the norm after it has the bias), weight-standardized or plain."""
+    return (WSConv2d if weight_std else nn.Conv2d)(cin, cout, kernel, padding=kernel // 2, bias=False)
+
+
 class ConvBlock(nn.Sequential):
     """conv (3x3 or 1x1, 'same' padding, no bias: the norm has one) -> norm -> activation."""
 
     def __init__(self, cin: int, cout: int, kernel: int, norm: str, groups: int, weight_std: bool = True, act: str = "relu"):
-        conv = WSConv2d if weight_std else nn.Conv2d
         super().__init__(
-            conv(cin, cout, kernel, padding=kernel // 2, bias=False),
+            make_conv(cin, cout, kernel, weight_std),
             make_norm(norm, cout, groups),
             ACTS[act](),
         )
@@ -122,11 +126,10 @@ class Net(nn.Module):
         self.norm, self.widths, self.groups, self.weight_std, self.pool_first = norm, (w1, w2, w3), groups, weight_std, pool_first
         self.act = act
         norm_args = (norm, groups, weight_std, act)
-        conv = WSConv2d if weight_std else nn.Conv2d
 
         def reduce(cin: int, cout: int) -> tuple[nn.Module, nn.Module]:  # the 1x1 conv and the pool after it
             if pool_first:
-                return conv(cin, cout, 1, bias=False), PoolBlock(cout, norm, groups, act)
+                return make_conv(cin, cout, 1, weight_std), PoolBlock(cout, norm, groups, act)
             return ConvBlock(cin, cout, 1, *norm_args), nn.MaxPool2d(2)
 
         self.C1 = ConvBlock(3, w1, 3, *norm_args)

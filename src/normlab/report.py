@@ -221,9 +221,9 @@ def select_misclassified(labels: np.ndarray, preds: np.ndarray, probs: np.ndarra
 
 
 # ---------------------------------------------------------------- model: summary and receptive field
-def model_summary(norm: str, widths: Sequence[int], groups: int, weight_std: bool = True, pool_first: bool = True, act: str = "gelu") -> str:
-    """torchinfo table of Net(norm, widths, groups) on a (1, 3, 32, 32) input, layers named as in the spec."""
-    s = torchinfo.summary(Net(norm, widths, groups, weight_std, pool_first, act), input_size=(1, 3, 32, 32), col_names=("output_size", "kernel_size", "num_params"),
+def model_summary(cfg: Config) -> str:
+    """torchinfo table of the network ``cfg`` describes on a (1, 3, 32, 32) input, layers named as in the spec."""
+    s = torchinfo.summary(Net.from_config(cfg), input_size=(1, 3, 32, 32), col_names=("output_size", "kernel_size", "num_params"),
                           row_settings=("var_names",), depth=2, verbose=0, device="cpu")
     return str(s).replace("(Units.MEGABYTES)", "(M)")  # torchinfo 1.8 prints the enum's repr on Python >= 3.11
 
@@ -447,7 +447,7 @@ def _summary_section(models) -> str:
         cfg = runs[0].config
         params = runs[0].results["params"]
         parts.append(f"<details>\n<summary>{NORM_NAMES[norm]} ({norm}): {params:,} trainable parameters</summary>\n\n"
-                     f"```text\n{model_summary(norm, cfg.widths, cfg.groups, cfg.weight_std, cfg.pool_first, cfg.act)}\n```\n\n</details>")
+                     f"```text\n{model_summary(cfg)}\n```\n\n</details>")
     return "\n\n".join(parts)
 
 
