@@ -4,6 +4,7 @@ VENV   ?= .venv
 DATA   ?= $(or $(NORMLAB_DATA),./data)
 OUT    ?= runs/latest
 SEEDS  ?= 1
+JOBS   ?= 1
 BIN     = $(VENV)/bin
 
 .PHONY: run test install install-dev
@@ -23,7 +24,7 @@ install-dev: $(VENV)/.installed-dev
 
 # The three models, 20 epochs each, then the report (resumes an interrupted run).
 run: install
-	$(BIN)/normlab run --data-dir $(DATA) --out $(OUT) --seeds $(SEEDS) --resume
+	$(BIN)/normlab run --data-dir $(DATA) --out $(OUT) --seeds $(SEEDS) --jobs $(JOBS) --resume
 
 test: install-dev
 	$(BIN)/python -m pytest -q

@@ -197,6 +197,34 @@ def test_run_checks_every_model_before_training(runs, data_dir, tmp_path, capsys
     assert not (parent / "bn").exists()
 
 
+def test_run_jobs_2_gives_the_same_models_as_one_at_a_time(runs, data_dir, tmp_path, capfd):
+    # Two models trained at once, each in its own process, match the ones trained one after another.
+    parent = tmp_path / "parallel"
+    rc = main(["run", "--data-dir", str(data_dir), "--norms", "bn,ln", *TRAIN_ARGS, "--out", str(parent), "--jobs", "2", "--no-report"])
+    assert rc == 0
+    out = capfd.readouterr().out
+    assert "2 models, 2 at a time, 1 thread(s) each" in out
+    assert f"[{parent / 'bn'}] done in" in out and f"[{parent / 'ln'}] done in" in out  # each line says whose it is
+    for norm in ("bn", "ln"):
+        assert without_seconds(metrics_rows(parent / norm / "metrics.csv")) == without_seconds(metrics_rows(runs[0] / norm / "metrics.csv"))
+        assert (parent / norm / "predictions.csv").read_text() == (runs[0] / norm / "predictions.csv").read_text()
+
+
+def test_run_jobs_a_failed_model_keeps_the_others(data_dir, tmp_path, capfd):
+    parent = tmp_path / "parallel"
+    parent.mkdir()
+    (parent / "ln").write_text("a file where ln's folder should be")
+    rc = main(["run", "--data-dir", str(data_dir), "--norms", "bn,ln", *TRAIN_ARGS, "--out", str(parent), "--jobs", "2", "--no-report"])
+    assert rc == 2
+    err = capfd.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("normlab: error: cannot write to output folder") and "Traceback" not in err, err
+    assert (parent / "bn" / "results.json").is_file()  # the other model finished
+
+
+def test_run_jobs_must_be_positive(data_dir, tmp_path, capsys):
+    fails(capsys, ["run", "--data-dir", str(data_dir), *TRAIN_ARGS, "--out", str(tmp_path / "p"), "--jobs", "0"], "--jobs must be at least 1")
+
+
 # ---------------------------------------------------------------- bad input: one line, exit 2, nothing damaged
 def one_error_line(capsys) -> str:
     err = capsys.readouterr().err

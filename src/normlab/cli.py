@@ -108,6 +108,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError(f"unknown norm {n!r} in --norms; choose from: {', '.join(NORMS)}")
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be at least 1 (got {args.seeds})")
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1 (got {args.jobs})")
     base = config_from(args, norm=norms[0])
     set_threads(base.threads)
     args._resume_hint = resume_command(args)
@@ -127,11 +129,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             if not resume and (out / "checkpoint.pt").is_file():
                 raise UsageError(f"{out} holds an unfinished run; continue it with: {resume_command(args)}")
             plan.append((cfg, out, resume))
+    todo = []
     for cfg, out, resume in plan:
         if resume is None:
             print(f"{out}: finished earlier, skipped")
-            continue
-        fit(cfg, resolve_data_dir(args.data_dir), out, resume=resume)
+        else:
+            todo.append((cfg, out, resume))
+    data_dir = resolve_data_dir(args.data_dir) if todo else None
+    if args.jobs == 1:
+        for cfg, out, resume in todo:
+            fit(cfg, data_dir, out, resume=resume)
+    else:
+        run_parallel(todo, data_dir, args.jobs, base.threads)
     from normlab.report import summary_table, write_report
 
     print(summary_table(parent))
@@ -139,6 +148,39 @@ def cmd_run(args: argparse.Namespace) -> int:
         path = write_report(parent)
         print(f"report: {path}")
     return 0
+
+
+def _fit_job(cfg: Config, data_dir: Path, out: Path, resume: bool, threads: int) -> str:
+    """One model of ``run --jobs N``, in its own process: its log lines carry its folder's name."""
+    from normlab import train
+
+    torch.set_num_threads(threads)
+    train.PROGRESS = False  # several progress bars on one terminal would garble each other
+    train.fit(cfg, data_dir, out, resume=resume, log=lambda m: print(f"[{out}] {m}", flush=True))
+    return str(out)
+
+
+def run_parallel(todo: list, data_dir: Path, jobs: int, threads: int) -> None:
+    """Train the models of ``todo`` ``jobs`` at a time, each process on its share of the cores.
+
+    On a first failure the models not yet started are cancelled and those training finish;
+    then the failure is raised. Every finished model keeps its folder either way.
+    """
+    import multiprocessing
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    per_job = threads or max(1, (os.cpu_count() or 1) // jobs)
+    print(f"training {len(todo)} models, {jobs} at a time, {per_job} thread(s) each", flush=True)
+    # A fresh process per model (spawned: no forked thread pools): clean threads and its own peak-memory figure.
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
+        futures = [pool.submit(_fit_job, cfg, data_dir, out, resume, per_job) for cfg, out, resume in todo]
+        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [f for f in futures if f.done() and not f.cancelled() and f.exception()]
+        if failed:
+            for f in pending:
+                f.cancel()
+            wait(pending)
+            raise failed[0].exception()
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -187,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0, help="first seed (default: 0)")
     r.add_argument("--out", default="runs/latest", help="parent folder, one subfolder per model (default: runs/latest)")
     r.add_argument("--resume", action="store_true", help="skip finished models and continue an interrupted one")
+    r.add_argument("--jobs", type=int, default=1,
+                   help="models trained at once, each on its share of the cores (default: 1; 2 trains faster in total on a 2-core CPU)")
     r.add_argument("--no-report", action="store_true", help="print the table but do not write report.md")
     r.set_defaults(func=cmd_run)
 

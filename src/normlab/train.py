@@ -31,6 +31,7 @@ METRICS_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc
 # Measured on a 2-core AVX512-BF16 CPU (benchmarks/speed.py): PyTorch's group norm with several
 # groups is faster on NCHW maps there, batch norm and one-group (layer) norm on channels_last.
 CPU_CHANNELS_LAST = {"bn": True, "gn": False, "ln": True}
+PROGRESS = True  # a progress bar per epoch on a terminal; parallel runs turn it off
 
 
 class TrainingError(RuntimeError):
@@ -94,7 +95,7 @@ def train_epoch(model, opt, batches, cfg: Config, step: int, total: int, amp, de
     model.train()
     dev = batches.labels.device
     loss_sum, correct, bad = torch.zeros((), device=dev), torch.zeros((), device=dev, dtype=torch.long), torch.tensor(-1, device=dev)
-    for i, (x, y) in enumerate(tqdm(batches, desc=desc, leave=False, disable=None, unit="batch")):
+    for i, (x, y) in enumerate(tqdm(batches, desc=desc, leave=False, disable=None if PROGRESS else True, unit="batch")):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total, cfg.lr, cfg.warmup)
         with amp:
