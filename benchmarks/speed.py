@@ -55,8 +55,8 @@ def worker_normlab(args) -> dict:
     images, labels = images.to(dev), labels.to(dev)
     gen = torch.Generator().manual_seed(0)
     n = len(labels) if args.full else args.batches * args.batch_size
-    warm = D.Batches(images[: args.warmup * args.batch_size], labels[: args.warmup * args.batch_size], args.batch_size, True, 4, True, cl, gen)
-    timed = D.Batches(images[:n], labels[:n], args.batch_size, True, 4, True, cl, gen)
+    warm = D.Batches(images[: args.warmup * args.batch_size], labels[: args.warmup * args.batch_size], args.batch_size, True, cfg.crop_pad, cfg.flip, cl, gen)
+    timed = D.Batches(images[:n], labels[:n], args.batch_size, True, cfg.crop_pad, cfg.flip, cl, gen)
     train_epoch(model, opt, warm, cfg, 0, 10_000, amp)
     t0 = time.perf_counter()
     train_epoch(model, opt, timed, cfg, 0, 10_000, amp)
