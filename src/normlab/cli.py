@@ -136,7 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             todo.append((cfg, out, resume))
     data_dir = resolve_data_dir(args.data_dir) if todo else None
-    if args.jobs == 1:
+    if args.jobs == 1 or len(todo) <= 1:  # one model left: it gets all the cores
         for cfg, out, resume in todo:
             fit(cfg, data_dir, out, resume=resume)
     else:
