@@ -154,7 +154,7 @@ def _fit_job(cfg: Config, data_dir: Path, out: Path, resume: bool, threads: int)
     """One model of ``run --jobs N``, in its own process: its log lines carry its folder's name."""
     from normlab import train
 
-    torch.set_num_threads(threads)
+    set_threads(threads)
     train.PROGRESS = False  # several progress bars on one terminal would garble each other
     train.fit(cfg, data_dir, out, resume=resume, log=lambda m: print(f"[{out}] {m}", flush=True))
     return str(out)
@@ -174,13 +174,11 @@ def run_parallel(todo: list, data_dir: Path, jobs: int, threads: int) -> None:
     # A fresh process per model (spawned: no forked thread pools): clean threads and its own peak-memory figure.
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
         futures = [pool.submit(_fit_job, cfg, data_dir, out, resume, per_job) for cfg, out, resume in todo]
-        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        failed = [f for f in futures if f.done() and not f.cancelled() and f.exception()]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = next((f.exception() for f in done if f.exception()), None)
         if failed:
-            for f in pending:
-                f.cancel()
-            wait(pending)
-            raise failed[0].exception()
+            pool.shutdown(cancel_futures=True)  # drops the models not yet started, waits for the running ones
+            raise failed
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
