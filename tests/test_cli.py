@@ -175,6 +175,15 @@ def test_run_resume_skips_finished_models(runs, data_dir, capsys):
     assert _snapshot(parent) == before
 
 
+def test_run_resume_refuses_a_finished_model_of_other_settings(runs, data_dir, capsys):
+    """--resume skips a finished model only if it was trained with the settings asked for now."""
+    parent = runs[1]
+    before = _snapshot(parent)
+    argv = ["run", "--data-dir", str(data_dir), "--norms", "bn", *TRAIN_ARGS, "--lr", "0.1", "--out", str(parent), "--resume", "--no-report"]
+    fails(capsys, argv, f"{parent / 'bn'} was trained with other settings", "lr 0.2 (asked: 0.1)")
+    assert _snapshot(parent) == before
+
+
 def test_run_refuses_an_unfinished_model_without_resume(runs, data_dir, tmp_path, capsys):
     parent = tmp_path / "parent"
     (parent / "ln").mkdir(parents=True)
@@ -465,9 +474,9 @@ def ctrl_c_in(epoch_desc: str):
     """A train_epoch that stops with Ctrl-C after two batches of the epoch whose description starts so."""
     real_epoch = T.train_epoch
 
-    def train_epoch(model, opt, batches, cfg, step, total, amp, desc=""):
+    def train_epoch(model, opt, batches, cfg, step, total, amp, desc="", ema=None):
         if not desc.startswith(epoch_desc):
-            return real_epoch(model, opt, batches, cfg, step, total, amp, desc)
+            return real_epoch(model, opt, batches, cfg, step, total, amp, desc, ema)
 
         class Cut(list):  # the batches of the epoch, then Ctrl-C after two of them
             labels = batches.labels
@@ -478,7 +487,7 @@ def ctrl_c_in(epoch_desc: str):
                         raise KeyboardInterrupt
                     yield b
 
-        return real_epoch(model, opt, Cut(range(len(batches))), cfg, step, total, amp, desc)
+        return real_epoch(model, opt, Cut(range(len(batches))), cfg, step, total, amp, desc, ema)
 
     return train_epoch
 
@@ -522,3 +531,19 @@ def test_train_interrupted_in_its_first_epoch_then_resumed(runs, data_dir, tmp_p
     assert "starting it again" in capsys.readouterr().out
     assert without_seconds(metrics_rows(out / "metrics.csv")) == without_seconds(metrics_rows(runs[0] / "gn" / "metrics.csv"))
     assert (out / "predictions.csv").read_text() == (runs[0] / "gn" / "predictions.csv").read_text()
+
+
+def test_alternating_flips_and_ema_resume_as_if_never_stopped(data_dir, tmp_path, monkeypatch, capsys):
+    """The flips' parity and the moving average carry over a Ctrl-C: the resumed run equals the uninterrupted one."""
+    flags = ["--data-dir", str(data_dir), "--norm", "bn", *TRAIN_ARGS, "--alt-flip", "--ema", "0.9"]
+    assert main(["train", *flags, "--out", str(tmp_path / "whole")]) == 0
+    real_epoch = T.train_epoch
+    monkeypatch.setattr(T, "train_epoch", ctrl_c_in("bn epoch 2/"))
+    assert main(["train", *flags, "--out", str(tmp_path / "cut")]) == 130
+    err = capsys.readouterr().err
+    monkeypatch.setattr(T, "train_epoch", real_epoch)
+    assert main(shlex.split(err.split("Resume with: ", 1)[1])[1:]) == 0
+    assert without_seconds(metrics_rows(tmp_path / "cut" / "metrics.csv")) == without_seconds(metrics_rows(tmp_path / "whole" / "metrics.csv"))
+    assert (tmp_path / "cut" / "predictions.csv").read_text() == (tmp_path / "whole" / "predictions.csv").read_text()
+    saved = torch.load(tmp_path / "cut" / MODEL, weights_only=True)["model"]
+    assert set(saved) == set(Net("bn").state_dict())  # model.pt holds the average, loadable as a plain Net

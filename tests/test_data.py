@@ -232,3 +232,19 @@ def test_batches_cover_each_image_once():
     assert xs[0].dtype == torch.float32 and xs[0].shape == (16, 3, 32, 32) and xs[-1].shape[0] == 2
     ordered = D.Batches(images, labels, 16, False, 4, True, False)
     assert torch.equal(torch.cat([y for _, y in ordered]), labels)  # evaluation: in order, unaugmented
+
+
+def test_alternating_flips_flip_each_image_every_other_epoch():
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    ids = torch.arange(40)  # the labels name the images
+    batches = D.Batches(images, ids, 16, True, 0, True, False, torch.Generator().manual_seed(0), alternate=True)
+    plain, mirrored = D.normalize(images, False), D.normalize(images.flip(3), False)
+    per_epoch = []
+    for _ in range(3):
+        flipped = torch.zeros(40, dtype=torch.bool)
+        for x, y in batches:
+            assert all(torch.equal(x[i], mirrored[j]) or torch.equal(x[i], plain[j]) for i, j in enumerate(y.tolist()))
+            flipped[y] = torch.tensor([torch.equal(x[i], mirrored[j]) for i, j in enumerate(y.tolist())])
+        per_epoch.append(flipped)
+    assert 8 < int(per_epoch[0].sum()) < 32  # about half at random in the first epoch
+    assert torch.equal(per_epoch[1], ~per_epoch[0]) and torch.equal(per_epoch[2], per_epoch[0])

@@ -130,3 +130,14 @@ def test_unknown_activation():
         Net("bn", act="tanh")
     with pytest.raises(ConfigError, match="--act must be one of: relu, gelu"):
         Config(act="tanh").validate()
+
+
+@pytest.mark.parametrize("norm", ALL_NORMS)
+def test_zero_init_res_starts_each_residual_branch_at_zero(norm):
+    model = Net(norm, zero_init_res=True)
+    assert count_params(model) == count_params(Net(norm))
+    x1 = torch.randn(2, 16, 32, 32)
+    assert torch.count_nonzero(model.C2(x1)) == 0  # so C2(x1) + x1 is x1 at the start
+    x3 = torch.randn(2, 32, 16, 16)
+    assert torch.count_nonzero(model.C5(model.C4(x3))) == 0
+    assert torch.count_nonzero(Net(norm).C2(x1)) > 0

@@ -48,6 +48,8 @@ def add_config_flags(p: argparse.ArgumentParser, with_norm: bool) -> None:
     p.add_argument("--act", default=d.act, help=f"activation after every norm: relu | gelu (default: {d.act})")
     p.add_argument("--no-pool-first", dest="pool_first", action="store_false",
                    help="c3 and c6 as conv -> norm -> activation -> pool (default: conv -> pool -> norm -> activation)")
+    p.add_argument("--zero-init-res", action="store_true",
+                   help="start the last norm of each residual branch (C2, C5, C9) with scale 0, so each branch starts as the identity")
     p.add_argument("--groups", type=int, default=d.groups, help=f"group count of group norm (default: {d.groups})")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs; more than {MAX_EPOCHS} is flagged as outside the assignment (default: {d.epochs})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"images per step (default: {d.batch_size})")
@@ -55,9 +57,13 @@ def add_config_flags(p: argparse.ArgumentParser, with_norm: bool) -> None:
     p.add_argument("--warmup", type=float, default=d.warmup, help=f"fraction of steps rising to the peak lr (default: {d.warmup})")
     p.add_argument("--momentum", type=float, default=d.momentum, help=f"Nesterov momentum (default: {d.momentum})")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"weight decay on conv weights (default: {d.weight_decay})")
+    p.add_argument("--ema", type=float, default=d.ema,
+                   help=f"per-step decay of an exponential moving average of the weights, used as the final model; 0 = off (default: {d.ema})")
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help=f"label smoothing (default: {d.label_smoothing})")
     p.add_argument("--crop-pad", type=int, default=d.crop_pad, help=f"random-crop padding in pixels, 0 = off (default: {d.crop_pad})")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="turn off random horizontal flips")
+    p.add_argument("--alt-flip", action="store_true",
+                   help="alternating flips: each image is flipped in every other epoch, at random in the first (Jordan 2024)")
     p.add_argument("--val-size", type=int, default=d.val_size, help=f"training images held out for validation; use 5000 to tune (default: {d.val_size})")
     p.add_argument("--no-test", dest="eval_test", action="store_false", help="do not read the test set (tuning runs)")
     p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"], help=f"(default: {d.device})")
@@ -98,6 +104,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_same_settings(out: Path, cfg: Config) -> None:
+    """A finished model that ``run --resume`` skips must have been trained with the settings asked for now."""
+    try:
+        saved = Config.load(out / "config.json")
+    except (OSError, ValueError, TypeError) as e:
+        raise UsageError(f"{out / 'config.json'} cannot be read ({type(e).__name__}); move {out} away or choose another --out") from None
+    ignore = {"threads", "device"}  # how it ran, not what it learned
+    diff = [f"{k} {v!r} (asked: {getattr(cfg, k)!r})" for k, v in saved.to_dict().items() if k not in ignore and v != getattr(cfg, k)]
+    if diff:
+        raise UsageError(f"{out} was trained with other settings: {'; '.join(diff)}; choose another --out, or give the same settings")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from normlab.train import fit
 
@@ -122,6 +140,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             out = parent / norm if args.seeds == 1 else parent / norm / f"seed{seed}"
             if (out / "results.json").is_file():
                 if args.resume:
+                    check_same_settings(out, cfg)
                     plan.append((cfg, out, None))
                     continue
                 raise UsageError(f"{out} already holds a finished run; use --resume to skip finished models, or choose another --out")

@@ -26,15 +26,18 @@ class Config:
     weight_std: bool = True                # weight-standardized convs (all but C10)
     act: str = "gelu"                      # activation after every norm: relu | gelu (gelu won on validation)
     pool_first: bool = True                # c3/c6: conv -> max-pool -> norm -> act (False: pool after the act)
+    zero_init_res: bool = False            # the last norm of each residual branch (C2, C5, C9) starts with scale 0
     epochs: int = 20                       # passes over the training images
     batch_size: int = 128                  # images per optimizer step
     lr: float = 0.2                        # peak learning rate of the one-cycle schedule
     warmup: float = 0.2                    # fraction of all steps spent rising to the peak
     momentum: float = 0.9                  # SGD Nesterov momentum
     weight_decay: float = 5e-4             # L2 on conv weights only (not on norms or biases)
+    ema: float = 0.0                       # per-step decay of a moving average of the weights (0 = off); the average is the model
     label_smoothing: float = 0.1           # cross-entropy target smoothing
     crop_pad: int = 2                      # pixels of padding for the random crop (0 = no crop; 2 beat 4 and 1 on validation)
     flip: bool = True                      # random horizontal flips
+    alt_flip: bool = False                 # flips alternate: each image is flipped in every other epoch
     val_size: int = 0                      # training images held out (stratified) for validation
     seed: int = 0                          # seeds the weights, the shuffling and the augmentation
     device: str = "auto"                   # auto | cpu | cuda
@@ -56,6 +59,7 @@ class Config:
             (0 <= self.warmup < 1, f"--warmup must be in [0, 1) (got {self.warmup})"),
             (0 <= self.momentum < 1, f"--momentum must be in [0, 1) (got {self.momentum})"),
             (self.weight_decay >= 0, f"--weight-decay must be 0 or more (got {self.weight_decay})"),
+            (0 <= self.ema < 1, f"--ema must be in [0, 1), 0 = off (got {self.ema})"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1) (got {self.label_smoothing})"),
             (0 <= self.crop_pad <= 16, f"--crop-pad must be between 0 and 16 (got {self.crop_pad})"),
             (self.val_size >= 0, f"--val-size must be 0 or more (got {self.val_size})"),

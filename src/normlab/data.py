@@ -160,8 +160,10 @@ def normalize(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def augment(images: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Random crop (zero padding ``pad``) and horizontal flip, drawn per image, applied per batch."""
+def augment(images: torch.Tensor, pad: int, flip: bool, generator: torch.Generator, flips: torch.Tensor | None = None) -> torch.Tensor:
+    """Random crop (zero padding ``pad``) and horizontal flip, drawn per image, applied per batch.
+
+    ``flips`` (bool per image), if given, says which images to flip instead of a random draw."""
     b, c, h, w = images.shape
     if pad:
         padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
@@ -173,7 +175,7 @@ def augment(images: torch.Tensor, pad: int, flip: bool, generator: torch.Generat
         chan = torch.arange(c, device=images.device)[None, :, None, None]
         images = padded[batch, chan, rows, cols]
     if flip:
-        mask = (torch.rand(b, generator=generator) < 0.5).to(images.device)
+        mask = flips if flips is not None else (torch.rand(b, generator=generator) < 0.5).to(images.device)
         images = torch.where(mask[:, None, None, None], images.flip(3), images)
     return images
 
@@ -190,6 +192,12 @@ class Batches:
     flip: bool = True
     channels_last: bool = True
     generator: torch.Generator | None = None
+    alternate: bool = False  # alternating flips: each image is flipped in every other epoch (random in the first)
+    epoch: int = 0           # epochs begun so far: the parity of the alternating flips
+
+    def __post_init__(self) -> None:
+        if self.train and self.flip and self.alternate:
+            self.first_flips = (torch.rand(len(self.labels), generator=self.generator) < 0.5).to(self.images.device)
 
     def __len__(self) -> int:
         return -(-len(self.labels) // self.batch_size)
@@ -200,9 +208,12 @@ class Batches:
             order = torch.randperm(n, generator=self.generator).to(self.images.device)
         else:
             order = torch.arange(n, device=self.images.device)
+        odd = self.epoch % 2 == 1
+        self.epoch += self.train
         for i in range(0, n, self.batch_size):
             idx = order[i : i + self.batch_size]
             x = self.images[idx]
             if self.train:
-                x = augment(x, self.pad, self.flip, self.generator)
+                flips = self.first_flips[idx] ^ odd if self.flip and self.alternate else None
+                x = augment(x, self.pad, self.flip, self.generator, flips)
             yield normalize(x, self.channels_last), self.labels[idx]

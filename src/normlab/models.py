@@ -114,7 +114,7 @@ class Net(nn.Module):
     """
 
     def __init__(self, norm: str = "bn", widths: Sequence[int] = (16, 32, 24), groups: int = 8, weight_std: bool = True,
-                 pool_first: bool = True, act: str = "gelu"):
+                 pool_first: bool = True, act: str = "gelu", zero_init_res: bool = False):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; choose one of: {', '.join(NORMS)}")
@@ -144,6 +144,9 @@ class Net(nn.Module):
         self.C9 = ConvBlock(w3, w3, 3, *norm_args)
         self.GAP = nn.AdaptiveAvgPool2d(1)
         self.C10 = nn.Conv2d(w3, NUM_CLASSES, 1)
+        if zero_init_res:  # each residual branch starts as the identity: its last norm's scale is 0
+            for block in (self.C2, self.C5, self.C9):
+                nn.init.zeros_(block[1].weight)
         n = count_params(self)
         if n >= PARAM_BUDGET:
             raise ValueError(
@@ -154,7 +157,7 @@ class Net(nn.Module):
     @classmethod
     def from_config(cls, cfg) -> "Net":
         """The network that a ``normlab.config.Config`` describes."""
-        return cls(cfg.norm, cfg.widths, cfg.groups, cfg.weight_std, cfg.pool_first, cfg.act)
+        return cls(cfg.norm, cfg.widths, cfg.groups, cfg.weight_std, cfg.pool_first, cfg.act, cfg.zero_init_res)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, 32, 32) -> (B, 10)
         x = self.C1(x)

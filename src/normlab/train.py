@@ -90,8 +90,18 @@ def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
 
 
-def train_epoch(model, opt, batches, cfg: Config, step: int, total: int, amp, desc: str = "") -> dict[str, Any]:
-    """One pass over ``batches``; returns loss/accuracy sums and the first non-finite batch (or -1)."""
+def make_ema(model: torch.nn.Module, decay: float):
+    """An exponential moving average of the weights and the norms' running statistics (None if ``decay`` is 0)."""
+    if not decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def train_epoch(model, opt, batches, cfg: Config, step: int, total: int, amp, desc: str = "", ema=None) -> dict[str, Any]:
+    """One pass over ``batches`` (updating ``ema`` after each step, if given); returns loss/accuracy
+    sums and the first non-finite batch (or -1)."""
     model.train()
     dev = batches.labels.device
     loss_sum, correct, bad = torch.zeros((), device=dev), torch.zeros((), device=dev, dtype=torch.long), torch.tensor(-1, device=dev)
@@ -104,6 +114,8 @@ def train_epoch(model, opt, batches, cfg: Config, step: int, total: int, amp, de
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if ema is not None:
+            ema.update_parameters(model)
         step += 1
         # Accumulate on the device: .item() per step would be a sync point on a GPU.
         loss_sum += loss.detach() * len(y)
@@ -219,6 +231,8 @@ def fit(cfg: Config, data_dir: str | os.PathLike | None, out: str | os.PathLike,
     torch.manual_seed(cfg.seed)
     model = place(Net.from_config(cfg), device, cl)
     opt = make_optimizer(model, cfg)
+    ema = make_ema(model, cfg.ema)
+    final = ema.module if ema is not None else model  # the model that is evaluated and saved
 
     images, labels = D.load_split(data_dir, train=True)
     # Read (not yet used) up front: a bad test file must fail before the training, not after it.
@@ -227,7 +241,7 @@ def fit(cfg: Config, data_dir: str | os.PathLike | None, out: str | os.PathLike,
     train_x, train_y = images[train_idx].to(device), labels[train_idx].to(device)
     val_x, val_y = images[val_idx].to(device), labels[val_idx].to(device)
     gen = torch.Generator().manual_seed(cfg.seed)
-    batches = D.Batches(train_x, train_y, cfg.batch_size, True, cfg.crop_pad, cfg.flip, cl, gen)
+    batches = D.Batches(train_x, train_y, cfg.batch_size, True, cfg.crop_pad, cfg.flip, cl, gen, cfg.alt_flip)
     total = cfg.epochs * len(batches)
 
     rows: list[dict[str, Any]] = []
@@ -237,9 +251,12 @@ def fit(cfg: Config, data_dir: str | os.PathLike | None, out: str | os.PathLike,
         try:
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
+            if ema is not None:
+                ema.load_state_dict(ck["ema"])
             gen.set_state(ck["generator"])
             torch.set_rng_state(ck["torch_rng"])
             rows, step, start_epoch = ck["metrics"], ck["step"], ck["epoch"] + 1
+            batches.epoch = ck["epoch"]
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise TrainingError(f"{ckpt_path} is not a checkpoint of this run ({type(e).__name__}); "
                                 f"{out} cannot be resumed, start afresh with another --out") from None
@@ -255,7 +272,7 @@ def fit(cfg: Config, data_dir: str | os.PathLike | None, out: str | os.PathLike,
         log(f"{'epoch':>5} {'lr':>7} {'loss':>7} {'train':>7} {'val':>7} {'sec':>6}")
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
-        r = train_epoch(model, opt, batches, cfg, step, total, amp, desc=f"{cfg.norm} epoch {epoch}/{cfg.epochs}")
+        r = train_epoch(model, opt, batches, cfg, step, total, amp, desc=f"{cfg.norm} epoch {epoch}/{cfg.epochs}", ema=ema)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
@@ -266,10 +283,11 @@ def fit(cfg: Config, data_dir: str | os.PathLike | None, out: str | os.PathLike,
                 + "Start again with a lower --lr and another --out"
             )
         step = r["step"]
-        val_acc, val_loss = evaluate(model, val_x, val_y, amp, cl) if len(val_y) else (None, None)
+        val_acc, val_loss = evaluate(final, val_x, val_y, amp, cl) if len(val_y) else (None, None)
         rows.append({"epoch": epoch, "lr": lr_at(step - 1, total, cfg.lr, cfg.warmup), "train_loss": r["loss"], "train_acc": r["acc"],
                      "val_loss": val_loss, "val_acc": val_acc, "seconds": seconds})
         atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                     **({"ema": ema.state_dict()} if ema is not None else {}),
                      "torch_rng": torch.get_rng_state(), "metrics": rows, "step": step, "epoch": epoch,
                      "config": cfg.to_dict()}, ckpt_path)
         write_metrics(out / "metrics.csv", rows)
@@ -281,7 +299,7 @@ def fit(cfg: Config, data_dir: str | os.PathLike | None, out: str | os.PathLike,
         "norm": cfg.norm, "norm_name": NORM_NAMES[cfg.norm], "params": n_params, "param_budget": PARAM_BUDGET,
         "epochs": cfg.epochs, "over_epoch_limit": cfg.over_epoch_limit, "seed": cfg.seed,
         "train_acc_running": rows[-1]["train_acc"] if rows else None,
-        "train_acc_clean": evaluate(model, train_x, train_y, amp, cl)[0],
+        "train_acc_clean": evaluate(final, train_x, train_y, amp, cl)[0],
         "val_acc": rows[-1]["val_acc"] if rows else None,
         "seconds_per_epoch": sum(r["seconds"] for r in rows) / max(1, len(rows)),
         "device": device_name(device), "precision": "bf16" if bf16 else "fp32", "channels_last": cl,
@@ -289,11 +307,11 @@ def fit(cfg: Config, data_dir: str | os.PathLike | None, out: str | os.PathLike,
     }
     if cfg.eval_test:
         test_x, test_y = (t.to(device) for t in test_split)
-        logits = infer(model, test_x, amp, cl)
+        logits = infer(final, test_x, amp, cl)
         results["test_acc"] = (logits.argmax(1) == test_y).float().mean().item()
-        results["test_acc_flip_tta"] = evaluate(model, test_x, test_y, amp, cl, flip=True)[0]
+        results["test_acc_flip_tta"] = evaluate(final, test_x, test_y, amp, cl, flip=True)[0]
         write_predictions(out / "predictions.csv", test_y.cpu(), logits)
-    atomic_save({"format": "normlab-model", "config": cfg.to_dict(), "model": model.state_dict()}, out / MODEL)
+    atomic_save({"format": "normlab-model", "config": cfg.to_dict(), "model": final.state_dict()}, out / MODEL)
     # This call's wall time (data loading, training, final evaluations; a resumed run counts from
     # its resumption) and the process's peak resident memory so far.
     results["wall_seconds"] = time.perf_counter() - started
