@@ -42,7 +42,7 @@ def main() -> None:
     model = place(Net.from_config(cfg), dev, cl)
     opt = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
-    batches = D.Batches(images[tr].to(dev), labels[tr].to(dev), cfg.batch_size, True, cfg.crop_pad, cfg.flip, cl, gen)
+    batches = D.Batches(images[tr].to(dev), labels[tr].to(dev), cfg.batch_size, True, cfg.crop_pad, cfg.flip, cl, gen, cfg.alt_flip)
     losses, step, t0 = [], 0, time.perf_counter()
     model.train()
     while step < steps:

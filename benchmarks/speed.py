@@ -38,7 +38,7 @@ def worker_normlab(args) -> dict:
     from normlab import data as D
     from normlab.config import Config
     from normlab.models import Net
-    from normlab.train import autocast, infer, make_optimizer, pick_device, place, train_epoch, use_bf16, use_channels_last
+    from normlab.train import autocast, infer, make_ema, make_optimizer, pick_device, place, train_epoch, use_bf16, use_channels_last
 
     cfg = dataclasses.replace(Config(norm=args.norm, batch_size=args.batch_size), **json.loads(args.config)).validate()
     dev = pick_device(args.device)
@@ -51,15 +51,16 @@ def worker_normlab(args) -> dict:
     torch.manual_seed(0)
     model = place(Net.from_config(cfg), dev, cl)
     opt = make_optimizer(model, cfg)
+    ema = make_ema(model, cfg.ema)
     images, labels = D.load_split(args.data_dir, train=True)
     images, labels = images.to(dev), labels.to(dev)
     gen = torch.Generator().manual_seed(0)
     n = len(labels) if args.full else args.batches * args.batch_size
-    warm = D.Batches(images[: args.warmup * args.batch_size], labels[: args.warmup * args.batch_size], args.batch_size, True, cfg.crop_pad, cfg.flip, cl, gen)
-    timed = D.Batches(images[:n], labels[:n], args.batch_size, True, cfg.crop_pad, cfg.flip, cl, gen)
-    train_epoch(model, opt, warm, cfg, 0, 10_000, amp)
+    warm = D.Batches(images[: args.warmup * args.batch_size], labels[: args.warmup * args.batch_size], args.batch_size, True, cfg.crop_pad, cfg.flip, cl, gen, cfg.alt_flip)
+    timed = D.Batches(images[:n], labels[:n], args.batch_size, True, cfg.crop_pad, cfg.flip, cl, gen, cfg.alt_flip)
+    train_epoch(model, opt, warm, cfg, 0, 10_000, amp, ema=ema)
     t0 = time.perf_counter()
-    train_epoch(model, opt, timed, cfg, 0, 10_000, amp)
+    train_epoch(model, opt, timed, cfg, 0, 10_000, amp, ema=ema)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     train_s = time.perf_counter() - t0

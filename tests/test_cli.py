@@ -535,7 +535,7 @@ def test_train_interrupted_in_its_first_epoch_then_resumed(runs, data_dir, tmp_p
 
 def test_alternating_flips_and_ema_resume_as_if_never_stopped(data_dir, tmp_path, monkeypatch, capsys):
     """The flips' parity and the moving average carry over a Ctrl-C: the resumed run equals the uninterrupted one."""
-    flags = ["--data-dir", str(data_dir), "--norm", "bn", *TRAIN_ARGS, "--alt-flip", "--ema", "0.9"]
+    flags = ["--data-dir", str(data_dir), "--norm", "bn", *TRAIN_ARGS, "--ema", "0.9"]  # alternating flips are the default
     assert main(["train", *flags, "--out", str(tmp_path / "whole")]) == 0
     real_epoch = T.train_epoch
     monkeypatch.setattr(T, "train_epoch", ctrl_c_in("bn epoch 2/"))

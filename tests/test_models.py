@@ -119,10 +119,11 @@ def test_pool_first_runs_the_norm_on_pooled_maps(norm):
 
 
 def test_old_configs_describe_the_old_network():
-    """config.json files written before pool_first existed pooled after the ReLU."""
+    """config.json files written before these options existed pooled after the ReLU and flipped at random."""
     old = Config.from_dict({"norm": "bn"})
-    assert old.pool_first is False and old.act == "relu"
-    assert Config.from_dict(Config().to_dict()).pool_first is True
+    assert old.pool_first is False and old.act == "relu" and old.alt_flip is False
+    new = Config.from_dict(Config().to_dict())
+    assert new.pool_first is True and new.alt_flip is True
 
 
 def test_unknown_activation():

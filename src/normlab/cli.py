@@ -62,8 +62,8 @@ def add_config_flags(p: argparse.ArgumentParser, with_norm: bool) -> None:
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help=f"label smoothing (default: {d.label_smoothing})")
     p.add_argument("--crop-pad", type=int, default=d.crop_pad, help=f"random-crop padding in pixels, 0 = off (default: {d.crop_pad})")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="turn off random horizontal flips")
-    p.add_argument("--alt-flip", action="store_true",
-                   help="alternating flips: each image is flipped in every other epoch, at random in the first (Jordan 2024)")
+    p.add_argument("--no-alt-flip", dest="alt_flip", action="store_false",
+                   help="flip each image at random in every epoch (default: alternating flips, each image flipped in every other epoch)")
     p.add_argument("--val-size", type=int, default=d.val_size, help=f"training images held out for validation; use 5000 to tune (default: {d.val_size})")
     p.add_argument("--no-test", dest="eval_test", action="store_false", help="do not read the test set (tuning runs)")
     p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"], help=f"(default: {d.device})")

@@ -37,7 +37,7 @@ class Config:
     label_smoothing: float = 0.1           # cross-entropy target smoothing
     crop_pad: int = 2                      # pixels of padding for the random crop (0 = no crop; 2 beat 4 and 1 on validation)
     flip: bool = True                      # random horizontal flips
-    alt_flip: bool = False                 # flips alternate: each image is flipped in every other epoch
+    alt_flip: bool = True                  # flips alternate: each image is flipped in every other epoch (beat random flips on validation)
     val_size: int = 0                      # training images held out (stratified) for validation
     seed: int = 0                          # seeds the weights, the shuffling and the augmentation
     device: str = "auto"                   # auto | cpu | cuda
@@ -93,9 +93,10 @@ class Config:
     def from_dict(cls, d: dict[str, Any]) -> "Config":
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in names}
-        # Runs written before these options existed pooled after the norm and used ReLU.
+        # Runs written before these options existed pooled after the norm, used ReLU and random flips.
         kwargs.setdefault("pool_first", False)
         kwargs.setdefault("act", "relu")
+        kwargs.setdefault("alt_flip", False)
         if "widths" in kwargs:
             kwargs["widths"] = tuple(kwargs["widths"])
         return cls(**kwargs)
