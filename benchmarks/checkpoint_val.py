@@ -1,0 +1,45 @@
+"""Validation accuracy of the weights in a tuning run's last checkpoint: the raw weights and, for
+a run with ``--ema``, their moving average. A run with ``--ema`` trains exactly as one without
+(the average only watches), so one run gives both figures (docs/experiments.md §12).
+
+    python benchmarks/checkpoint_val.py runs/tune4/bn_alt_ema --data-dir ../shared/cifar10
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from normlab import data as D
+from normlab.config import Config
+from normlab.models import Net
+from normlab.train import CHECKPOINT, autocast, evaluate, load_checkpoint, place, use_bf16, use_channels_last
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", help="a normlab train folder with --val-size > 0")
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    ck = load_checkpoint(f"{args.run}/{CHECKPOINT}")
+    cfg = Config.from_dict(ck["config"])
+    if not cfg.val_size:
+        raise SystemExit(f"{args.run} holds no validation split (--val-size 0)")
+    dev = torch.device("cpu")
+    cl, amp = use_channels_last(cfg.norm, dev), autocast(dev, use_bf16(dev))
+    images, labels = D.load_split(args.data_dir, train=True)
+    _, val = D.stratified_split(labels, cfg.val_size, cfg.seed)
+    weights = {"raw weights": ck["model"]}
+    if "ema" in ck:  # AveragedModel's state: the averaged Net under "module.", plus its step count
+        weights["moving average"] = {k.removeprefix("module."): v for k, v in ck["ema"].items() if k.startswith("module.")}
+    for name, state in weights.items():
+        model = place(Net.from_config(cfg), dev, cl)
+        model.load_state_dict(state)
+        acc = evaluate(model, images[val], labels[val], amp, cl)[0]
+        print(f"{args.run}: {name} after epoch {ck['epoch']}: validation {acc:.2%}")
+
+
+if __name__ == "__main__":
+    main()
