@@ -196,6 +196,7 @@ class Batches:
     epoch: int = 0           # epochs begun so far: the parity of the alternating flips
 
     def __post_init__(self) -> None:
+        self.first_flips = None  # each image's flip in the first epoch, drawn once (alternating flips only)
         if self.train and self.flip and self.alternate:
             self.first_flips = (torch.rand(len(self.labels), generator=self.generator) < 0.5).to(self.images.device)
 
@@ -209,11 +210,12 @@ class Batches:
         else:
             order = torch.arange(n, device=self.images.device)
         odd = self.epoch % 2 == 1
-        self.epoch += self.train
+        if self.train:
+            self.epoch += 1
         for i in range(0, n, self.batch_size):
             idx = order[i : i + self.batch_size]
             x = self.images[idx]
             if self.train:
-                flips = self.first_flips[idx] ^ odd if self.flip and self.alternate else None
+                flips = None if self.first_flips is None else self.first_flips[idx] ^ odd
                 x = augment(x, self.pad, self.flip, self.generator, flips)
             yield normalize(x, self.channels_last), self.labels[idx]
