@@ -13,7 +13,7 @@ import torch
 from normlab import data as D
 from normlab.config import Config
 from normlab.models import Net
-from normlab.train import CHECKPOINT, autocast, evaluate, load_checkpoint, place, use_bf16, use_channels_last
+from normlab.train import CHECKPOINT, autocast, evaluate, load_checkpoint, make_ema, place, use_bf16, use_channels_last
 
 
 def main() -> None:
@@ -31,13 +31,15 @@ def main() -> None:
     cl, amp = use_channels_last(cfg.norm, dev), autocast(dev, use_bf16(dev))
     images, labels = D.load_split(args.data_dir, train=True)
     _, val = D.stratified_split(labels, cfg.val_size, cfg.seed)
-    weights = {"raw weights": ck["model"]}
-    if "ema" in ck:  # AveragedModel's state: the averaged Net under "module.", plus its step count
-        weights["moving average"] = {k.removeprefix("module."): v for k, v in ck["ema"].items() if k.startswith("module.")}
-    for name, state in weights.items():
-        model = place(Net.from_config(cfg), dev, cl)
-        model.load_state_dict(state)
-        acc = evaluate(model, images[val], labels[val], amp, cl)[0]
+    model = place(Net.from_config(cfg), dev, cl)
+    model.load_state_dict(ck["model"])
+    models = {"raw weights": model}
+    if "ema" in ck:  # restored as fit() resumes it
+        ema = make_ema(model, cfg.ema)
+        ema.load_state_dict(ck["ema"])
+        models["moving average"] = ema.module
+    for name, m in models.items():
+        acc = evaluate(m, images[val], labels[val], amp, cl)[0]
         print(f"{args.run}: {name} after epoch {ck['epoch']}: validation {acc:.2%}")
 
 
