@@ -13,7 +13,9 @@ import torch
 from normlab import data as D
 from normlab.config import Config
 from normlab.models import Net
-from normlab.train import CHECKPOINT, autocast, evaluate, load_checkpoint, make_ema, place, use_bf16, use_channels_last
+from normlab.device import Runtime, setup
+from normlab.rundir import RunDir
+from normlab.train import evaluate, make_ema
 
 
 def main() -> None:
@@ -23,15 +25,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    ck = load_checkpoint(f"{args.run}/{CHECKPOINT}")
+    ck = RunDir(args.run).load_checkpoint()
     cfg = Config.from_dict(ck["config"])
     if not cfg.val_size:
         raise SystemExit(f"{args.run} holds no validation split (--val-size 0)")
-    dev = torch.device("cpu")
-    cl, amp = use_channels_last(cfg.norm, dev), autocast(dev, use_bf16(dev))
+    place = setup(Runtime(device="cpu"), cfg.norm)
     images, labels = D.load_split(args.data_dir, train=True)
     _, val = D.stratified_split(labels, cfg.val_size, cfg.seed)
-    model = place(Net.from_config(cfg), dev, cl)
+    model = place.place(Net.from_config(cfg))
     model.load_state_dict(ck["model"])
     models = {"raw weights": model}
     if "ema" in ck:  # restored as fit() resumes it
@@ -39,7 +40,7 @@ def main() -> None:
         ema.load_state_dict(ck["ema"])
         models["moving average"] = ema.module
     for name, m in models.items():
-        acc = evaluate(m, images[val], labels[val], amp, cl)[0]
+        acc = evaluate(m, images[val], labels[val], place)[0]
         print(f"{args.run}: {name} after epoch {ck['epoch']}: validation {acc:.2%}")
 
 

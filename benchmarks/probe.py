@@ -16,12 +16,12 @@ import json
 import time
 
 import torch
-import torch.nn.functional as F
 
 from normlab import data as D
 from normlab.config import Config
 from normlab.models import Net
-from normlab.train import autocast, evaluate, lr_at, make_optimizer, pick_device, place, use_bf16, use_channels_last
+from normlab.device import Runtime, setup
+from normlab.train import evaluate, lr_at, make_optimizer, train_step
 
 
 def main() -> None:
@@ -34,12 +34,13 @@ def main() -> None:
     kw = json.loads(args.settings)
     steps = kw.pop("steps", 400)
     cfg = dataclasses.replace(Config(), **kw).validate()
-    dev = pick_device(cfg.device)
-    cl, amp = use_channels_last(cfg.norm, dev), autocast(dev, use_bf16(dev))
+    place = setup(Runtime(), cfg.norm)
+    dev, cl = place.device, place.channels_last
+    scaler = place.grad_scaler()
     images, labels = D.load_split(args.data_dir, train=True)
     tr, va = D.stratified_split(labels, 5000, cfg.seed)
     torch.manual_seed(cfg.seed)
-    model = place(Net.from_config(cfg), dev, cl)
+    model = place.place(Net.from_config(cfg))
     opt = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     batches = D.Batches(images[tr].to(dev), labels[tr].to(dev), cfg.batch_size, True, cfg.crop_pad, cfg.flip, cl, gen, cfg.alt_flip)
@@ -47,18 +48,12 @@ def main() -> None:
     model.train()
     while step < steps:
         for x, y in batches:
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, steps, cfg.lr, cfg.warmup)
-            with amp:
-                loss = F.cross_entropy(model(x).float(), y, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            loss, _ = train_step(model, opt, x, y, lr_at(step, steps, cfg.lr, cfg.warmup), cfg.label_smoothing, place, scaler)
             losses.append(loss.item())
             step += 1
             if step >= steps:
                 break
-    acc, _ = evaluate(model, images[va].to(dev), labels[va].to(dev), amp, cl)
+    acc, _ = evaluate(model, images[va].to(dev), labels[va].to(dev), place)
     curve = " ".join(f"{sum(losses[i:i + 50]) / len(losses[i:i + 50]):.3f}" for i in range(0, len(losses), 50))
     print(f"{args.settings} val {acc:.4f} loss {curve} {time.perf_counter() - t0:.0f}s", flush=True)
 

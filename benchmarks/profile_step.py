@@ -18,12 +18,12 @@ import json
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from normlab.config import Config
 from normlab.models import Net
-from normlab.train import autocast, make_optimizer, pick_device, place, use_bf16, use_channels_last
+from normlab.device import PRECISIONS, Runtime, setup
+from normlab.train import make_optimizer, train_step
 
 
 def main() -> None:
@@ -32,6 +32,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=15, help="timed steps per repeat (default: 15)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads, 0 = all cores (default: 0)")
     p.add_argument("--layout", default="auto", choices=["auto", "cl", "nchw"], help="force a memory layout (default: normlab's choice)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="(default: auto, normlab's choice)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
     p.add_argument("--no-profile", action="store_true", help="print the step time only")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (inductor) before timing")
     p.add_argument("--rows", type=int, default=15, help="profile rows (default: 15)")
@@ -39,11 +41,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = dataclasses.replace(Config(), **json.loads(args.settings)).validate()
-    dev = pick_device(cfg.device)
-    cl = use_channels_last(cfg.norm, dev) if args.layout == "auto" else args.layout == "cl"
-    amp = autocast(dev, use_bf16(dev))
+    place = setup(Runtime(args.device, precision=args.precision), cfg.norm)
+    if args.layout != "auto":
+        place = dataclasses.replace(place, channels_last=args.layout == "cl")
+    dev, cl = place.device, place.channels_last
+    scaler = place.grad_scaler()
     torch.manual_seed(0)
-    model = place(Net.from_config(cfg), dev, cl)
+    model = place.place(Net.from_config(cfg))
     opt = make_optimizer(model, cfg)
     net = torch.compile(model) if args.compile else model
     x = torch.randn(cfg.batch_size, 3, 32, 32, device=dev)
@@ -51,26 +55,20 @@ def main() -> None:
     y = torch.randint(0, 10, (cfg.batch_size,), device=dev)
 
     def step() -> None:
-        with amp:
-            loss = F.cross_entropy(net(x).float(), y, label_smoothing=cfg.label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(net, opt, x, y, cfg.lr, cfg.label_smoothing, place, scaler)  # the product's own step
 
     for _ in range(5):
         step()
     best = float("inf")
     for _ in range(3):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+        place.synchronize()
         t0 = time.perf_counter()
         for _ in range(args.steps):
             step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+        place.synchronize()
         best = min(best, (time.perf_counter() - t0) / args.steps)
     ips = cfg.batch_size / best
-    print(f"{args.settings}{' compiled' if args.compile else ''} {'channels_last' if cl else 'NCHW'} {torch.get_num_threads()} threads: "
+    print(f"{args.settings}{' compiled' if args.compile else ''} {place.precision} {place.layout} {torch.get_num_threads()} threads: "
           f"{best * 1000:.1f} ms/step, {ips:.0f} img/s, {50_000 / ips:.1f} s per 50,000 images", flush=True)
     if not args.no_profile:
         with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -25,11 +25,12 @@ import torch
 EPOCH = 50_000  # images in a training epoch of the final runs
 
 
-def machine() -> dict:
-    from normlab.train import cpu_has_bf16, device_name, pick_device
+def machine(args) -> dict:
+    from normlab.device import Runtime, cpu_has_bf16, device_name, pick_device, setup
 
-    dev = pick_device("auto")
-    return {"device": device_name(dev), "cores": os.cpu_count(), "bf16": cpu_has_bf16() if dev.type == "cpu" else torch.cuda.is_bf16_supported(),
+    dev = pick_device(args.device)
+    return {"device": device_name(dev), "cores": os.cpu_count(), "cpu_bf16": cpu_has_bf16(),
+            "precision": setup(Runtime(args.device, precision=args.precision), "bn").precision,
             "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads()}
 
 
@@ -38,41 +39,40 @@ def worker_normlab(args) -> dict:
     from normlab import data as D
     from normlab.config import Config
     from normlab.models import Net
-    from normlab.train import autocast, infer, make_ema, make_optimizer, pick_device, place, train_epoch, use_bf16, use_channels_last
+    from normlab.device import Runtime, setup
+    from normlab.train import infer, make_ema, make_optimizer, train_epoch
 
     cfg = dataclasses.replace(Config(norm=args.norm, batch_size=args.batch_size), **json.loads(args.config)).validate()
-    dev = pick_device(args.device)
-    bf16, cl = use_bf16(dev), use_channels_last(cfg.norm, dev)
-    if args.fp32:
-        bf16 = False
+    place = setup(Runtime(args.device, precision=args.precision), cfg.norm)  # normlab's own choice of precision and layout
     if args.layout != "auto":
-        cl = args.layout == "cl"
-    amp = autocast(dev, bf16)
+        place = dataclasses.replace(place, channels_last=args.layout == "cl")
+    dev, cl = place.device, place.channels_last
     torch.manual_seed(0)
-    model = place(Net.from_config(cfg), dev, cl)
+    model = place.place(Net.from_config(cfg))
     opt = make_optimizer(model, cfg)
     ema = make_ema(model, cfg.ema)
+    scaler = place.grad_scaler()
     images, labels = D.load_split(args.data_dir, train=True)
     images, labels = images.to(dev), labels.to(dev)
     gen = torch.Generator().manual_seed(0)
     n = len(labels) if args.full else args.batches * args.batch_size
     warm = D.Batches(images[: args.warmup * args.batch_size], labels[: args.warmup * args.batch_size], args.batch_size, True, cfg.crop_pad, cfg.flip, cl, gen, cfg.alt_flip)
     timed = D.Batches(images[:n], labels[:n], args.batch_size, True, cfg.crop_pad, cfg.flip, cl, gen, cfg.alt_flip)
-    train_epoch(model, opt, warm, cfg, 0, 10_000, amp, ema=ema)
+    train_epoch(model, opt, warm, cfg, 0, 10_000, place, scaler, ema=ema, progress=False)
+    place.synchronize()
     t0 = time.perf_counter()
-    train_epoch(model, opt, timed, cfg, 0, 10_000, amp, ema=ema)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
+    train_epoch(model, opt, timed, cfg, 0, 10_000, place, scaler, ema=ema, progress=False)
+    place.synchronize()
     train_s = time.perf_counter() - t0
     test, _ = D.load_split(args.data_dir, train=False)
     test = test.to(dev)
-    infer(model, test[:2000], amp, cl)
+    infer(model, test[:2000], place)
+    place.synchronize()
     t0 = time.perf_counter()
-    infer(model, test, amp, cl)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
+    infer(model, test, place)
+    place.synchronize()
     eval_s = time.perf_counter() - t0
-    return {"what": f"normlab {args.norm}", "precision": "bf16" if bf16 else "fp32", "layout": "channels_last" if cl else "NCHW",
+    return {"what": f"normlab {args.norm}", "precision": place.precision, "layout": place.layout,
             "images": n, "train_s": train_s, "eval_images_per_s": len(test) / eval_s}
 
 
@@ -129,7 +129,8 @@ def main() -> None:
     p.add_argument("--no-classic", action="store_true", help="skip the classic recipe")
     p.add_argument("--classic-workers", type=int, default=2, help="DataLoader workers of the classic recipe (default: 2)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
-    p.add_argument("--fp32", action="store_true", help="normlab without bf16 autocast (for comparison)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="normlab's precision; auto = normlab's choice for the device (default: auto)")
     p.add_argument("--layout", default="auto", choices=["auto", "cl", "nchw"], help="force a memory layout (default: normlab's choice)")
     p.add_argument("--config", default="{}", help='Config fields as JSON for the network and normlab\'s trainer, e.g. \'{"act": "relu"}\' (default: {})')
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -143,13 +144,13 @@ def main() -> None:
 
             args.batch_size = Config().batch_size if args.worker == "normlab" else 512
         r = worker_normlab(args) if args.worker == "normlab" else worker_classic(args)
-        from normlab.train import peak_rss_mib
+        from normlab.device import peak_rss_mib
 
         r["peak_rss_mib"] = peak_rss_mib()
         print("RESULT " + json.dumps(r))
         return
 
-    print("machine " + json.dumps(machine()), flush=True)
+    print("machine " + json.dumps(machine(args)), flush=True)
     if args.config != "{}":
         print("config " + args.config, flush=True)
     jobs = [["--worker", "normlab", "--norm", n] for n in args.norms.split(",") if n]

@@ -1,7 +1,11 @@
 """Data: the official on-disk layout, checked downloads, safe extraction, splits, batched augmentation."""
 import hashlib
 import io
+import os
 import pickle
+import shlex
+import struct
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -50,6 +54,8 @@ BAD_BATCHES = {
     "negative labels": lambda p: _rewrite(p, lambda d: {"labels": [-1] * len(d["labels"])}),
     "label count": lambda p: _rewrite(p, lambda d: {"labels": d["labels"][:-1]}),
     "text labels": lambda p: _rewrite(p, lambda d: {"labels": ["cat"] * len(d["labels"])}),
+    "object data": lambda p: _rewrite(p, lambda d: {"data": d["data"].astype(object)}),
+    "object labels": lambda p: _rewrite(p, lambda d: {"labels": np.array(d["labels"], dtype=object)}),
 }
 
 
@@ -62,6 +68,105 @@ def test_bad_batch_is_rejected_naming_the_file(cifar_dir, damage):
     message = str(e.value)
     assert str(path) in message and "\n" not in message
     assert any(w in message for w in ("replace", "copy", "delete")), message  # says what to do
+
+
+def test_object_arrays_are_refused_in_one_line(cifar_dir):
+    for key in ("data", "labels"):
+        path = cifar_dir / FOLDER / "data_batch_3"
+        _rewrite(path, lambda d: {key: np.asarray(d[key]).astype(object)})
+        with pytest.raises(DataError) as e:
+            load_split(cifar_dir, train=True)
+        assert str(path) in str(e.value) and f"Python objects as its {key} (an array of dtype object)" in str(e.value)
+        assert "\n" not in str(e.value)
+        _rewrite(path, lambda d: {key: np.asarray(d[key]).astype(np.uint8 if key == "data" else np.int64)})
+    assert load_split(cifar_dir, train=True)[0].shape == (200, 3, 32, 32)  # the repaired file loads again
+
+
+# ---------------------------------------------------------------- files that would run code when unpickled
+class Call:
+    """Pickles as the call ``func(*args)``: what a crafted file uses to run code while it is loaded."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def _good_batch(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="latin1")
+
+
+CRAFTED = {  # name -> (write the crafted file: (path, marker) -> None, the global its message names)
+    "os.system": (lambda p, m: p.write_bytes(pickle.dumps(Call(os.system, f"touch {shlex.quote(str(m))}"))), "system"),
+    "os.system in labels": (lambda p, m: p.write_bytes(pickle.dumps({**_good_batch(p), "labels": Call(os.system, f"touch {shlex.quote(str(m))}")})), "system"),
+    "builtins.eval in data": (lambda p, m: p.write_bytes(pickle.dumps({**_good_batch(p), "data": Call(eval, f"open({str(m)!r}, 'w')")})), "builtins.eval"),
+    "subprocess.Popen in filenames": (lambda p, m: p.write_bytes(pickle.dumps({**_good_batch(p), "filenames": [Call(subprocess.Popen, ["touch", str(m)])]})), "subprocess.Popen"),
+    "GLOBAL opcode, protocol 0": (lambda p, m: p.write_bytes(b"cos\nsystem\n(V" + f"touch {shlex.quote(str(m))}".encode() + b"\ntR."), "os.system"),
+    "INST opcode, protocol 0": (lambda p, m: p.write_bytes(b"(V" + f"touch {shlex.quote(str(m))}".encode() + b"\nios\nsystem\n."), "os.system"),
+    "a name with a newline": (lambda p, m: p.write_bytes(b"\x80\x04\x8c\x02os\x8c\x07sys\ntem\x93."), "os.sys\\ntem"),
+}
+
+
+@pytest.mark.parametrize("craft", list(CRAFTED))
+def test_pickle_that_would_run_code_is_refused(cifar_dir, tmp_path, craft):
+    path, marker = cifar_dir / FOLDER / "data_batch_3", tmp_path / "MARKER"
+    write, refused = CRAFTED[craft]
+    write(path, marker)
+    with pytest.raises(DataError) as e:
+        load_split(cifar_dir, train=True)
+    message = str(e.value)
+    assert f"CIFAR-10 batch {path} holds a pickle that would call " in message and refused in message, message
+    assert "\n" not in message and "delete the folder" in message
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("craft", ["os.system", "os.system in labels", "subprocess.Popen in filenames"])
+def test_pickle_that_would_run_code_is_refused_by_the_cli(tmp_path, capsys, craft):
+    from normlab.cli import main
+
+    data, out, marker = make_cifar(tmp_path / "data", per_batch=10, test=10), tmp_path / "run", tmp_path / "MARKER"
+    path = data / FOLDER / "data_batch_3"
+    CRAFTED[craft][0](path, marker)
+    rc = main(["train", "--data-dir", str(data), "--epochs", "1", "--threads", "1", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("normlab: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert str(path) in err and "would call" in err
+    assert not marker.exists()
+
+
+class Py2Pickler(pickle._Pickler):
+    """Pickles as Python 2's cPickle wrote the official batches: protocol 2, every str and bytes a byte
+    string, numpy's globals under numpy.core."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_byte_string(self, obj):
+        b = obj.encode("latin1") if isinstance(obj, str) else obj
+        self.write(pickle.SHORT_BINSTRING + bytes([len(b)]) + b if len(b) < 256 else pickle.BINSTRING + struct.pack("<i", len(b)) + b)
+        self.memoize(obj)
+
+    def save_global(self, obj, name=None):
+        self.write(pickle.GLOBAL + f"{obj.__module__.replace('numpy._core', 'numpy.core')}\n{name or obj.__qualname__}\n".encode())
+        self.memoize(obj)
+
+    dispatch[str] = dispatch[bytes] = save_byte_string
+    dispatch[type] = save_global
+
+
+@pytest.mark.parametrize("writer", ["python 2", *(f"protocol {n}" for n in range(pickle.HIGHEST_PROTOCOL + 1))])
+def test_batches_pickled_every_way_still_load(cifar_dir, writer):
+    """The official archive (Python 2, numpy.core), numpy 2 with any protocol (_frombuffer in 5, bytes
+    through _codecs.encode up to 2): all load, to the same arrays."""
+    expected = load_split(cifar_dir, train=True)
+    for name in D.TRAIN_FILES:
+        path = cifar_dir / FOLDER / name
+        d = _good_batch(path)
+        with open(path, "wb") as f:
+            Py2Pickler(f, 2).dump(d) if writer == "python 2" else pickle.dump(d, f, protocol=int(writer.split()[1]))
+    images, labels = load_split(cifar_dir, train=True)
+    assert torch.equal(images, expected[0]) and torch.equal(labels, expected[1])
 
 
 def test_missing_folder_without_download(tmp_path):

@@ -12,11 +12,13 @@ from torch import nn
 
 from normlab.cli import main
 from normlab.config import Config
-from normlab.models import NORM_NAMES, NORMS, Net
-from normlab.report import ReportError, model_summary, receptive_field, select_misclassified, summary_table, write_report
+from normlab.models import Net, model_summary, receptive_field
+from normlab.norms import DEFAULT_NORMS, NORMS
+from normlab.errors import ReportError
+from normlab.report import select_misclassified, summary_table, write_report
 
 TINY = ["--epochs", "1", "--batch-size", "32", "--threads", "1"]
-FIGURES = [f"{kind}_{n}.png" for kind in ("misclassified", "curves", "confusion") for n in NORMS] + ["curves_all.png", "samples.png"]
+FIGURES = [f"{kind}_{n}.png" for kind in ("misclassified", "curves", "confusion") for n in DEFAULT_NORMS] + ["curves_all.png", "samples.png"]
 
 
 @pytest.fixture(scope="module")
@@ -56,16 +58,16 @@ def test_report_writes_markdown_and_every_figure(report):
     for section in ("## Results", "## Misclassified test images", "## Training curves", "## Per-class test accuracy",
                     "## Model summaries", "## Receptive field", "## Sample training images"):
         assert section in text
-    for norm in NORMS:  # 5 rows x 2 columns of square tiles: a tall figure
+    for norm in DEFAULT_NORMS:  # 5 rows x 2 columns of square tiles: a tall figure
         h, w, _ = matplotlib.image.imread(report.parent / "figures" / f"misclassified_{norm}.png").shape
         assert h > 2 * w
 
 
 def test_report_states_the_accuracies_of_results_json(report, run_parent):
     text = report.read_text()
-    for norm in NORMS:
+    for norm in DEFAULT_NORMS:
         r = results(run_parent / norm)
-        row = next(line for line in text.splitlines() if line.startswith(f"| {NORM_NAMES[norm]} ({norm}) |"))
+        row = next(line for line in text.splitlines() if line.startswith(f"| {NORMS[norm].label} ({norm}) |"))
         assert f"**{100 * r['test_acc']:.2f}%**" in row
         assert f"{100 * r['test_acc_flip_tta']:.2f}%" in row
         assert f"{r['params']:,}" in row
@@ -122,8 +124,8 @@ def test_model_summary_names_the_layers_as_the_spec():
 
 def test_summary_table_has_one_row_per_model(run_parent):
     lines = summary_table(run_parent).splitlines()
-    assert [line.split()[0] for line in lines[1:]] == list(NORMS)
-    for line, norm in zip(lines[1:], NORMS):
+    assert [line.split()[0] for line in lines[1:]] == list(DEFAULT_NORMS)
+    for line, norm in zip(lines[1:], DEFAULT_NORMS):
         assert f"{100 * results(run_parent / norm)['test_acc']:.2f}%" in line
 
 

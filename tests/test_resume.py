@@ -14,7 +14,7 @@ import torch
 
 from conftest import make_cifar
 from normlab.cli import main
-from normlab.train import CHECKPOINT
+from normlab.rundir import CHECKPOINT
 
 # 1000 training images in batches of 32: an epoch is 32 steps, long enough to be hit in its middle.
 EPOCHS = 3

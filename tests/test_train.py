@@ -1,5 +1,4 @@
 """The trainer: the loss falls, the schedule, atomic checkpoints, and a NaN loss stops the run."""
-import contextlib
 import csv
 import types
 
@@ -11,9 +10,13 @@ from normlab import data as D
 from normlab import train as T
 from normlab.cli import main
 from normlab.config import Config
+from normlab.device import Placement
 from normlab.models import Net
+from normlab.norms import NORMS
+from normlab.rundir import CHECKPOINT, MODEL
+from normlab import rundir as R
 
-ALL_NORMS = ["bn", "gn", "ln"]
+ALL_NORMS = list(NORMS)  # every norm of the registry
 
 
 @pytest.mark.parametrize("norm", ALL_NORMS)
@@ -23,15 +26,15 @@ def test_a_few_steps_lower_the_loss(cifar_dir, norm):
     torch.manual_seed(0)
     model = Net(norm)
     opt = T.make_optimizer(model, cfg)
-    amp = contextlib.nullcontext()
-    before = T.evaluate(model, images, labels, amp, False)[1]
+    place = Placement(torch.device("cpu"), "fp32", False)
+    before = T.evaluate(model, images, labels, place)[1]
     batches = D.Batches(images, labels, cfg.batch_size, True, 4, True, False, torch.Generator().manual_seed(0))
     step, total = 0, cfg.epochs * len(batches)
     for _ in range(cfg.epochs):
-        r = T.train_epoch(model, opt, batches, cfg, step, total, amp)
+        r = T.train_epoch(model, opt, batches, cfg, step, total, place, place.grad_scaler())
         assert r["bad_batch"] == -1 and r["step"] == step + len(batches)
         step = r["step"]
-    after = T.evaluate(model, images, labels, amp, False)[1]
+    after = T.evaluate(model, images, labels, place)[1]
     assert after < before - 0.3, (before, after)
 
 
@@ -50,15 +53,15 @@ def test_weight_decay_on_conv_weights_only():
 
 def test_atomic_save_keeps_old_file_on_a_crash(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
-    T.atomic_save({"epoch": 1}, path)
+    R.atomic_save({"epoch": 1}, path)
 
     def dying_save(obj, f):
         open(f, "wb").write(b"half a checkp")  # killed while writing
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(T.torch, "save", dying_save)
+    monkeypatch.setattr(R.torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        T.atomic_save({"epoch": 2}, path)
+        R.atomic_save({"epoch": 2}, path)
     monkeypatch.undo()
     assert torch.load(path)["epoch"] == 1
 
@@ -85,11 +88,11 @@ def test_nan_loss_stops_and_keeps_last_good_epoch(cifar_dir, tmp_path, monkeypat
     assert rc == 2
     assert err.count("\n") == 1 and err.startswith("normlab: error: ") and "Traceback" not in err
     assert "NaN" in err and "epoch 2, batch 3 of 4" in err and "last good epoch (1)" in err and "--lr" in err
-    ck = torch.load(out / T.CHECKPOINT, weights_only=True)
+    ck = torch.load(out / CHECKPOINT, weights_only=True)
     assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert [r["epoch"] for r in rows] == ["1"]
-    assert not (out / "results.json").exists() and not (out / T.MODEL).exists()
+    assert not (out / "results.json").exists() and not (out / MODEL).exists()
 
 
 def test_nan_loss_in_first_epoch(cifar_dir, tmp_path, monkeypatch, capsys):
@@ -99,19 +102,19 @@ def test_nan_loss_in_first_epoch(cifar_dir, tmp_path, monkeypatch, capsys):
                "--threads", "1", "--out", str(out)])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "epoch 1, batch 1 of 2" in err
-    assert not (out / T.CHECKPOINT).exists() and not (out / "results.json").exists()
+    assert not (out / CHECKPOINT).exists() and not (out / "results.json").exists()
 
 
 def test_checkpoint_after_every_epoch(cifar_dir, tmp_path, monkeypatch):
     saved = []
-    real_save = T.atomic_save
+    real_save = R.atomic_save
 
     def recording_save(obj, path):
         real_save(obj, path)
         saved.append((path.name, obj.get("epoch"), sorted(p.name for p in path.parent.glob("*.tmp"))))
 
-    monkeypatch.setattr(T, "atomic_save", recording_save)
+    monkeypatch.setattr(R, "atomic_save", recording_save)
     out = tmp_path / "run"
     assert main(["train", "--data-dir", str(cifar_dir), "--norm", "ln", "--epochs", "3", "--batch-size", "200",
                  "--threads", "1", "--out", str(out)]) == 0
-    assert saved == [(T.CHECKPOINT, 1, []), (T.CHECKPOINT, 2, []), (T.CHECKPOINT, 3, []), (T.MODEL, None, [])]
+    assert saved == [(CHECKPOINT, 1, []), (CHECKPOINT, 2, []), (CHECKPOINT, 3, []), (MODEL, None, [])]

@@ -1,7 +1,9 @@
-"""One frozen dataclass that holds every knob of a training run.
+"""What a model learns: one frozen dataclass, each setting with its flag, label and help beside it.
 
-The CLI is built from it and each run directory gets ``config.json``, so every figure can
-be traced back to the settings that made it.
+The command line is built from these fields and the report reads their labels and flags, so the
+two cannot drift; each run folder gets ``config.json``, so every figure can be traced back to the
+settings that made it. How a run *executes* (device, threads, precision, progress) is not here:
+it lives in ``device.Runtime`` and never changes what is learned.
 """
 from __future__ import annotations
 
@@ -11,43 +13,52 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from normlab.errors import ConfigError
+
 MAX_EPOCHS = 20  # the assignment's limit; more is allowed for experiments but flagged
 
+__all__ = ["Config", "ConfigError", "MAX_EPOCHS", "setting_fields", "parse_widths"]
 
-class ConfigError(ValueError):
-    """A setting is out of range; the message says which and what is allowed."""
+
+def _s(default: Any, label: str, help: str, flag: str | None = None) -> Any:
+    """A setting: its default, the label the report shows, the CLI help; ``flag`` where it is not --name."""
+    return field(default=default, metadata={"label": label, "help": help, "flag": flag})
 
 
 @dataclass(frozen=True)
 class Config:
-    norm: str = "bn"                       # bn | gn | ln
-    widths: tuple[int, int, int] = (16, 32, 24)  # channels of C1-C2 | c3, C3-C5 | c6, C7-C9 (16,32,24 beat 16,24,32 on validation)
-    groups: int = 8                        # group count of group norm (gn only; 8 beat 4 on validation)
-    weight_std: bool = True                # weight-standardized convs (all but C10)
-    act: str = "gelu"                      # activation after every norm: relu | gelu (gelu won on validation)
-    pool_first: bool = True                # c3/c6: conv -> max-pool -> norm -> act (False: pool after the act)
-    zero_init_res: bool = False            # the last norm of each residual branch (C2, C5, C9) starts with scale 0
-    epochs: int = 20                       # passes over the training images
-    batch_size: int = 128                  # images per optimizer step
-    lr: float = 0.2                        # peak learning rate of the one-cycle schedule
-    warmup: float = 0.2                    # fraction of all steps spent rising to the peak
-    momentum: float = 0.9                  # SGD Nesterov momentum
-    weight_decay: float = 5e-4             # L2 on conv weights only (not on norms or biases)
-    ema: float = 0.0                       # per-step decay of a moving average of the weights (0 = off); the average is the model
-    label_smoothing: float = 0.1           # cross-entropy target smoothing
-    crop_pad: int = 2                      # pixels of padding for the random crop (0 = no crop; 2 beat 4 and 1 on validation)
-    flip: bool = True                      # random horizontal flips
-    alt_flip: bool = True                  # flips alternate: each image is flipped in every other epoch (beat random flips on validation)
-    val_size: int = 0                      # training images held out (stratified) for validation
-    seed: int = 0                          # seeds the weights, the shuffling and the augmentation
-    device: str = "auto"                   # auto | cpu | cuda
-    threads: int = 0                       # CPU threads for torch (0 = all cores)
-    eval_test: bool = True                 # read the test set at the end (final figures only)
+    norm: str = _s("bn", "norm", "normalization layer (see normlab.norms.NORMS)")
+    widths: tuple[int, int, int] = _s((16, 32, 24), "widths (C1–C2, c3–C5, c6–C9)",
+                                      "channels of C1-C2, C3-C5, C7-C9 (16,32,24 beat 16,24,32 on validation)")
+    groups: int = _s(8, "groups (group norm)", "group count of group norm (8 beat 4 on validation)")
+    weight_std: bool = _s(True, "weight-standardized convs", "plain convs instead of weight-standardized ones", "--no-weight-std")
+    act: str = _s("gelu", "activation", "activation after every norm: relu | gelu (gelu won on validation)")
+    pool_first: bool = _s(True, "c3, c6: max-pool before norm and activation",
+                          "c3 and c6 as conv -> norm -> activation -> pool (default: conv -> pool -> norm -> activation)", "--no-pool-first")
+    zero_init_res: bool = _s(False, "residual branches start at zero",
+                             "start the last norm of each residual branch (C2, C5, C9) with scale 0, so each branch starts as the identity")
+    epochs: int = _s(20, "epochs", f"passes over the training images; more than {MAX_EPOCHS} is flagged as outside the assignment")
+    batch_size: int = _s(128, "batch size", "images per optimizer step")
+    lr: float = _s(0.2, "peak learning rate (one-cycle)", "peak learning rate of the one-cycle schedule")
+    warmup: float = _s(0.2, "warm-up fraction", "fraction of all steps spent rising to the peak learning rate")
+    momentum: float = _s(0.9, "momentum (Nesterov)", "SGD Nesterov momentum")
+    weight_decay: float = _s(5e-4, "weight decay (conv weights)", "L2 on conv weights only (not on norms or biases)")
+    ema: float = _s(0.0, "moving average of the weights (decay; 0 = off)",
+                    "per-step decay of an exponential moving average of the weights, used as the final model; 0 = off")
+    label_smoothing: float = _s(0.1, "label smoothing", "cross-entropy target smoothing")
+    crop_pad: int = _s(2, "random-crop padding (px)", "random-crop padding in pixels, 0 = off (2 beat 4 and 1 on validation)")
+    flip: bool = _s(True, "random flips", "turn off random horizontal flips", "--no-flip")
+    alt_flip: bool = _s(True, "alternating flips", "flip each image at random in every epoch "
+                        "(default: alternating flips, each image flipped in every other epoch; beat random flips on validation)", "--no-alt-flip")
+    val_size: int = _s(0, "validation images held out", "training images held out (stratified) for validation; use 5000 to tune")
+    seed: int = _s(0, "seed", "seeds the weights, the shuffling and the augmentation")
+    eval_test: bool = _s(True, "test set read at the end", "do not read the test set (tuning runs)", "--no-test")
 
     def validate(self) -> "Config":
         import torch
 
-        from normlab.models import ACTS, NORMS, Net
+        from normlab.models import ACTS, Net
+        from normlab.norms import NORMS
 
         if self.norm not in NORMS:
             raise ConfigError(f"unknown norm {self.norm!r}; choose one of: {', '.join(NORMS)}")
@@ -64,17 +75,15 @@ class Config:
             (0 <= self.crop_pad <= 16, f"--crop-pad must be between 0 and 16 (got {self.crop_pad})"),
             (self.val_size >= 0, f"--val-size must be 0 or more (got {self.val_size})"),
             (self.groups >= 1, f"--groups must be at least 1 (got {self.groups})"),
-            (self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda (got {self.device!r})"),
-            (self.threads >= 0, f"--threads must be 0 (all cores) or more (got {self.threads})"),
             (len(self.widths) == 3 and all(w >= 1 for w in self.widths),
              f"--widths must be three positive channel counts (got {self.widths})"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        if self.norm == "gn" and any(w % self.groups for w in self.widths):
+        if "groups" in NORMS[self.norm].options and any(w % self.groups for w in self.widths):
             raise ConfigError(f"--groups {self.groups} must divide every width of --widths {','.join(map(str, self.widths))} "
-                              "for group norm; choose another group count or other widths")
+                              f"for {NORMS[self.norm].label.lower()}; choose another group count or other widths")
         try:  # the network checks its parameter budget; on the meta device huge widths allocate nothing
             with torch.device("meta"):
                 Net.from_config(self)
@@ -91,6 +100,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
+        """The config a ``config.json`` describes; keys of other versions (device, threads) are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in names}
         # Runs written before these options existed pooled after the norm, used ReLU and random flips.
@@ -107,3 +117,38 @@ class Config:
     @classmethod
     def load(cls, path: Path) -> "Config":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def to_flags(self, skip: tuple[str, ...] = ()) -> list[str]:
+        """The command-line flags that give this config from the defaults (settings in ``skip`` left out)."""
+        base, out = Config(), []
+        for f in setting_fields():
+            v = getattr(self, f.name)
+            if f.name in skip or v == getattr(base, f.name):
+                continue
+            out += [flag_of(f)] if isinstance(v, bool) else [flag_of(f), format_value(v)]
+        return out
+
+
+def setting_fields() -> tuple[dataclasses.Field, ...]:
+    return dataclasses.fields(Config)
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    """The flag of a setting: its own (``--no-flip``), else ``--name-with-dashes``."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def format_value(v: Any) -> str:
+    """A setting's value as it is typed on the command line (widths as 16,32,24)."""
+    return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+
+def parse_widths(text: str) -> tuple[int, int, int]:
+    """'16,32,24' (or 16x32x24) -> (16, 32, 24)."""
+    try:
+        parts = tuple(int(p) for p in text.replace("x", ",").split(","))
+    except ValueError:
+        raise ValueError(f"widths must look like 16,24,32 (got {text!r})") from None
+    if len(parts) != 3:
+        raise ValueError(f"widths must be three numbers like 16,24,32 (got {text!r})")
+    return parts  # type: ignore[return-value]

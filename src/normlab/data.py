@@ -19,6 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from numpy._core.multiarray import _reconstruct
+from numpy._core.numeric import _frombuffer
+
+from normlab.errors import DataError
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -30,10 +34,6 @@ MEAN = (125.31 / 255, 122.95 / 255, 113.87 / 255)  # training-set channel means 
 STD = (0.2470, 0.2435, 0.2616)                     # training-set channel standard deviations
 DEFAULT_DIR = "./data"
 REPLACE_BATCH = "replace the file or delete the folder to download it again"  # the way out of a damaged batch file
-
-
-class DataError(RuntimeError):
-    """The data set is missing or unreadable; the message says what to do."""
 
 
 def resolve_data_dir(arg: str | os.PathLike | None) -> Path:
@@ -92,17 +92,67 @@ def download(root: Path, url: str | None = None, md5: str | None = None) -> None
     safe_extract(archive, root)
 
 
+def _latin1_bytes(text: str, encoding: str) -> bytes:
+    """``_codecs.encode`` as Python 3 pickles of protocol 2 or lower use it (to write bytes), and only so."""
+    if encoding != "latin1":
+        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r:.40}")
+    return text.encode("latin1")
+
+
+# The only globals a CIFAR-10 batch needs: a dict of str, bytes, ints, lists and uint8 arrays, pickled by
+# Python 2 and numpy 1 (the official archive: numpy.core), by numpy 2 (numpy._core), with protocol 5
+# (_frombuffer), or by Python 3 with protocol 2 or lower (bytes as _codecs.encode(text, "latin1")).
+SAFE_GLOBALS = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+    ("_codecs", "encode"): _latin1_bytes,
+}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR-10 batch, refusing every global outside ``SAFE_GLOBALS``.
+
+    A pickle can call any importable function (``os.system``, ``builtins.eval``...) while it is
+    loaded, and data files are things users are handed: loading one must never run code. Every
+    global a pickle uses passes through ``find_class`` before it can be called, so refusing here
+    stops a crafted file before any of its code runs. Only globals are looked up in Python; the
+    rest is the C unpickler, as fast as ``pickle.load``.
+    """
+
+    def __init__(self, file, path: Path):
+        super().__init__(file, encoding="latin1")  # Python 2's byte strings (the official archive) as text
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in SAFE_GLOBALS:
+            return SAFE_GLOBALS[module, name]
+        shown = ascii(f"{module}.{name}")[1:-1][:200]  # one line, whatever the file holds
+        raise DataError(
+            f"CIFAR-10 batch {self.path} holds a pickle that would call {shown}, which the CIFAR-10 format never does; "
+            "normlab refuses to load it (files you were handed can run code when unpickled). "
+            "Replace the file with an official copy or delete the folder to download it again"
+        )
+
+
 def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="latin1")
-        data, labels = d["data"], d["labels"]
+            d = _BatchUnpickler(f, path).load()
+        data, labels = np.asarray(d["data"]), np.asarray(d["labels"])
     except FileNotFoundError:
         raise DataError(f"CIFAR-10 batch {path} is missing; copy the complete cifar-10-batches-py/ folder again") from None
+    except DataError:
+        raise
     except Exception as e:  # truncated pickles raise EOFError, UnpicklingError, ValueError, KeyError...
-        raise DataError(f"CIFAR-10 batch {path} is truncated or corrupt ({type(e).__name__}: {e}); {REPLACE_BATCH}") from None
-    data = np.asarray(data)
-    labels = np.asarray(labels)
+        detail = " ".join(f"{type(e).__name__}: {e}".split())[:300]  # one line, whatever the file holds
+        raise DataError(f"CIFAR-10 batch {path} is truncated or corrupt ({detail}); {REPLACE_BATCH}") from None
+    for key, array in (("data", data), ("labels", labels)):
+        if array.dtype == object:
+            raise DataError(f"CIFAR-10 batch {path} holds Python objects as its {key} (an array of dtype object), where the CIFAR-10 format has plain numbers; {REPLACE_BATCH}")
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise DataError(f"CIFAR-10 batch {path} holds data of shape {data.shape} and type {data.dtype}; expected (N, 3072) uint8; {REPLACE_BATCH}")
     if labels.ndim != 1 or len(labels) != len(data) or not np.issubdtype(labels.dtype, np.integer):

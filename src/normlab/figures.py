@@ -18,7 +18,6 @@ import numpy as np  # noqa: E402
 from normlab.data import CLASSES  # noqa: E402
 
 DPI = 110
-MODEL_COLOURS = {"bn": "tab:blue", "gn": "tab:orange", "ln": "tab:green"}
 GRID_ROWS, GRID_COLS = 5, 2  # the misclassified grid: 5 rows x 2 columns = 10 images
 
 

@@ -1,49 +1,26 @@
-"""The prescribed network, C1 C2 c3 P1 C3 C4 C5 c6 P2 C7 C8 C9 GAP C10, in three norms.
+"""The prescribed network, C1 C2 c3 P1 C3 C4 C5 c6 P2 C7 C8 C9 GAP C10, its blocks, its summary
+and its receptive field.
 
-The norm layer is picked by name from ``NORMS`` (``bn``, ``gn``, ``ln``) so that one
-network definition serves all three variants; every norm constructor takes the channel
-count first so that they swap freely (as in timm's ``create_norm``).
+The norm layer is picked by name from the registry in ``norms.py`` so that one network
+definition serves every variant; the blocks receive the norm's name, never an ``if`` on it.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from normlab.norms import NORMS, make_norm
 
 PARAM_BUDGET = 50_000  # trainable parameters, strictly fewer (the assignment's limit)
 NUM_CLASSES = 10
 LAYER_ORDER = ("C1", "C2", "c3", "P1", "C3", "C4", "C5", "c6", "P2", "C7", "C8", "C9", "GAP", "C10")
 
 
-def _batch_norm(channels: int, groups: int) -> nn.Module:
-    return nn.BatchNorm2d(channels)
-
-
-def _group_norm(channels: int, groups: int) -> nn.Module:
-    if channels % groups:
-        raise ValueError(f"group norm needs the group count ({groups}) to divide every width; {channels} channels do not split")
-    return nn.GroupNorm(groups, channels)
-
-
-def _layer_norm(channels: int, groups: int) -> nn.Module:
-    # Layer norm for conv maps: statistics over (C, H, W) of each sample = GroupNorm with one group.
-    return nn.GroupNorm(1, channels)
-
-
-NORMS: dict[str, Callable[[int, int], nn.Module]] = {"bn": _batch_norm, "gn": _group_norm, "ln": _layer_norm}
-NORM_NAMES = {"bn": "Batch Normalization", "gn": "Group Normalization", "ln": "Layer Normalization"}
-
-
 ACTS: dict[str, Callable[[], nn.Module]] = {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU}
-
-
-def make_norm(name: str, channels: int, groups: int = 4) -> nn.Module:
-    """Return the norm layer called ``name`` for ``channels`` channels."""
-    if name not in NORMS:
-        raise ValueError(f"unknown norm {name!r}; choose one of: {', '.join(NORMS)}")
-    return NORMS[name](channels, groups)
 
 
 class WSConv2d(nn.Conv2d):
@@ -73,7 +50,7 @@ class ConvBlock(nn.Sequential):
     def __init__(self, cin: int, cout: int, kernel: int, norm: str, groups: int, weight_std: bool = True, act: str = "relu"):
         super().__init__(
             make_conv(cin, cout, kernel, weight_std),
-            make_norm(norm, cout, groups),
+            make_norm(norm, cout, groups=groups),
             ACTS[act](),
         )
 
@@ -89,7 +66,7 @@ class PoolBlock(nn.Module):
 
     def __init__(self, channels: int, norm: str, groups: int, act: str = "relu"):
         super().__init__()
-        self.pool, self.norm, self.act = nn.MaxPool2d(2), make_norm(norm, channels, groups), ACTS[act]()
+        self.pool, self.norm, self.act = nn.MaxPool2d(2), make_norm(norm, channels, groups=groups), ACTS[act]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cl = x.is_contiguous(memory_format=torch.channels_last)
@@ -173,3 +150,53 @@ class Net(nn.Module):
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def model_summary(cfg) -> str:
+    """torchinfo table of the network a ``Config`` describes on a (1, 3, 32, 32) input, layers named as in the spec."""
+    import torchinfo
+
+    s = torchinfo.summary(Net.from_config(cfg), input_size=(1, 3, 32, 32), col_names=("output_size", "kernel_size", "num_params"),
+                          row_settings=("var_names",), depth=2, verbose=0, device="cpu")
+    return str(s).replace("(Units.MEGABYTES)", "(M)")  # torchinfo 1.8 prints the enum's repr on Python >= 3.11
+
+
+_GEOMETRY = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def _one(v: Any) -> int:
+    return int(v[0] if isinstance(v, tuple) else v)
+
+
+def receptive_field(model: nn.Module, input_size: int = 32) -> list[dict[str, Any]]:
+    """Per layer: kernel, stride, padding, jump and receptive field (in input pixels), output size.
+
+    Walks ``LAYER_ORDER`` on a normlab Net, else the children of ``model`` in order (an
+    nn.Sequential of Conv2d / MaxPool2d). j_out = j_in * s; r_out = r_in + (k - 1) * j_in, with the
+    dilated kernel for k. Skip additions do not widen the field (the longer branch sets it), so the
+    main path gives it. A global pool ends the count: from there on every output sees the whole input.
+    """
+    names = LAYER_ORDER if all(hasattr(model, n) for n in LAYER_ORDER) else [n for n, _ in model.named_children()]
+    rows: list[dict[str, Any]] = []
+    rf, jump, size, whole = 1, 1, input_size, False
+    for name in names:
+        m = next((m for m in getattr(model, name).modules() if isinstance(m, _GEOMETRY)), None)
+        if m is None:
+            continue
+        if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+            if _one(m.output_size) != 1:
+                raise ValueError(f"{name}: only global adaptive pooling (output 1x1) is supported")
+            k, s, p, d = size, size, 0, 1
+            whole = True
+        else:
+            k, d = _one(m.kernel_size), _one(getattr(m, "dilation", 1))
+            s = _one(m.stride) if m.stride is not None else k
+            p = m.padding if not isinstance(m.padding, str) else (d * (k - 1) // 2 if m.padding == "same" else 0)
+            p = _one(p)
+        k_eff = d * (k - 1) + 1
+        out_size = (size + 2 * p - k_eff) // s + 1
+        new_rf = None if whole else rf + (k_eff - 1) * jump
+        rows.append({"layer": name, "type": type(m).__name__, "kernel": k, "stride": s, "padding": p, "jump_in": jump,
+                     "jump": jump * s, "rf_in": rf, "rf": new_rf, "size_in": size, "size": out_size, "global": whole})
+        rf, jump, size = (new_rf if new_rf is not None else rf), jump * s, out_size
+    return rows

@@ -8,136 +8,26 @@ bn/seed0/ bn/seed1/ ... (several seeds). The figures themselves are drawn in ``f
 """
 from __future__ import annotations
 
-import csv
-import dataclasses
-import json
 import os
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torchinfo
-from torch import nn
 
 from normlab import data as D
 from normlab import figures
-from normlab.config import MAX_EPOCHS, Config
-from normlab.models import LAYER_ORDER, NORM_NAMES, NORMS, PARAM_BUDGET, Net
+from normlab.config import MAX_EPOCHS, format_value, setting_fields
+from normlab.errors import ReportError
+from normlab.models import PARAM_BUDGET, Net, model_summary, receptive_field
+from normlab.norms import DEFAULT_NORMS, NORMS
+from normlab.rundir import FIGURES, REPORT, Run, find_runs
 
 TARGET_ACC = 0.70        # the assignment's floor for test accuracy
 N_MISCLASSIFIED = 10     # images per misclassified grid (5 rows x 2 columns)
 SAMPLES_PER_CLASS = 8    # training images per class in the sample grid
-FIGURES_DIR = "figures"  # PNGs go here, beside report.md, linked relatively
-RUN_FILES = ("config.json", "results.json", "checkpoint.pt")  # any of these marks a run folder
-
-
-class ReportError(RuntimeError):
-    """The run folder is missing or incomplete; the message names what is missing and what to do."""
-
-
-@dataclass
-class Run:
-    """One trained model (one norm, one seed) as its run folder describes it."""
-
-    path: Path
-    config: Config
-    results: dict[str, Any]
-    metrics: list[dict[str, Any]]  # rows of metrics.csv; val_* None without a validation split
-    labels: np.ndarray | None      # (N,) true test labels, from predictions.csv (None: test set not read)
-    preds: np.ndarray | None       # (N,) predicted labels
-    probs: np.ndarray | None       # (N, 10) class probabilities
-
-    @property
-    def seed(self) -> int:
-        return self.config.seed
-
-
-# ---------------------------------------------------------------- reading run folders
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ReportError(f"{path} is unreadable ({type(e).__name__}: {e}); copy the run folder again") from None
-
-
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        out = [{k: (None if v in ("", None) else (int(v) if k == "epoch" else float(v))) for k, v in r.items()} for r in rows]
-    except (OSError, ValueError) as e:
-        raise ReportError(f"{path} is unreadable ({type(e).__name__}: {e}); copy the run folder again") from None
-    if not out:
-        raise ReportError(f"{path} has no epochs: the run did not finish its first epoch")
-    return out
-
-
-def _read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    try:
-        table = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
-    except (OSError, ValueError) as e:
-        raise ReportError(f"{path} is unreadable ({type(e).__name__}: {e}); copy the run folder again") from None
-    if table.shape[1] != 3 + len(D.CLASSES) or not np.array_equal(table[:, 0], np.arange(len(table))):
-        raise ReportError(f"{path} does not hold index,label,pred and 10 probabilities per test image in order; it was not written by normlab")
-    return table[:, 1].astype(np.int64), table[:, 2].astype(np.int64), table[:, 3:]
-
-
-def load_run(folder: Path, resume_hint: str) -> Run:
-    """Read one finished model folder; ``resume_hint`` is the command that would finish it."""
-    if not (folder / "results.json").is_file():
-        raise ReportError(f"{folder} has no results.json: the run did not finish; resume it with {resume_hint}")
-    for name in ("config.json", "metrics.csv"):
-        if not (folder / name).is_file():
-            raise ReportError(f"{folder} has results.json but no {name}: the run folder is incomplete; copy all of it again")
-    results = _read_json(folder / "results.json")
-    try:
-        config = Config.from_dict(_read_json(folder / "config.json"))
-    except TypeError as e:
-        raise ReportError(f"{folder / 'config.json'} does not describe a normlab run ({e})") from None
-    labels = preds = probs = None
-    if "test_acc" in results:
-        if not (folder / "predictions.csv").is_file():
-            raise ReportError(f"{folder} has a test accuracy but no predictions.csv: the run folder is incomplete; copy all of it again")
-        labels, preds, probs = _read_predictions(folder / "predictions.csv")
-    return Run(folder, config, results, _read_metrics(folder / "metrics.csv"), labels, preds, probs)
-
-
-def _seed_folders(norm_dir: Path) -> list[Path]:
-    found = [p for p in norm_dir.glob("seed*") if p.is_dir() and p.name[4:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[4:]))
-
-
-def find_runs(run_dir: Path) -> tuple[dict[str, list[Run]], bool]:
-    """Models of ``run_dir`` as {norm: runs sorted by seed}, and whether it is a ``normlab run`` parent."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ReportError(f"{run_dir} does not exist; pass a folder written by normlab run or normlab train")
-    if any((run_dir / f).exists() for f in RUN_FILES):  # a single normlab train folder
-        run = load_run(run_dir, f"normlab train --resume --out {run_dir}")
-        return {run.config.norm: [run]}, False
-    hint = f"normlab run --resume --out {run_dir}"
-    models: dict[str, list[Run]] = {}
-    for norm in NORMS:
-        norm_dir = run_dir / norm
-        if not norm_dir.is_dir():
-            continue
-        if any((norm_dir / f).exists() for f in RUN_FILES):
-            models[norm] = [load_run(norm_dir, hint)]
-        elif seeds := _seed_folders(norm_dir):
-            models[norm] = [load_run(s, hint) for s in seeds]
-        else:
-            raise ReportError(f"{norm_dir} holds no run (no results.json, no seed*/ folders): the run did not finish; resume it with {hint}")
-    if not models:
-        raise ReportError(f"{run_dir} holds no normlab run (no results.json in it, nor in {'/, '.join(NORMS)}/); "
-                          "pass a folder written by normlab run or normlab train")
-    seed_sets = {norm: [r.seed for r in runs] for norm, runs in models.items()}
-    if len({tuple(s) for s in seed_sets.values()}) > 1:
-        have = "; ".join(f"{n}: seeds {', '.join(map(str, s))}" for n, s in seed_sets.items())
-        raise ReportError(f"{run_dir} has different seeds per model ({have}): the run did not finish; resume it with {hint}")
-    return models, True
+FIGURES_DIR = FIGURES  # PNGs go here, beside report.md, linked relatively
 
 
 # ---------------------------------------------------------------- formatting
@@ -220,55 +110,6 @@ def select_misclassified(labels: np.ndarray, preds: np.ndarray, probs: np.ndarra
     return wrong[order][:k].tolist()
 
 
-# ---------------------------------------------------------------- model: summary and receptive field
-def model_summary(cfg: Config) -> str:
-    """torchinfo table of the network ``cfg`` describes on a (1, 3, 32, 32) input, layers named as in the spec."""
-    s = torchinfo.summary(Net.from_config(cfg), input_size=(1, 3, 32, 32), col_names=("output_size", "kernel_size", "num_params"),
-                          row_settings=("var_names",), depth=2, verbose=0, device="cpu")
-    return str(s).replace("(Units.MEGABYTES)", "(M)")  # torchinfo 1.8 prints the enum's repr on Python >= 3.11
-
-
-_GEOMETRY = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-
-
-def _one(v: Any) -> int:
-    return int(v[0] if isinstance(v, tuple) else v)
-
-
-def receptive_field(model: nn.Module, input_size: int = 32) -> list[dict[str, Any]]:
-    """Per layer: kernel, stride, padding, jump and receptive field (in input pixels), output size.
-
-    Walks ``LAYER_ORDER`` on a normlab Net, else the children of ``model`` in order (an
-    nn.Sequential of Conv2d / MaxPool2d). j_out = j_in * s; r_out = r_in + (k - 1) * j_in, with the
-    dilated kernel for k. Skip additions do not widen the field (the longer branch sets it), so the
-    main path gives it. A global pool ends the count: from there on every output sees the whole input.
-    """
-    names = LAYER_ORDER if all(hasattr(model, n) for n in LAYER_ORDER) else [n for n, _ in model.named_children()]
-    rows: list[dict[str, Any]] = []
-    rf, jump, size, whole = 1, 1, input_size, False
-    for name in names:
-        m = next((m for m in getattr(model, name).modules() if isinstance(m, _GEOMETRY)), None)
-        if m is None:
-            continue
-        if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
-            if _one(m.output_size) != 1:
-                raise ValueError(f"{name}: only global adaptive pooling (output 1x1) is supported")
-            k, s, p, d = size, size, 0, 1
-            whole = True
-        else:
-            k, d = _one(m.kernel_size), _one(getattr(m, "dilation", 1))
-            s = _one(m.stride) if m.stride is not None else k
-            p = m.padding if not isinstance(m.padding, str) else (d * (k - 1) // 2 if m.padding == "same" else 0)
-            p = _one(p)
-        k_eff = d * (k - 1) + 1
-        out_size = (size + 2 * p - k_eff) // s + 1
-        new_rf = None if whole else rf + (k_eff - 1) * jump
-        rows.append({"layer": name, "type": type(m).__name__, "kernel": k, "stride": s, "padding": p, "jump_in": jump,
-                     "jump": jump * s, "rf_in": rf, "rf": new_rf, "size_in": size, "size": out_size, "global": whole})
-        rf, jump, size = (new_rf if new_rf is not None else rf), jump * s, out_size
-    return rows
-
-
 # ---------------------------------------------------------------- report sections
 def _flags_cell(runs: list[Run]) -> str:
     flags = limit_flags(runs)
@@ -277,28 +118,16 @@ def _flags_cell(runs: list[Run]) -> str:
     return "yes" if runs[0].results.get("test_acc") is not None else "params and epochs yes; test set not read"
 
 
-def _norm_layer(norm: str, groups: int) -> str:
-    return {"bn": "BatchNorm2d", "gn": f"GroupNorm, {groups} groups", "ln": "GroupNorm, 1 group (over C, H, W)"}[norm]
-
-
 def _command(models: dict[str, list[Run]], run_dir: Path, is_parent: bool) -> str:
     """The normlab command line that trains this folder again (flags that differ from the defaults)."""
     first = next(iter(models.values()))[0]
-    cfg, base = first.config, Config()
+    cfg = first.config
     parts = ["normlab", "run" if is_parent else "train"]
     if not is_parent:
         parts += ["--norm", cfg.norm]
-    elif list(models) != list(NORMS):
+    elif tuple(models) != DEFAULT_NORMS:
         parts += ["--norms", ",".join(models)]
-    for f in dataclasses.fields(Config):
-        v = getattr(cfg, f.name)
-        if f.name in ("norm", "seed") or v == getattr(base, f.name):
-            continue
-        if isinstance(v, bool):
-            parts.append({"flip": "--no-flip", "eval_test": "--no-test", "weight_std": "--no-weight-std",
-                          "pool_first": "--no-pool-first"}[f.name])
-        else:
-            parts += [f"--{f.name.replace('_', '-')}", ",".join(map(str, v)) if isinstance(v, tuple) else str(v)]
+    parts += cfg.to_flags(skip=("norm", "seed"))
     seeds = [r.seed for r in next(iter(models.values()))]
     if len(seeds) > 1:
         parts += ["--seeds", str(len(seeds))]
@@ -310,19 +139,12 @@ def _command(models: dict[str, list[Run]], run_dir: Path, is_parent: bool) -> st
 def _header(models: dict[str, list[Run]], run_dir: Path, is_parent: bool, data_dir: Path) -> str:
     runs = [r for rs in models.values() for r in rs]
     seeds = [r.seed for r in next(iter(models.values()))]
-    names = ", ".join(f"{NORM_NAMES[n]} ({n})" for n in models)
-    settings = [("widths (C1–C2, c3–C5, c6–C9)", "widths"), ("groups (group norm)", "groups"),
-                ("weight-standardized convs", "weight_std"),
-                ("c3, c6: max-pool before norm and activation", "pool_first"),
-                ("activation", "act"), ("epochs", "epochs"),
-                ("batch size", "batch_size"), ("peak learning rate (one-cycle)", "lr"), ("warm-up fraction", "warmup"),
-                ("momentum (Nesterov)", "momentum"), ("weight decay (conv weights)", "weight_decay"),
-                ("label smoothing", "label_smoothing"), ("random-crop padding (px)", "crop_pad"), ("random flips", "flip"),
-                ("validation images held out", "val_size")]
+    names = ", ".join(f"{NORMS[n].label} ({n})" for n in models)
+    settings = [(f.metadata["label"], f.name) for f in setting_fields() if f.name not in ("norm", "seed")]
     rows = []
     for label, key in settings:
         values = {n: getattr(rs[0].config, key) for n, rs in models.items()}
-        shown = {",".join(map(str, v)) if isinstance(v, tuple) else str(v) for v in values.values()}
+        shown = {format_value(v) for v in values.values()}
         rows.append([label, shown.pop() if len(shown) == 1 else "; ".join(f"{n}: {v}" for n, v in values.items())])
     r0 = runs[0].results
     rows.append(["device, precision", f"{r0.get('device', '?')}, {r0.get('precision', '?')}, {r0.get('threads', '?')} threads"])
@@ -342,7 +164,7 @@ def _header(models: dict[str, list[Run]], run_dir: Path, is_parent: bool, data_d
 def _results_section(models: dict[str, list[Run]]) -> str:
     header = ["model", "norm layer", "params", "epochs", "train acc (running, augmented)", "train acc (clean)",
               "**test acc**", "test acc, flip TTA", "s/epoch", "device", "within limits"]
-    rows = [[f"{NORM_NAMES[n]} ({n})", _norm_layer(n, rs[0].config.groups), f"{rs[0].results['params']:,}", rs[0].results["epochs"],
+    rows = [[f"{NORMS[n].label} ({n})", NORMS[n].describe(**rs[0].config.to_dict()), f"{rs[0].results['params']:,}", rs[0].results["epochs"],
              acc_cell(_col(rs, "train_acc_running")), acc_cell(_col(rs, "train_acc_clean")),
              f"**{acc_cell(_col(rs, 'test_acc'))}**", acc_cell(_col(rs, "test_acc_flip_tta")),
              secs_cell(_col(rs, "seconds_per_epoch")), f"{rs[0].results.get('device', '?')}, {rs[0].results.get('precision', '?')}",
@@ -378,14 +200,14 @@ def _misclassified_section(models, fig_dir: Path, test_images: np.ndarray | None
     for norm, runs in models.items():
         r = runs[0]
         if r.labels is None or test_images is None:
-            parts.append(f"{NORM_NAMES[norm]}: the test set was not read (`--no-test`), so there are no predictions to show.")
+            parts.append(f"{NORMS[norm].label}: the test set was not read (`--no-test`), so there are no predictions to show.")
             continue
         idx = select_misclassified(r.labels, r.preds, r.probs)
         seed = f", seed {r.seed}" if len(runs) > 1 else ""
-        title = f"{NORM_NAMES[norm]} ({norm}{seed})\ntest accuracy {pct(r.results['test_acc'])}: the {len(idx)} most confident mistakes"
+        title = f"{NORMS[norm].label} ({norm}{seed})\ntest accuracy {pct(r.results['test_acc'])}: the {len(idx)} most confident mistakes"
         path = figures.misclassified_grid(test_images, r.labels, r.preds, r.probs, idx, title, fig_dir / f"misclassified_{norm}.png")
         short = "" if len(idx) == N_MISCLASSIFIED else f" (only {len(idx)} test images were misclassified)"
-        parts.append(f"### {NORM_NAMES[norm]}{short}\n\n![{NORM_NAMES[norm]}: misclassified test images]({FIGURES_DIR}/{path.name})")
+        parts.append(f"### {NORMS[norm].label}{short}\n\n![{NORMS[norm].label}: misclassified test images]({FIGURES_DIR}/{path.name})")
     return "\n\n".join(parts)
 
 
@@ -406,12 +228,12 @@ def _curves_section(models, fig_dir: Path) -> str:
         n_seeds = len(next(iter(models.values())))
         over = f" (mean over {n_seeds} seeds)" if n_seeds > 1 else ""
         path = figures.training_curves({n: _mean_rows(rs) for n, rs in models.items()}, f"All models{over}",
-                                       fig_dir / "curves_all.png", figures.MODEL_COLOURS)
+                                       fig_dir / "curves_all.png", {n: NORMS[n].colour for n in models})
         parts.append(f"All models together{over}:\n\n![training curves of all models]({FIGURES_DIR}/{path.name})")
     for norm, runs in models.items():
         series = {f"seed {r.seed}": r.metrics for r in runs}
-        path = figures.training_curves(series, NORM_NAMES[norm], fig_dir / f"curves_{norm}.png")
-        parts.append(f"### {NORM_NAMES[norm]}\n\n![training curves, {NORM_NAMES[norm]}]({FIGURES_DIR}/{path.name})")
+        path = figures.training_curves(series, NORMS[norm].label, fig_dir / f"curves_{norm}.png")
+        parts.append(f"### {NORMS[norm].label}\n\n![training curves, {NORMS[norm].label}]({FIGURES_DIR}/{path.name})")
     return "\n\n".join(parts)
 
 
@@ -426,16 +248,16 @@ def _per_class_section(models, fig_dir: Path) -> str:
         accs = {n: [float(np.mean(r.preds[r.labels == c] == c)) if np.any(r.labels == c) else None for r in rs] for n, rs in tested.items()}
         rows.append([name, *(acc_cell(a) for a in accs.values())])
     rows.append(["**all**", *(f"**{acc_cell(_col(rs, 'test_acc'))}**" for rs in tested.values())])
-    parts += [md_table(["class", *(f"{NORM_NAMES[n]} ({n})" for n in tested)], rows, "l" + "r" * len(tested)),
+    parts += [md_table(["class", *(f"{NORMS[n].label} ({n})" for n in tested)], rows, "l" + "r" * len(tested)),
               "Confusion matrices (rows: true class, columns: predicted class; numbers are image counts, colour is the share "
               f"of the true class){', of the first seed' if n_seeds > 1 else ''}:"]
     if n_seeds > 1:
         parts[1] = f"Mean ± std over {n_seeds} seeds.\n\n" + parts[1]
     for norm, runs in tested.items():
         r = runs[0]
-        path = figures.confusion_matrix(r.labels, r.preds, f"{NORM_NAMES[norm]}: confusion matrix (test accuracy {pct(r.results['test_acc'])})",
+        path = figures.confusion_matrix(r.labels, r.preds, f"{NORMS[norm].label}: confusion matrix (test accuracy {pct(r.results['test_acc'])})",
                                         fig_dir / f"confusion_{norm}.png")
-        parts.append(f"![confusion matrix, {NORM_NAMES[norm]}]({FIGURES_DIR}/{path.name})")
+        parts.append(f"![confusion matrix, {NORMS[norm].label}]({FIGURES_DIR}/{path.name})")
     return "\n\n".join(parts)
 
 
@@ -446,7 +268,7 @@ def _summary_section(models) -> str:
     for norm, runs in models.items():
         cfg = runs[0].config
         params = runs[0].results["params"]
-        parts.append(f"<details>\n<summary>{NORM_NAMES[norm]} ({norm}): {params:,} trainable parameters</summary>\n\n"
+        parts.append(f"<details>\n<summary>{NORMS[norm].label} ({norm}): {params:,} trainable parameters</summary>\n\n"
                      f"```text\n{model_summary(cfg)}\n```\n\n</details>")
     return "\n\n".join(parts)
 
@@ -520,7 +342,7 @@ def write_report(run_dir: Path, data_dir: str | os.PathLike | None = None) -> Pa
         f"## Sample training images\n\nThe first {SAMPLES_PER_CLASS} training images of each class in file order:"
         f"\n\n![CIFAR-10 training images]({FIGURES_DIR}/{samples.name})",
     ]
-    path = run_dir / "report.md"
+    path = run_dir / REPORT
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n\n".join(sections) + "\n")
     os.replace(tmp, path)

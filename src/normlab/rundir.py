@@ -1,0 +1,289 @@
+"""The run folder: one home for its file names and formats, written atomically and read back.
+
+A model's folder holds ``config.json`` (the settings), ``checkpoint.pt`` (after every epoch),
+``metrics.csv``, ``model.pt``, ``predictions.csv`` and ``results.json``; a ``normlab run`` parent
+holds one such folder per norm (``bn/``, or ``bn/seed0/``... with several seeds). Everything is
+written to a temporary file and renamed, so a kill at any instant leaves the old file intact, and
+every ``.pt`` file is read with ``torch.load(weights_only=True)``: a folder someone hands you can
+hold wrong numbers, never code that runs.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from normlab.config import Config
+from normlab.data import CLASSES
+from normlab.errors import ReportError, TrainingError
+from normlab.norms import NORMS
+
+CONFIG = "config.json"          # the settings, written when the first epoch starts
+CHECKPOINT = "checkpoint.pt"    # written after every epoch: everything needed to resume
+METRICS = "metrics.csv"         # one row per epoch
+MODEL = "model.pt"              # written at the end: weights + config
+PREDICTIONS = "predictions.csv"  # one row per test image
+RESULTS = "results.json"        # written last: its presence means the model is finished
+REPORT = "report.md"            # in the folder given to normlab report
+FIGURES = "figures"             # the report's PNGs, beside report.md
+MARKERS = (CONFIG, RESULTS, CHECKPOINT)  # any of these marks a model's folder
+METRICS_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"]
+MODEL_FORMAT = "normlab-model"
+
+
+# ---------------------------------------------------------------- writing
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` a temporary file beside ``path``, then rename it over ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def load_pt(path: Path) -> Any:
+    """A ``.pt`` file's tensors, numbers, strings, lists and dicts; never code (weights_only=True)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _csv_cell(v: Any) -> Any:
+    return "" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)
+
+
+class RunDir:
+    """One model's run folder."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    # -- state
+    @property
+    def finished(self) -> bool:
+        return (self.path / RESULTS).is_file()
+
+    @property
+    def has_checkpoint(self) -> bool:
+        return (self.path / CHECKPOINT).is_file()
+
+    @property
+    def has_config(self) -> bool:
+        return (self.path / CONFIG).is_file()
+
+    def is_run(self) -> bool:
+        return any((self.path / f).exists() for f in MARKERS)
+
+    def check_writable(self) -> list[Path]:
+        """Create the folder (and its parents) if needed and prove it can be written; returns the folders it created."""
+        created = [p for p in (self.path, *self.path.parents) if not p.exists()][::-1]
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".normlab-write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise TrainingError(f"cannot write to output folder {self.path} ({e.strerror or e}); choose another with --out") from None
+        return created
+
+    # -- files
+    def write_config(self, cfg: Config) -> None:
+        atomic_write_text(self.path / CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+    def read_config(self) -> Config:
+        """The saved settings; TrainingError if the file cannot be read as a normlab config."""
+        try:
+            return Config.load(self.path / CONFIG).validate()
+        except (OSError, ValueError, TypeError) as e:
+            raise TrainingError(f"{self.path / CONFIG} is not a readable normlab config ({type(e).__name__}); "
+                                f"{self.path} cannot be resumed, start afresh with another --out") from None
+
+    def save_checkpoint(self, state: dict[str, Any], cfg: Config) -> None:
+        atomic_save({**state, "config": cfg.to_dict()}, self.path / CHECKPOINT)
+
+    def load_checkpoint(self) -> dict[str, Any]:
+        path = self.path / CHECKPOINT
+        try:
+            ck = load_pt(path)
+        except Exception as e:
+            raise TrainingError(f"{path} is not a readable normlab checkpoint ({type(e).__name__}); it may be damaged or not "
+                                f"written by normlab (normlab loads no code from it); delete it to start the run afresh") from None
+        if not isinstance(ck, dict):
+            raise TrainingError(f"{path} is not a normlab checkpoint; delete it to start the run afresh")
+        return ck
+
+    def write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=METRICS_FIELDS)
+                w.writeheader()
+                for r in rows:
+                    w.writerow({k: _csv_cell(r.get(k)) for k in METRICS_FIELDS})
+        atomic_write(self.path / METRICS, write)
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        path = self.path / METRICS
+        try:
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            out = [{k: (None if v in ("", None) else (int(v) if k == "epoch" else float(v))) for k, v in r.items()} for r in rows]
+        except (OSError, ValueError) as e:
+            raise ReportError(f"{path} is unreadable ({type(e).__name__}: {e}); copy the run folder again") from None
+        if not out:
+            raise ReportError(f"{path} has no epochs: the run did not finish its first epoch")
+        return out
+
+    def write_predictions(self, labels: torch.Tensor, logits: torch.Tensor) -> None:
+        """One row per test image: index, true label, predicted label, the 10 class probabilities."""
+        probs = logits.float().softmax(1).cpu()
+        preds = probs.argmax(1)
+        lines = ["index,label,pred," + ",".join(f"p_{c}" for c in CLASSES)]
+        for i, (t, p, row) in enumerate(zip(labels.tolist(), preds.tolist(), probs.tolist())):
+            lines.append(f"{i},{t},{p}," + ",".join(f"{v:.5f}" for v in row))
+        atomic_write_text(self.path / PREDICTIONS, "\n".join(lines) + "\n")
+
+    def read_predictions(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        path = self.path / PREDICTIONS
+        try:
+            table = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
+        except (OSError, ValueError) as e:
+            raise ReportError(f"{path} is unreadable ({type(e).__name__}: {e}); copy the run folder again") from None
+        if table.shape[1] != 3 + len(CLASSES) or not np.array_equal(table[:, 0], np.arange(len(table))):
+            raise ReportError(f"{path} does not hold index,label,pred and 10 probabilities per test image in order; it was not written by normlab")
+        return table[:, 1].astype(np.int64), table[:, 2].astype(np.int64), table[:, 3:]
+
+    def write_results(self, results: dict[str, Any]) -> None:
+        atomic_write_text(self.path / RESULTS, json.dumps(results, indent=2) + "\n")
+
+    def read_results(self) -> dict[str, Any]:
+        return _read_json(self.path / RESULTS)
+
+    def save_model(self, cfg: Config, model: torch.nn.Module) -> None:
+        atomic_save({"format": MODEL_FORMAT, "config": cfg.to_dict(), "model": model.state_dict()}, self.path / MODEL)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ReportError(f"{path} is unreadable ({type(e).__name__}: {e}); copy the run folder again") from None
+
+
+def load_model(path: str | os.PathLike):
+    """The network (on the CPU) and ``Config`` stored in a ``model.pt`` (or a per-epoch ``checkpoint.pt``)."""
+    from normlab.models import Net
+
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingError(f"no checkpoint at {path}; pass the model.pt of a run folder")
+    try:
+        ck = load_pt(path)
+    except Exception as e:
+        raise TrainingError(f"{path} is not a PyTorch checkpoint that normlab can read safely ({type(e).__name__}); it may be damaged, "
+                            "or hold code, which normlab never runs; pass the model.pt that normlab train wrote") from None
+    if not isinstance(ck, dict) or "config" not in ck or "model" not in ck:
+        raise TrainingError(f"{path} is not a normlab checkpoint (no config and weights); pass the model.pt that normlab train wrote")
+    try:
+        cfg = Config.from_dict(ck["config"])
+        model = Net.from_config(cfg)
+        model.load_state_dict(ck["model"])
+    except (TypeError, ValueError, RuntimeError, KeyError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainingError(f"{path} holds weights of another network, not normlab's ({first[:160]}); pass the model.pt that normlab train wrote") from None
+    return model, cfg
+
+
+# ---------------------------------------------------------------- reading finished runs
+@dataclass
+class Run:
+    """One trained model (one norm, one seed) as its run folder describes it."""
+
+    path: Path
+    config: Config
+    results: dict[str, Any]
+    metrics: list[dict[str, Any]]  # rows of metrics.csv; val_* None without a validation split
+    labels: np.ndarray | None      # (N,) true test labels, from predictions.csv (None: test set not read)
+    preds: np.ndarray | None       # (N,) predicted labels
+    probs: np.ndarray | None       # (N, 10) class probabilities
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+
+def load_run(folder: Path, resume_hint: str) -> Run:
+    """Read one finished model folder; ``resume_hint`` is the command that would finish it."""
+    rd = RunDir(folder)
+    if not rd.finished:
+        raise ReportError(f"{folder} has no {RESULTS}: the run did not finish; resume it with {resume_hint}")
+    for name in (CONFIG, METRICS):
+        if not (folder / name).is_file():
+            raise ReportError(f"{folder} has {RESULTS} but no {name}: the run folder is incomplete; copy all of it again")
+    results = rd.read_results()
+    try:
+        config = Config.from_dict(_read_json(folder / CONFIG))
+    except TypeError as e:
+        raise ReportError(f"{folder / CONFIG} does not describe a normlab run ({e})") from None
+    labels = preds = probs = None
+    if "test_acc" in results:
+        if not (folder / PREDICTIONS).is_file():
+            raise ReportError(f"{folder} has a test accuracy but no {PREDICTIONS}: the run folder is incomplete; copy all of it again")
+        labels, preds, probs = rd.read_predictions()
+    return Run(folder, config, results, rd.read_metrics(), labels, preds, probs)
+
+
+def model_folder(parent: Path, norm: str, seed: int, n_seeds: int) -> Path:
+    """Where ``normlab run`` puts a model: ``parent/bn`` with one seed, ``parent/bn/seed3`` with several."""
+    return parent / norm if n_seeds == 1 else parent / norm / f"seed{seed}"
+
+
+def _seed_folders(norm_dir: Path) -> list[Path]:
+    found = [p for p in norm_dir.glob("seed*") if p.is_dir() and p.name[4:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[4:]))
+
+
+def find_runs(run_dir: Path) -> tuple[dict[str, list[Run]], bool]:
+    """Models of ``run_dir`` as {norm: runs sorted by seed}, and whether it is a ``normlab run`` parent."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ReportError(f"{run_dir} does not exist; pass a folder written by normlab run or normlab train")
+    if RunDir(run_dir).is_run():  # a single normlab train folder
+        run = load_run(run_dir, f"normlab train --resume --out {run_dir}")
+        return {run.config.norm: [run]}, False
+    hint = f"normlab run --resume --out {run_dir}"
+    models: dict[str, list[Run]] = {}
+    for norm in NORMS:
+        norm_dir = run_dir / norm
+        if not norm_dir.is_dir():
+            continue
+        if RunDir(norm_dir).is_run():
+            models[norm] = [load_run(norm_dir, hint)]
+        elif seeds := _seed_folders(norm_dir):
+            models[norm] = [load_run(s, hint) for s in seeds]
+        else:
+            raise ReportError(f"{norm_dir} holds no run (no {RESULTS}, no seed*/ folders): the run did not finish; resume it with {hint}")
+    if not models:
+        raise ReportError(f"{run_dir} holds no normlab run (no {RESULTS} in it, nor in {'/, '.join(NORMS)}/); "
+                          "pass a folder written by normlab run or normlab train")
+    seed_sets = {norm: [r.seed for r in runs] for norm, runs in models.items()}
+    if len({tuple(s) for s in seed_sets.values()}) > 1:
+        have = "; ".join(f"{n}: seeds {', '.join(map(str, s))}" for n, s in seed_sets.items())
+        raise ReportError(f"{run_dir} has different seeds per model ({have}): the run did not finish; resume it with {hint}")
+    return models, True
