@@ -43,7 +43,7 @@ def worker_normlab(args) -> dict:
     from normlab.train import infer, make_ema, make_optimizer, train_epoch
 
     cfg = dataclasses.replace(Config(norm=args.norm, batch_size=args.batch_size), **json.loads(args.config)).validate()
-    place = setup(Runtime(args.device, precision=args.precision), cfg.norm)  # normlab's own choice of precision and layout
+    place = setup(Runtime(args.device, precision=args.precision, compile=args.compile), cfg.norm)  # normlab's own choice of precision and layout
     if args.layout != "auto":
         place = dataclasses.replace(place, channels_last=args.layout == "cl")
     dev, cl = place.device, place.channels_last
@@ -52,16 +52,20 @@ def worker_normlab(args) -> dict:
     opt = make_optimizer(model, cfg)
     ema = make_ema(model, cfg.ema)
     scaler = place.grad_scaler()
+    net = place.compiled(model)  # as the trainer runs it: torch.compile'd on CUDA by default
     images, labels = D.load_split(args.data_dir, train=True)
     images, labels = images.to(dev), labels.to(dev)
     gen = torch.Generator().manual_seed(0)
     n = len(labels) if args.full else args.batches * args.batch_size
     warm = D.Batches(images[: args.warmup * args.batch_size], labels[: args.warmup * args.batch_size], args.batch_size, True, cfg.crop_pad, cfg.flip, cl, gen, cfg.alt_flip)
     timed = D.Batches(images[:n], labels[:n], args.batch_size, True, cfg.crop_pad, cfg.flip, cl, gen, cfg.alt_flip)
-    train_epoch(model, opt, warm, cfg, 0, 10_000, place, scaler, ema=ema, progress=False)
-    place.synchronize()
+    place.reset_peak_memory()
     t0 = time.perf_counter()
-    train_epoch(model, opt, timed, cfg, 0, 10_000, place, scaler, ema=ema, progress=False)
+    train_epoch(net, opt, warm, cfg, 0, 10_000, place, scaler, ema=ema, progress=False)  # compiles, if compiled
+    place.synchronize()
+    warm_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    train_epoch(net, opt, timed, cfg, 0, 10_000, place, scaler, ema=ema, progress=False)
     place.synchronize()
     train_s = time.perf_counter() - t0
     test, _ = D.load_split(args.data_dir, train=False)
@@ -73,7 +77,8 @@ def worker_normlab(args) -> dict:
     place.synchronize()
     eval_s = time.perf_counter() - t0
     return {"what": f"normlab {args.norm}", "precision": place.precision, "layout": place.layout,
-            "images": n, "train_s": train_s, "eval_images_per_s": len(test) / eval_s}
+            "images": n, "train_s": train_s, "eval_images_per_s": len(test) / eval_s,
+            "compile": place.compile, "warmup_s": warm_s, "gpu_peak_mib": place.record().get("gpu_peak_mib")}
 
 
 def worker_classic(args) -> dict:
@@ -115,7 +120,7 @@ def worker_classic(args) -> dict:
         loss.backward()
         opt.step()
     train_s = time.perf_counter() - t0
-    return {"what": "classic bn", "precision": "fp32", "layout": "NCHW", "images": steps * bs, "train_s": train_s, "eval_images_per_s": None}
+    return {"what": "classic bn", "precision": "fp32", "layout": "NCHW", "images": steps * bs, "train_s": train_s, "eval_images_per_s": None, "compile": False, "warmup_s": None, "gpu_peak_mib": None}
 
 
 def main() -> None:
@@ -131,6 +136,7 @@ def main() -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="normlab's precision; auto = normlab's choice for the device (default: auto)")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile normlab's network (default: auto = on CUDA)")
     p.add_argument("--layout", default="auto", choices=["auto", "cl", "nchw"], help="force a memory layout (default: normlab's choice)")
     p.add_argument("--config", default="{}", help='Config fields as JSON for the network and normlab\'s trainer, e.g. \'{"act": "relu"}\' (default: {})')
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -168,7 +174,10 @@ def main() -> None:
         r["train_images_per_s"], r["epoch_s"] = ips, EPOCH / ips
         results[r["what"]] = r
         ev = f"  eval {r['eval_images_per_s']:8.0f} img/s" if r["eval_images_per_s"] else ""
-        print(f"{r['what']:<12} {r['precision']} {r['layout']:<13} train {ips:7.0f} img/s  {r['epoch_s']:6.1f} s/epoch{ev}  peak RSS {r['peak_rss_mib']:6.0f} MiB", flush=True)
+        extra = f"  warm-up{' + compile' if r['compile'] else ''} {r['warmup_s']:.1f} s" if r["warmup_s"] is not None else ""
+        extra += f"  GPU peak {r['gpu_peak_mib']:.0f} MiB" if r["gpu_peak_mib"] is not None else ""
+        print(f"{r['what']:<12} {r['precision']} {r['layout']:<13} train {ips:7.0f} img/s  {r['epoch_s']:6.1f} s/epoch{ev}  "
+              f"peak RSS {r['peak_rss_mib']:6.0f} MiB{extra}", flush=True)
     if "classic bn" in results:
         base = results["classic bn"]["train_images_per_s"]
         for what, r in results.items():

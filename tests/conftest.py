@@ -1,6 +1,7 @@
 """Small CIFAR-10 look-alikes in the official on-disk layout, made in a temporary folder."""
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
@@ -8,6 +9,9 @@ import numpy as np
 import pytest
 
 from normlab.data import FOLDER, TEST_FILES, TRAIN_FILES
+
+# The device of the tests that train: the CPU here and in CI; benchmarks/gpu_check.sh sets cuda.
+DEVICE = os.environ.get("NORMLAB_TEST_DEVICE", "cpu")
 
 
 def make_cifar(root: Path, per_batch: int = 40, test: int = 50, seed: int = 0) -> Path:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_cifar
+from conftest import DEVICE, make_cifar
 from normlab import data as D
 from normlab import train as T
 from normlab.cli import main
@@ -25,7 +25,7 @@ from normlab.rundir import CHECKPOINT, METRICS_FIELDS, MODEL
 
 ALL_NORMS = list(DEFAULT_NORMS)  # what normlab run trains by default
 EPOCHS, BATCH = 3, 50  # 200 training images: 4 steps per epoch
-TRAIN_ARGS = ["--epochs", str(EPOCHS), "--batch-size", str(BATCH), "--threads", "1", "--device", "cpu"]
+TRAIN_ARGS = ["--epochs", str(EPOCHS), "--batch-size", str(BATCH), "--threads", "1", "--device", DEVICE]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def metrics_rows(path: Path) -> list[dict[str, str]]:
 
 
 def without_seconds(rows: list[dict[str, str]]) -> list[dict[str, str]]:
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in rows]  # seconds, test_seconds: timings
 
 
 # ---------------------------------------------------------------- a run end to end
@@ -104,7 +104,7 @@ def test_same_seed_same_results(runs, norm):
 def test_evaluate_end_to_end(runs, data_dir, tmp_path, capsys):
     out = runs[0] / "gn"
     js = tmp_path / "eval.json"
-    rc = main(["evaluate", str(out / MODEL), "--data-dir", str(data_dir), "--device", "cpu", "--threads", "1", "--json", str(js)])
+    rc = main(["evaluate", str(out / MODEL), "--data-dir", str(data_dir), "--device", DEVICE, "--threads", "1", "--json", str(js)])
     assert rc == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(js.read_text())

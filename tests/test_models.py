@@ -4,14 +4,27 @@ import torch
 from torch import nn
 
 from normlab.config import Config, ConfigError
-from normlab.models import LAYER_ORDER, PARAM_BUDGET, Net, count_params
-from normlab.norms import NORMS, make_norm
+from normlab.models import LAYER_ORDER, PARAM_BUDGET, ConvBlock, Net, PoolBlock, count_params
+from normlab.norms import DEFAULT_NORMS, NORMS, GhostBatchNorm2d, ScaledAffine2d, make_norm
 
 ALL_NORMS = list(NORMS)  # every norm of the registry
+NORM_KINDS = (nn.BatchNorm2d, nn.GroupNorm, ScaledAffine2d)  # the layers the registry makes
 
 
-def test_norms_are_the_three():
-    assert sorted(NORMS) == sorted(ALL_NORMS)
+def norm_layers(model: Net) -> list[nn.Module]:
+    """The norm of every conv block (C1..C9, and c3, c6 or their pools), by position in the block, not by type."""
+    return [m[1] if isinstance(m, ConvBlock) else m.norm for m in model.modules() if isinstance(m, (ConvBlock, PoolBlock))]
+
+
+def test_norms_are_the_five_and_the_default_run_the_three():
+    assert ALL_NORMS == ["bn", "gn", "ln", "in", "none"]
+    assert DEFAULT_NORMS == ("bn", "gn", "ln")
+
+
+def test_parameter_counts():
+    # every norm has a scale and a bias per channel (none: its affine layer), so all have the same count
+    assert {norm: count_params(Net(norm)) for norm in ALL_NORMS} == dict.fromkeys(ALL_NORMS, 47_978)
+    assert count_params(Net("bn", norm_batch=32)) == 47_978  # ghost batches add no parameters
 
 
 @pytest.mark.parametrize("norm", ALL_NORMS)
@@ -39,13 +52,22 @@ def test_layer_order_registered_and_applied(norm):
 @pytest.mark.parametrize("norm", ALL_NORMS)
 def test_norm_layers_are_the_named_kind(norm):
     model = Net(norm)
-    norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm))]
+    norms = norm_layers(model)
     assert len(norms) == 10  # one in each conv block, C1..C9 with c3 and c6; none after C10
+    assert norms == [m for m in model.modules() if isinstance(m, NORM_KINDS)]  # and no other norm anywhere
     if norm == "bn":
-        assert all(isinstance(m, nn.BatchNorm2d) for m in norms)
+        assert all(type(m) is nn.BatchNorm2d for m in norms)  # exactly batch norm (not ghost) by default
+    elif norm == "none":
+        assert all(type(m) is ScaledAffine2d for m in norms) and not list(model.buffers())
     else:
-        assert all(isinstance(m, nn.GroupNorm) for m in norms)
-        assert all(m.num_groups == (1 if norm == "ln" else model.groups) for m in norms)
+        assert all(type(m) is nn.GroupNorm for m in norms)
+        groups = {"gn": [model.groups] * 10, "ln": [1] * 10, "in": [m.num_channels for m in norms]}[norm]
+        assert [m.num_groups for m in norms] == groups
+
+
+def test_ghost_batch_norm_in_every_block():
+    norms = norm_layers(Net("bn", norm_batch=16))
+    assert len(norms) == 10 and all(type(m) is GhostBatchNorm2d and m.norm_batch == 16 for m in norms)
 
 
 @pytest.mark.parametrize("norm", ALL_NORMS)
@@ -103,7 +125,7 @@ def test_variants_keep_order_budget_and_shape(norm, pool_first, act):
     kinds = {type(m) for m in model.modules()}
     assert (nn.GELU in kinds) == (act == "gelu") and (nn.ReLU in kinds) == (act == "relu")
     # pool first: the pools carry the norms of c3 and c6; otherwise the 1x1 convs do.
-    assert any(isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)) for m in model.P1.modules()) == pool_first
+    assert any(isinstance(m, NORM_KINDS) for m in model.P1.modules()) == pool_first
     assert model(torch.randn(3, 3, 32, 32)).shape == (3, 10)
 
 

@@ -19,7 +19,9 @@ from normlab import rundir as R
 ALL_NORMS = list(NORMS)  # every norm of the registry
 
 
-@pytest.mark.parametrize("norm", ALL_NORMS)
+# Not instance norm: it removes each image's per-channel mean, all that tells these synthetic classes apart
+# (conftest.py), and starts slowly on any data; tests/test_norms.py trains it longer on spatial patterns.
+@pytest.mark.parametrize("norm", [n for n in ALL_NORMS if n != "in"])
 def test_a_few_steps_lower_the_loss(cifar_dir, norm):
     images, labels = D.load_split(cifar_dir, train=True)
     cfg = Config(norm=norm, lr=0.05, batch_size=20, epochs=2)
@@ -67,12 +69,15 @@ def test_atomic_save_keeps_old_file_on_a_crash(tmp_path, monkeypatch):
 
 
 def _nan_at(call: int):
-    """A stand-in for torch.nn.functional whose ``call``-th cross-entropy is NaN."""
+    """A stand-in for torch.nn.functional whose ``call``-th training cross-entropy is NaN (the evaluations
+    after each epoch, without label smoothing, are not counted)."""
     calls = [0]
 
     def cross_entropy(*args, **kwargs):
-        calls[0] += 1
         loss = F.cross_entropy(*args, **kwargs)
+        if "label_smoothing" not in kwargs:  # validation or test monitoring, not a training step
+            return loss
+        calls[0] += 1
         return loss * float("nan") if calls[0] == call else loss
 
     return types.SimpleNamespace(cross_entropy=cross_entropy)

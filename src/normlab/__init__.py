@@ -1,8 +1,43 @@
-"""normlab: batch vs group vs layer normalization on one small CNN for CIFAR-10."""
+"""normlab: batch vs group vs layer normalization on one small CNN for CIFAR-10.
+
+In a notebook::
+
+    import normlab
+    result = normlab.run(data_dir="data", epochs=20)   # bn, gn and ln, then report.md
+    result["gn"].plot_misclassified()
+    normlab.predict(result["gn"].model_path, ["my_cat.jpg"])
+
+``train``, ``run``, ``sweep``, ``evaluate``, ``predict`` and ``load`` are ``normlab.api``'s functions.
+"""
+import inspect
+import types
+
+from normlab import api
+from normlab import train as _loop  # the training loop's module, normlab/train.py
+from normlab.api import evaluate, load, predict, run, sweep
 from normlab.config import Config
 from normlab.device import Runtime
+from normlab.errors import ConfigError, DataError, NormlabError, ReportError, TrainingError, UsageError
 from normlab.models import Net, count_params
 from normlab.norms import NORMS, make_norm
+from normlab.result import Prediction, RunResult, TrainResult, plot_predictions, predictions_table
+
+
+class _TrainModule(types.ModuleType):
+    """``normlab.train`` names both the loop's module (``from normlab import train as T`` keeps working) and,
+    called, ``normlab.api.train``: a package attribute can be only one object, and the submodule came first."""
+
+    def __call__(self, *args, **kwargs) -> TrainResult:
+        return api.train(*args, **kwargs)
+
+    __call__.__doc__ = api.train.__doc__
+
+
+_loop.__class__ = _TrainModule
+_loop.__signature__ = inspect.signature(api.train)  # what help() and a notebook's Shift-Tab show
+train = _loop
 
 __version__ = "0.1.0"
-__all__ = ["Config", "NORMS", "Net", "Runtime", "count_params", "make_norm", "__version__"]
+__all__ = ["Config", "ConfigError", "DataError", "NORMS", "Net", "NormlabError", "Prediction", "ReportError", "RunResult", "Runtime",
+           "TrainResult", "TrainingError", "UsageError", "count_params", "evaluate", "load", "make_norm", "plot_predictions",
+           "predict", "predictions_table", "run", "sweep", "train", "__version__"]

@@ -1,26 +1,39 @@
 """What normlab does, as functions: ``train`` one model, ``run`` the norms x seeds and report,
-``evaluate`` a saved model. The command line and notebooks both call these; they raise the
-errors of ``errors.py`` and never exit.
+``sweep`` norms x a grid of settings x seeds (locally or on Ray), ``evaluate`` a saved model, ``predict`` the classes of your own images, ``load`` a finished run.
+The command line and notebooks both call these; they raise the errors of ``errors.py`` (the CLI
+prints their message as its one line) and never exit.
+
+From a notebook, settings are keywords: ``train(norm="gn", data_dir="data", epochs=20)`` takes any
+``Config`` setting (what the model learns) and any ``Runtime`` option (``device``, ``threads``,
+``precision``: how it runs), and without ``out`` writes into a fresh folder under ``runs/``.
+``train`` and ``run`` return a ``TrainResult`` / ``RunResult`` (``result.py``).
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from normlab import data as D
-from normlab.config import MAX_EPOCHS, Config
+from normlab.config import MAX_EPOCHS, Config, parse_widths, setting_fields
 from normlab.device import Runtime, device_name, peak_rss_mib, set_threads, setup
-from normlab.errors import ConfigError, TrainingError
+from normlab.errors import ConfigError, TrainingError, UsageError
 from normlab.models import PARAM_BUDGET, count_params
 from normlab.norms import DEFAULT_NORMS, NORMS
-from normlab.plan import execute, plan_models
-from normlab.rundir import RunDir, load_model
+from normlab.plan import execute, parse_grid, plan_models, plan_sweep
+from normlab.result import Prediction, RunResult, TrainResult
+from normlab.rundir import RunDir, find_runs, load_model
 from normlab.train import Diverged, Trainer, evaluate as evaluate_model, infer
+
+if TYPE_CHECKING:
+    from normlab.sweepdir import SweepResult  # imported when a sweep runs: it brings the report's modules
 
 Log = Callable[[str], None]
 
@@ -29,13 +42,64 @@ def _log(message: str) -> None:
     print(message, flush=True)  # flushed: a log file of a long run must show each epoch as it ends
 
 
-def train(cfg: Config, data_dir: str | os.PathLike | None, out: str | os.PathLike, resume: bool = False,
-          runtime: Runtime = Runtime(), log: Log = _log) -> dict[str, Any]:
-    """Train one model as ``cfg`` says into the run folder ``out``; returns results.json's content.
+def _warn(message: str) -> None:
+    import sys
 
-    With ``resume`` the folder's own settings are used and training continues from its last
-    complete epoch. A run that fails before its first epoch is complete leaves nothing behind
-    (except after Ctrl-C, when its saved settings let ``--resume`` start it again)."""
+    print(f"normlab: warning: {message}", file=sys.stderr, flush=True)
+
+
+RUNS = Path("runs")  # where a notebook's runs go when no folder is given
+RUNTIME_OPTIONS = tuple(f.name for f in dataclasses.fields(Runtime))
+
+
+def options(cfg: Config | None, runtime: Runtime | None, keywords: dict[str, Any]) -> tuple[Config, Runtime]:
+    """``cfg`` and ``runtime`` (defaults if None) with ``keywords`` applied: ``Config`` settings and ``Runtime``
+    options by name. An unknown name is a ``ConfigError`` that lists the valid ones. Threads given here are set."""
+    settings = tuple(f.name for f in setting_fields())
+    unknown = [k for k in keywords if k not in settings and k not in RUNTIME_OPTIONS]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], settings + RUNTIME_OPTIONS, n=1)
+        raise ConfigError(f"unknown setting {', '.join(map(repr, unknown))}{f' (did you mean {close[0]!r}?)' if close else ''}; "
+                          f"settings: {', '.join(settings)}; runtime options: {', '.join(RUNTIME_OPTIONS)}")
+    learn = {k: v for k, v in keywords.items() if k in settings}
+    if isinstance(learn.get("widths"), str):
+        learn["widths"] = parse_widths(learn["widths"])
+    elif "widths" in learn:
+        learn["widths"] = tuple(learn["widths"])
+    cfg = dataclasses.replace(cfg if cfg is not None else Config(), **learn)
+    runtime = dataclasses.replace(runtime if runtime is not None else Runtime(), **{k: v for k, v in keywords.items() if k in RUNTIME_OPTIONS})
+    runtime.validate()
+    if "threads" in keywords:
+        set_threads(runtime.threads)
+    return cfg, runtime
+
+
+def fresh_folder(name: str) -> Path:
+    """runs/NAME-YYYYMMDD-HHMMSS (-2, -3... if that is taken): a folder no run has used."""
+    stem = RUNS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = stem, 1
+    while path.exists():
+        n += 1
+        path = stem.with_name(f"{stem.name}-{n}")
+    return path
+
+
+def train(cfg: Config | None = None, data_dir: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
+          resume: bool = False, runtime: Runtime | None = None, log: Log = _log, **settings: Any) -> TrainResult:
+    """Train one model into the run folder ``out``; returns its ``TrainResult`` (folder, results, metrics, config).
+
+    What it learns is ``cfg`` (default ``Config()``) with ``settings`` applied, e.g.
+    ``train(norm="gn", data_dir="data", epochs=20)``; how it runs is ``runtime`` with the runtime
+    options among ``settings`` (``device``, ``threads``, ``precision``...). Without ``out`` it trains
+    into a fresh folder runs/NORM-DATE-TIME. With ``resume`` the folder's own settings are used and
+    training continues from its last complete epoch. A run that fails before its first epoch is
+    complete leaves nothing behind (except after Ctrl-C, when its saved settings let ``--resume``
+    start it again)."""
+    cfg, runtime = options(cfg, runtime, settings)
+    if out is None:
+        if resume:
+            raise UsageError("resume needs the run folder to continue: pass out=RUN_FOLDER")
+        out = fresh_folder(cfg.norm)
     cfg.validate()
     runtime.validate()
     started = time.perf_counter()
@@ -50,9 +114,12 @@ def train(cfg: Config, data_dir: str | os.PathLike | None, out: str | os.PathLik
     elif rd.finished or rd.has_checkpoint:
         raise TrainingError(f"{rd} already holds a run; resume it with --resume, or choose another --out")
     had_config = rd.has_config
+    recorded = rd.read_data() if had_config else None
+    if data_dir is None and recorded is not None:  # a resumed run finds its own data, not $NORMLAB_DATA's
+        data_dir = recorded["data_dir"]
     created = rd.check_writable()
     try:
-        return _train(cfg, D.resolve_data_dir(data_dir), rd, resume, runtime, log, started)
+        _train(cfg, D.resolve_data_dir(data_dir), rd, resume, runtime, log, started, recorded)
     except KeyboardInterrupt:
         raise  # resumable: config.json (and any checkpoint) stay, and the CLI prints the command that resumes
     except BaseException:
@@ -62,6 +129,7 @@ def train(cfg: Config, data_dir: str | os.PathLike | None, out: str | os.PathLik
             for folder in reversed(created):
                 _remove_if_empty(folder)
         raise
+    return TrainResult.load(rd.path)
 
 
 def _remove_if_empty(folder: Path) -> None:
@@ -71,13 +139,28 @@ def _remove_if_empty(folder: Path) -> None:
         pass
 
 
-def _train(cfg: Config, data_dir: Path, rd: RunDir, resume: bool, runtime: Runtime, log: Log, started: float) -> dict[str, Any]:
+def _check_data(rd: RunDir, data_dir: Path, recorded: dict[str, Any] | None, fingerprint: dict[str, Any]) -> None:
+    """Refuse to continue a run on other data than it started on."""
+    if recorded is not None and recorded["train"] != fingerprint:
+        was, now = recorded["train"], fingerprint
+        raise TrainingError(
+            f"{data_dir} holds other training data ({now['images']:,} images, labels hash {now['labels_sha256'][:12]}) than {rd} "
+            f"was trained on ({was['images']:,} images, labels hash {was['labels_sha256'][:12]}, from {recorded['data_dir']}); "
+            f"pass --data-dir {recorded['data_dir']}, or start afresh with another --out")
+
+
+def _train(cfg: Config, data_dir: Path, rd: RunDir, resume: bool, runtime: Runtime, log: Log, started: float,
+           recorded: dict[str, Any] | None) -> dict[str, Any]:
     place = setup(runtime, cfg.norm)
+    place.reset_peak_memory()
     images, labels = D.load_split(data_dir, train=True)
+    fingerprint = D.fingerprint(images, labels)
+    _check_data(rd, data_dir, recorded, fingerprint)
     # Read (not yet used) up front: a bad test file must fail before the training, not after it.
     test_split = D.load_split(data_dir, train=False) if cfg.eval_test else None
     train_idx, val_idx = D.stratified_split(labels, cfg.val_size, cfg.seed)
-    trainer = Trainer(cfg, place, images[train_idx], labels[train_idx], images[val_idx], labels[val_idx], progress=runtime.progress)
+    trainer = Trainer(cfg, place, images[train_idx], labels[train_idx], images[val_idx], labels[val_idx], progress=runtime.progress,
+                      test_x=test_split[0] if test_split else None, test_y=test_split[1] if test_split else None)
     if resume:
         ck = rd.load_checkpoint()
         try:
@@ -88,13 +171,15 @@ def _train(cfg: Config, data_dir: Path, rd: RunDir, resume: bool, runtime: Runti
         log(f"resuming {rd} after epoch {trainer.epoch} of {cfg.epochs}")
     else:
         rd.write_config(cfg)
+    if recorded is None or recorded["data_dir"] != str(data_dir.resolve()):
+        rd.write_data({"data_dir": str(data_dir.resolve()), "train": fingerprint})
 
     n_params = count_params(trainer.model)
     limit = "" if cfg.epochs <= MAX_EPOCHS else f"  [{cfg.epochs} epochs: OUTSIDE the assignment's limit of {MAX_EPOCHS}]"
     log(f"{NORMS[cfg.norm].label} ({cfg.norm}): {n_params:,} parameters, {len(trainer.train_y):,} training / {len(trainer.val_y):,} "
         f"validation images, {place.device.type}, {place.precision}, {place.layout}, {torch.get_num_threads()} threads{limit}")
     if trainer.epoch == 0:
-        log(f"{'epoch':>5} {'lr':>7} {'loss':>7} {'train':>7} {'val':>7} {'sec':>6}")
+        log(f"{'epoch':>5} {'lr':>7} {'loss':>7} {'train':>7} {'val':>7} {'test':>7} {'sec':>6}")
     while not trainer.done:
         try:
             row = trainer.run_epoch()
@@ -103,8 +188,8 @@ def _train(cfg: Config, data_dir: Path, rd: RunDir, resume: bool, runtime: Runti
             raise TrainingError(f"{e}; {kept}Start again with a lower --lr" + (" and another --out" if e.epoch > 1 else "")) from None
         rd.save_checkpoint(trainer.state_dict(), cfg)
         rd.write_metrics(trainer.metrics)
-        v = f"{row['val_acc']:7.2%}" if row["val_acc"] is not None else f"{'-':>7}"
-        log(f"{row['epoch']:>5} {row['lr']:7.4f} {row['train_loss']:7.4f} {row['train_acc']:7.2%} {v} {row['seconds']:6.1f}")
+        v, t = (f"{row[k]:7.2%}" if row[k] is not None else f"{'-':>7}" for k in ("val_acc", "test_acc"))
+        log(f"{row['epoch']:>5} {row['lr']:7.4f} {row['train_loss']:7.4f} {row['train_acc']:7.2%} {v} {t} {row['seconds']:6.1f}")
 
     # Final figures: the model as it stands after its last epoch.
     rows, final = trainer.metrics, trainer.final
@@ -115,16 +200,16 @@ def _train(cfg: Config, data_dir: Path, rd: RunDir, resume: bool, runtime: Runti
         "train_acc_clean": evaluate_model(final, trainer.train_x, trainer.train_y, place)[0],
         "val_acc": rows[-1]["val_acc"] if rows else None,
         "seconds_per_epoch": sum(r["seconds"] for r in rows) / max(1, len(rows)),
-        "device": device_name(place.device), "precision": place.precision, "channels_last": place.channels_last,
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "data_dir": str(Path(data_dir).resolve()),
+        "torch": torch.__version__, "data_dir": str(Path(data_dir).resolve()),
     }
     if cfg.eval_test:
-        test_x, test_y = (t.to(place.device) for t in test_split)
+        test_x, test_y = trainer.test_x, trainer.test_y  # already on the device
         logits = infer(final, test_x, place)
         results["test_acc"] = (logits.argmax(1) == test_y).float().mean().item()
         results["test_acc_flip_tta"] = evaluate_model(final, test_x, test_y, place, flip=True)[0]
         rd.write_predictions(test_y.cpu(), logits)
     rd.save_model(cfg, final)
+    results.update(place.record())  # device, precision, layout; threads on a CPU; capability and peak GPU memory on CUDA
     # This call's wall time (data loading, training, final evaluations; a resumed run counts from
     # its resumption) and the process's peak resident memory so far.
     results["wall_seconds"] = time.perf_counter() - started
@@ -137,11 +222,23 @@ def _train(cfg: Config, data_dir: Path, rd: RunDir, resume: bool, runtime: Runti
     return results
 
 
-def run(base: Config, data_dir: str | os.PathLike | None, out: str | os.PathLike, norms: Sequence[str] = DEFAULT_NORMS,
-        seeds: int = 1, first_seed: int = 0, resume: bool = False, jobs: int = 1, runtime: Runtime = Runtime(),
-        report: bool = True, resume_hint: str | None = None, log: Log = _log) -> Path | None:
-    """Train every norm x seed into ``out`` (one folder each), then write ``out/report.md``; returns its path
-    (None with ``report=False``). Every folder is checked before anything trains."""
+def run(base: Config | None = None, data_dir: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
+        norms: Sequence[str] = DEFAULT_NORMS, seeds: int = 1, first_seed: int | None = None, resume: bool = False, jobs: int = 1,
+        runtime: Runtime | None = None, report: bool = True, resume_hint: str | None = None, log: Log = _log,
+        **settings: Any) -> RunResult:
+    """Train every norm x seed into ``out`` (one folder each), then write ``out/report.md``; returns the
+    ``RunResult`` of the whole folder (its ``report`` is None with ``report=False``). Every folder is
+    checked before anything trains.
+
+    Settings and runtime options as keywords as for ``train``, e.g. ``run(data_dir="data", epochs=20)``;
+    without ``out`` it trains into a fresh folder runs/run-DATE-TIME. Seeds start at ``first_seed``
+    (default: the config's ``seed``)."""
+    base, runtime = options(base, runtime, settings)
+    if out is None:
+        if resume:
+            raise UsageError("resume needs the folder of the run to continue: pass out=PARENT")
+        out = fresh_folder("run")
+    first_seed = base.seed if first_seed is None else first_seed
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1 (got {jobs})")
     parent = Path(out)
@@ -150,18 +247,82 @@ def run(base: Config, data_dir: str | os.PathLike | None, out: str | os.PathLike
     for j in plan:
         if j.action == "skip":
             log(f"{j.out}: finished earlier, skipped")
-    todo = any(j.action != "skip" for j in plan)
-    execute(plan, train, D.resolve_data_dir(data_dir) if todo else None, runtime, jobs, log)
-    if not report:
-        return None
-    from normlab.report import write_report
+    # data_dir stays None if not given: a resumed model then finds the data it started on (data.json)
+    execute(plan, train, data_dir, runtime, jobs, log)
+    path = None
+    if report:
+        from normlab.report import write_report
 
-    return write_report(parent)
+        path = write_report(parent)
+    result = RunResult.load(parent)
+    result.report = path  # None with report=False, even where an older report.md lies
+    return result
 
 
-def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike | None, runtime: Runtime = Runtime()) -> dict[str, Any]:
+def sweep(base: Config | None = None, data_dir: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
+          norms: Sequence[str] | str = DEFAULT_NORMS, grid: Sequence[str] | dict[str, Sequence[Any]] = (), seeds: int = 1,
+          first_seed: int | None = None, resume: bool = False, jobs: int = 1, runtime: Runtime | None = None, ray: str | None = None,
+          ray_cpus: float = 1.0, ray_gpus: float = 0.0, ray_retries: int = 3, ray_scratch: str | None = None, report: bool = True,
+          resume_hint: str | None = None, log: Log = _log, **settings: Any) -> "SweepResult":
+    """Train norms x ``grid`` x seeds into ``out`` (one folder per model: out/bn/norm_batch=8/seed0), then write
+    ``sweep.csv`` and ``sweep.md``; returns the ``SweepResult``. ``grid`` is ``{"lr": [0.05, 0.1]}`` or the CLI's
+    ``["lr=0.05,0.1"]``; a setting that only other norms read (``groups`` for bn) gives a norm one model, not one per value.
+
+    Locally by default (``jobs`` at a time); with ``ray`` (auto | local | HOST:PORT) each model is a Ray task asking
+    ``ray_cpus`` CPUs and ``ray_gpus`` GPUs. A model that fails is reported and the others finish: then ``SweepError``
+    (its ``result`` is the sweep) names the failed ones, after the files are written. Settings as for ``run``."""
+    from normlab import sweepdir as S
+    from normlab.cluster import RayOptions, execute_ray, import_ray
+
+    base, runtime = options(base, runtime, settings)
+    if out is None:
+        if resume:
+            raise UsageError("resume needs the folder of the sweep to continue: pass out=PARENT")
+        out = fresh_folder("sweep")
+    parent, first_seed = Path(out), base.seed if first_seed is None else first_seed
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1 (got {jobs})")
+    ray_options = RayOptions(ray, ray_cpus, ray_gpus, ray_retries, ray_scratch).validate() if ray else None
+    if ray_options and jobs > 1:
+        raise ConfigError("--jobs is for local runs; with --ray, the cluster runs as many models at once as --ray-cpus/--ray-gpus allow")
+    norms = tuple(norms.split(",") if isinstance(norms, str) else norms)
+    manifest = S.Manifest(base, norms, parse_grid(grid), seeds, first_seed)
+    hint = resume_hint or f"{manifest.command(parent)} --resume"
+    plan = plan_sweep(base, norms, manifest.grid, seeds, first_seed, parent, resume, hint)
+    if ray_options:
+        import_ray()  # without the extra: one line now, before any file is written
+    S.write_manifest(parent, manifest, resume)
+    todo = [j for j in plan if j.action != "skip"]
+    log(f"sweep into {parent}: {len(plan)} model{'s' * (len(plan) > 1)}, {len(plan) - len(todo)} finished earlier, {len(todo)} to train")
+    if ray_options:
+        failures = execute_ray(plan, train, data_dir, runtime, ray_options, parent, resume, log)
+    else:  # data_dir stays None if not given: a resumed model then finds the data it started on (data.json)
+        failures = execute(plan, train, data_dir, runtime, jobs, log, keep_going=True)
+    result = S.write_sweep(parent, report=report)
+    if failures:
+        from normlab.errors import SweepError
+
+        failed = "; ".join(f"{j.out.relative_to(parent).as_posix()} ({' '.join(str(e).split()) or type(e).__name__})" for j, e in failures)
+        raise SweepError(f"{len(failures)} of the {len(todo)} models of the sweep failed: {failed}. The others finished and "
+                         f"{S.TABLE} in {parent} has them all; once the cause is fixed, train the failed ones with: {hint}", result)
+    return result
+
+
+def load(path: str | os.PathLike) -> "TrainResult | RunResult | SweepResult":
+    """A finished run read from its folder: a ``SweepResult`` for a ``normlab sweep`` folder, a ``RunResult`` for a
+    ``normlab run`` parent, else a ``TrainResult``."""
+    from normlab import sweepdir as S
+
+    if S.is_sweep(path):
+        return S.SweepResult.load(path)
+    _, is_parent = find_runs(Path(path))
+    return RunResult.load(path) if is_parent else TrainResult.load(path)
+
+
+def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike | None = None, runtime: Runtime | None = None,
+             **runtime_options: Any) -> dict[str, Any]:
     """Test accuracy (plain and flip-averaged) and loss of a saved ``model.pt`` on a CIFAR-10 folder."""
-    runtime.validate()
+    _, runtime = options(None, runtime, _only_runtime(runtime_options))
     model, cfg = load_model(Path(model_path))
     place = setup(runtime, cfg.norm)
     model = place.place(model)
@@ -172,3 +333,51 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike | None, 
     tta, _ = evaluate_model(model, images, labels, place, flip=True)
     return {"checkpoint": str(model_path), "norm": cfg.norm, "params": count_params(model), "data_dir": str(data_dir),
             "images": len(labels), "test_acc": acc, "test_loss": loss, "test_acc_flip_tta": tta, "device": device_name(place.device)}
+
+
+def _only_runtime(keywords: dict[str, Any]) -> dict[str, Any]:
+    wrong = [k for k in keywords if k not in RUNTIME_OPTIONS]
+    if wrong:
+        raise ConfigError(f"unknown option {', '.join(map(repr, wrong))}; runtime options: {', '.join(RUNTIME_OPTIONS)}")
+    return keywords
+
+
+def predict(model_path: str | os.PathLike, paths: Sequence[str | os.PathLike], top: int = 3, runtime: Runtime | None = None,
+            warn: Log = _warn, **runtime_options: Any) -> list[Prediction]:
+    """The ``top`` classes, with probabilities, of each image that ``paths`` name (files of any size, or folders,
+    expanded to their image files), by the model in ``model_path`` (a ``model.pt``).
+
+    Each image is cut to its centred square and resized to 32x32 (``images.py``). A path that gives no
+    image is reported on one line through ``warn`` (default: stderr) and the others are still predicted;
+    ``UsageError`` if none is."""
+    from normlab import images as I
+    from normlab.data import CLASSES
+
+    _, runtime = options(None, runtime, _only_runtime(runtime_options))
+    if not 1 <= top <= len(CLASSES):
+        raise ConfigError(f"top must be between 1 and {len(CLASSES)} (got {top})")
+    model, cfg = load_model(Path(model_path))  # first: a bad model fails before any image is read
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    kept, pixels = [], []
+    for path in paths:  # warnings in the order the paths were given
+        try:
+            files = I.expand(path)
+        except I.ImageError as e:
+            warn(str(e))
+            continue
+        for f in files:
+            try:
+                pixels.append(I.read_image(f))
+                kept.append(f)
+            except I.ImageError as e:
+                warn(str(e))
+    if not kept:
+        raise UsageError(f"no image to predict among the {len(paths)} path(s) given ({I.DESCRIBED} files, or folders of them)")
+    place = setup(runtime, cfg.norm)
+    batch = torch.from_numpy(np.stack(pixels)).to(place.device)  # (N, 3, 32, 32) uint8
+    probs = infer(place.place(model), batch, place).softmax(1).cpu()
+    out = []
+    for f, image, p in zip(kept, pixels, probs.tolist()):
+        best = sorted(range(len(CLASSES)), key=lambda c: -p[c])[:top]
+        out.append(Prediction(f, dict(zip(CLASSES, p)), [(CLASSES[c], p[c]) for c in best], image))
+    return out

@@ -1,4 +1,4 @@
-"""Command line: ``normlab train | run | evaluate | summary | report``, a thin layer over ``api``.
+"""Command line: ``normlab train | run | sweep | evaluate | predict | summary | report``, a thin layer over ``api``.
 
 Every flag of what a model learns comes from ``Config``'s fields (their flags and help live
 there), every flag of how it runs from ``device.Runtime``; expected failures (bad data, bad
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from normlab.config import MAX_EPOCHS, Config, flag_of, format_value, parse_widths, setting_fields
-from normlab.device import DEVICES, PRECISIONS, Runtime, set_threads
+from normlab.device import COMPILE, PRECISIONS, Runtime, set_threads
 from normlab.errors import NormlabError
 from normlab.norms import DEFAULT_NORMS, NORMS
 
@@ -47,11 +47,15 @@ def add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ("norm"
 
 def add_runtime_flags(p: argparse.ArgumentParser) -> None:
     d = Runtime()
-    p.add_argument("--device", default=d.device, choices=DEVICES, help=f"(default: {d.device})")
+    p.add_argument("--device", default=d.device, help=f"auto | cpu | cuda | cuda:N (default: {d.device})")
     p.add_argument("--threads", type=int, default=d.threads, help="CPU threads, 0 = all cores (default: 0)")
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
                    help="bf16/fp16 autocast or fp32; auto = what the hardware runs natively: bf16 on GPUs of capability 8.0 "
                         "and later and on CPUs with AVX512-BF16 or AMX, fp16 (with loss scaling) on older GPUs, fp32 on other CPUs (default: auto)")
+    p.add_argument("--compile", default=d.compile, choices=COMPILE,
+                   help="torch.compile the network: fewer kernel launches on a GPU, slower on a CPU (default: auto = on CUDA only)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic cuDNN algorithms on a GPU (slower); CPU runs repeat bit for bit without it")
 
 
 def config_from(args: argparse.Namespace, **override) -> Config:
@@ -62,7 +66,8 @@ def config_from(args: argparse.Namespace, **override) -> Config:
 
 
 def runtime_from(args: argparse.Namespace) -> Runtime:
-    return Runtime(device=args.device, threads=args.threads, precision=getattr(args, "precision", "auto")).validate()
+    return Runtime(device=args.device, threads=args.threads, precision=args.precision, compile=args.compile,
+                   deterministic=args.deterministic).validate()
 
 
 def resume_command(argv: list[str], args: argparse.Namespace) -> str:
@@ -93,12 +98,26 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
 
     runtime = runtime_from(args)
     set_threads(runtime.threads)
-    path = api.run(config_from(args), args.data_dir, args.out, norms=args.norms.split(","), seeds=args.seeds, first_seed=args.seed,
-                   resume=args.resume, jobs=args.jobs, runtime=runtime, report=not args.no_report,
-                   resume_hint=resume_command(argv, args))
+    result = api.run(config_from(args), args.data_dir, args.out, norms=args.norms.split(","), seeds=args.seeds, first_seed=args.seed,
+                     resume=args.resume, jobs=args.jobs, runtime=runtime, report=not args.no_report,
+                     resume_hint=resume_command(argv, args))
     print(summary_table(Path(args.out)))
-    if path is not None:
-        print(f"report: {path}")
+    if result.report is not None:
+        print(f"report: {result.report}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace, argv: list[str]) -> int:
+    from normlab import api
+
+    runtime = runtime_from(args)
+    set_threads(runtime.threads)
+    result = api.sweep(config_from(args), args.data_dir, args.out, norms=args.norms.split(","), grid=args.grid, seeds=args.seeds,
+                       first_seed=args.seed, resume=args.resume, jobs=args.jobs, runtime=runtime, ray=args.ray, ray_cpus=args.ray_cpus,
+                       ray_gpus=args.ray_gpus, ray_retries=args.ray_retries, ray_scratch=args.ray_scratch, report=not args.no_report,
+                       resume_hint=resume_command(argv, args))  # SweepError (exit 2) names the models that failed
+    print(result.table())
+    print(f"table: {Path(args.out) / 'sweep.csv'}" + (f"\nreport: {result.report}" if result.report else ""))
     return 0
 
 
@@ -111,6 +130,19 @@ def cmd_evaluate(args: argparse.Namespace, argv: list[str]) -> int:
     print(text)
     if args.json:
         Path(args.json).write_text(text + "\n")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace, argv: list[str]) -> int:
+    from normlab import api
+    from normlab.result import predictions_table
+
+    runtime = runtime_from(args)
+    set_threads(runtime.threads)
+    predictions = api.predict(Path(args.model), args.images, top=args.top, runtime=runtime)  # UsageError (exit 2) if none
+    print(predictions_table(predictions))
+    if args.json:
+        Path(args.json).write_text(json.dumps([p.to_dict() for p in predictions], indent=2) + "\n")
     return 0
 
 
@@ -157,12 +189,53 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-report", action="store_true", help="print the table but do not write report.md")
     r.set_defaults(func=cmd_run)
 
+    w = sub.add_parser("sweep", help="train norms x a grid of settings x seeds (locally or on Ray), then write sweep.md",
+                       description="One model per norm, combination of the --grid values and seed, each in its own folder "
+                                   "(OUT/bn/norm_batch=8/seed0); a setting that only other norms read (groups for bn) gives a norm "
+                                   "one model at the base value. A model that fails is reported and the others finish (exit 2).")
+    add_data_flag(w)
+    add_config_flags(w)
+    add_runtime_flags(w)
+    w.add_argument("--norms", default=",".join(DEFAULT_NORMS), help=f"comma-separated norms, of {', '.join(NORMS)} (default: {','.join(DEFAULT_NORMS)})")
+    w.add_argument("--grid", action="append", default=[], metavar="SETTING=V1,V2,...",
+                   help="a setting and its values, e.g. --grid norm_batch=2,8,32 (any training setting by name; repeat for "
+                        "several settings: every combination is trained; widths values as 16x32x24) (default: none)")
+    w.add_argument("--seeds", type=int, default=1, help="seeds per cell; the table and figure give mean and std (default: 1)")
+    w.add_argument("--seed", type=int, default=DEFAULTS.seed, help=f"first seed (default: {DEFAULTS.seed})")
+    w.add_argument("--out", default="runs/sweep", help="the sweep's folder (default: runs/sweep)")
+    w.add_argument("--resume", action="store_true", help="skip finished models and continue interrupted ones")
+    w.add_argument("--jobs", type=int, default=1, help="models trained at once on this machine, each on its share of the cores (default: 1)")
+    w.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="train each model as a task on a Ray cluster: auto (the one `ray start` runs here, or $RAY_ADDRESS), "
+                        "HOST:PORT (what ray start --head printed), or local (a Ray instance for this sweep only); needs pip install 'normlab[ray]' "
+                        "(default: no Ray, --jobs local processes)")
+    w.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs each model asks of a Ray node, also its threads (default: 1)")
+    w.add_argument("--ray-gpus", type=float, default=0.0,
+                   help="GPUs each model asks of a Ray node; a fraction such as 0.25 lets four small models share one GPU (default: 0)")
+    w.add_argument("--ray-retries", type=int, default=3,
+                   help="times a model whose Ray worker died is run again, from its last epoch where the node kept it (default: 3)")
+    w.add_argument("--ray-scratch", default=None, metavar="DIR",
+                   help="folder on each Ray node where its models train before their files come back (default: the node's temporary folder)")
+    w.add_argument("--no-report", action="store_true", help="write sweep.csv but not sweep.md")
+    w.set_defaults(func=cmd_sweep)
+
     e = sub.add_parser("evaluate", help="test accuracy of a saved model.pt on a CIFAR-10 folder")
     e.add_argument("checkpoint", help="a model.pt written by normlab train")
     e.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py/ (default: $NORMLAB_DATA, else ./data)")
     e.add_argument("--json", default=None, help="also write the result to this JSON file (default: none)")
     add_runtime_flags(e)
     e.set_defaults(func=cmd_evaluate)
+
+    pr = sub.add_parser("predict", help="top classes of your own images (PNG, JPEG... of any size) by a saved model.pt",
+                        description="Each image is cut to its centred square and resized to 32x32 (Pillow, bilinear). Files that are "
+                                    "not readable images get one warning line each and the others are still predicted; the exit "
+                                    "status is 0 if at least one image was predicted, 2 if none.")
+    pr.add_argument("model", help="a model.pt written by normlab train")
+    pr.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, or folders (their image files, not recursive)")
+    pr.add_argument("--top", type=int, default=3, help="classes shown per image (default: 3)")
+    pr.add_argument("--json", default=None, help="also write the predictions to this JSON file (default: none)")
+    add_runtime_flags(pr)
+    pr.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("summary", help="layers, output shapes and parameter counts of one model")
     s.add_argument("--norm", default=DEFAULTS.norm, help=f"{' | '.join(NORMS)} (default: {DEFAULTS.norm})")
@@ -171,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_summary)
 
     rp = sub.add_parser("report", help="write report.md and figures from a run folder")
-    rp.add_argument("run_dir", help="a folder written by normlab run or normlab train")
+    rp.add_argument("run_dir", help="a folder written by normlab run, normlab train or normlab sweep (sweep.md and sweep.csv)")
     rp.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py/ for the image figures (default: the one the run recorded, else $NORMLAB_DATA, else ./data)")
     rp.set_defaults(func=cmd_report)
     return p
@@ -183,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args, argv)
     except KeyboardInterrupt:
-        hint = resume_command(argv, args) if args.command in ("train", "run") else None
+        hint = resume_command(argv, args) if args.command in ("train", "run", "sweep") else None
         msg = "normlab: interrupted; the last complete epoch is kept" + (f". Resume with: {hint}" if hint else "")
         print(msg, file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -31,6 +31,9 @@ class Config:
     widths: tuple[int, int, int] = _s((16, 32, 24), "widths (C1–C2, c3–C5, c6–C9)",
                                       "channels of C1-C2, C3-C5, C7-C9 (16,32,24 beat 16,24,32 on validation)")
     groups: int = _s(8, "groups (group norm)", "group count of group norm (8 beat 4 on validation)")
+    norm_batch: int = _s(0, "images per batch-norm statistics (ghost batches; 0 = the whole batch)",
+                         "batch norm only: compute its training statistics over groups of this many images of each batch "
+                         "(ghost batch norm; the last group may be smaller); 0 = the whole batch")
     weight_std: bool = _s(True, "weight-standardized convs", "plain convs instead of weight-standardized ones", "--no-weight-std")
     act: str = _s("gelu", "activation", "activation after every norm: relu | gelu (gelu won on validation)")
     pool_first: bool = _s(True, "c3, c6: max-pool before norm and activation",
@@ -39,7 +42,8 @@ class Config:
                              "start the last norm of each residual branch (C2, C5, C9) with scale 0, so each branch starts as the identity")
     epochs: int = _s(20, "epochs", f"passes over the training images; more than {MAX_EPOCHS} is flagged as outside the assignment")
     batch_size: int = _s(128, "batch size", "images per optimizer step")
-    lr: float = _s(0.2, "peak learning rate (one-cycle)", "peak learning rate of the one-cycle schedule")
+    lr: float = _s(0.2, "peak learning rate (one-cycle)", "peak learning rate of the one-cycle schedule; no normalization (--norm none) "
+                   "trains at 0.1 when this is left at 0.2")
     warmup: float = _s(0.2, "warm-up fraction", "fraction of all steps spent rising to the peak learning rate")
     momentum: float = _s(0.9, "momentum (Nesterov)", "SGD Nesterov momentum")
     weight_decay: float = _s(5e-4, "weight decay (conv weights)", "L2 on conv weights only (not on norms or biases)")
@@ -53,6 +57,16 @@ class Config:
     val_size: int = _s(0, "validation images held out", "training images held out (stratified) for validation; use 5000 to tune")
     seed: int = _s(0, "seed", "seeds the weights, the shuffling and the augmentation")
     eval_test: bool = _s(True, "test set read at the end", "do not read the test set (tuning runs)", "--no-test")
+
+    def __post_init__(self) -> None:
+        # A norm's own defaults (NORMS[norm].defaults, e.g. none: lr 0.1) replace the settings left at Config's default,
+        # so that Config(norm="none"), dataclasses.replace(cfg, norm="none") and --norm none all train at that lr.
+        from normlab.norms import NORMS
+
+        fields = type(self).__dataclass_fields__
+        for name, value in (NORMS[self.norm].defaults.items() if self.norm in NORMS else ()):
+            if getattr(self, name) == fields[name].default:
+                object.__setattr__(self, name, value)
 
     def validate(self) -> "Config":
         import torch
@@ -75,6 +89,7 @@ class Config:
             (0 <= self.crop_pad <= 16, f"--crop-pad must be between 0 and 16 (got {self.crop_pad})"),
             (self.val_size >= 0, f"--val-size must be 0 or more (got {self.val_size})"),
             (self.groups >= 1, f"--groups must be at least 1 (got {self.groups})"),
+            (self.norm_batch >= 0, f"--norm-batch must be 0 (the whole batch) or more (got {self.norm_batch})"),
             (len(self.widths) == 3 and all(w >= 1 for w in self.widths),
              f"--widths must be three positive channel counts (got {self.widths})"),
         ]
@@ -84,6 +99,9 @@ class Config:
         if "groups" in NORMS[self.norm].options and any(w % self.groups for w in self.widths):
             raise ConfigError(f"--groups {self.groups} must divide every width of --widths {','.join(map(str, self.widths))} "
                               f"for {NORMS[self.norm].label.lower()}; choose another group count or other widths")
+        if "norm_batch" in NORMS[self.norm].options and self.norm_batch > self.batch_size:
+            raise ConfigError(f"--norm-batch {self.norm_batch} is larger than --batch-size {self.batch_size}: the statistics' "
+                              f"groups are taken from each batch; choose at most {self.batch_size}, or 0 for the whole batch")
         try:  # the network checks its parameter budget; on the meta device huge widths allocate nothing
             with torch.device("meta"):
                 Net.from_config(self)

@@ -6,6 +6,7 @@ batch on the device, and crops and flips are drawn per image but applied per bat
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import pickle
@@ -179,6 +180,15 @@ def load_split(root: str | os.PathLike, train: bool, allow_download: bool = True
     return images, torch.from_numpy(labels)
 
 
+def fingerprint(images: torch.Tensor, labels: torch.Tensor) -> dict:
+    """What identifies a split: its size, a hash of its labels and a hash of every 97th image.
+
+    Recorded in a run folder, so that a resumed run refuses other data than it started on."""
+    sample = images[::97].contiguous().numpy().tobytes()
+    return {"images": len(labels), "labels_sha256": hashlib.sha256(labels.numpy().astype("<i8").tobytes()).hexdigest(),
+            "pixels_sha256": hashlib.sha256(sample).hexdigest()}
+
+
 def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (train, val) with ``val_size`` images held out in equal shares per class."""
     n = len(labels)
@@ -202,10 +212,25 @@ def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[to
     return order[~is_val].sort().values, order[is_val].sort().values
 
 
+@functools.lru_cache(maxsize=None)
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The channel mean and std (of 255) on ``device``, made once: a copy per batch would sync a GPU."""
+    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
+    return mean, std
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor (random draws) to the training device without blocking the host: through
+    pinned memory, asynchronously, on CUDA; unchanged on a CPU."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def normalize(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """uint8 (B, 3, 32, 32) -> float (B, 3, 32, 32) with training-set mean 0 and std 1 per channel."""
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255
+    mean, std = _mean_std(images.device)
     x = (images.float() - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
@@ -217,15 +242,16 @@ def augment(images: torch.Tensor, pad: int, flip: bool, generator: torch.Generat
     b, c, h, w = images.shape
     if pad:
         padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
-        dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(images.device)
-        dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(images.device)
+        # Drawn on the CPU generator (the same stream on every device, and resumable anywhere), copied without a sync.
+        dy = to_device(torch.randint(0, 2 * pad + 1, (b,), generator=generator), images.device)
+        dx = to_device(torch.randint(0, 2 * pad + 1, (b,), generator=generator), images.device)
         rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]  # (B, 1, H, 1)
         cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]  # (B, 1, 1, W)
         batch = torch.arange(b, device=images.device)[:, None, None, None]
         chan = torch.arange(c, device=images.device)[None, :, None, None]
         images = padded[batch, chan, rows, cols]
     if flip:
-        mask = flips if flips is not None else (torch.rand(b, generator=generator) < 0.5).to(images.device)
+        mask = flips if flips is not None else to_device(torch.rand(b, generator=generator) < 0.5, images.device)
         images = torch.where(mask[:, None, None, None], images.flip(3), images)
     return images
 
@@ -248,7 +274,7 @@ class Batches:
     def __post_init__(self) -> None:
         self.first_flips = None  # each image's flip in the first epoch, drawn once (alternating flips only)
         if self.train and self.flip and self.alternate:
-            self.first_flips = (torch.rand(len(self.labels), generator=self.generator) < 0.5).to(self.images.device)
+            self.first_flips = to_device(torch.rand(len(self.labels), generator=self.generator) < 0.5, self.images.device)
 
     def __len__(self) -> int:
         return -(-len(self.labels) // self.batch_size)
@@ -256,7 +282,7 @@ class Batches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
         if self.train:
-            order = torch.randperm(n, generator=self.generator).to(self.images.device)
+            order = to_device(torch.randperm(n, generator=self.generator), self.images.device)
         else:
             order = torch.arange(n, device=self.images.device)
         odd = self.epoch % 2 == 1

@@ -19,8 +19,9 @@ import torch
 from normlab.errors import ConfigError, TrainingError
 from normlab.norms import get_norm
 
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda")  # and cuda:N for one GPU of several
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+COMPILE = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -30,16 +31,53 @@ class Runtime:
     device: str = "auto"     # auto | cpu | cuda
     threads: int = 0         # CPU threads for torch (0 = all cores)
     precision: str = "auto"  # auto | bf16 | fp16 | fp32 (auto: what the hardware does natively)
+    compile: str = "auto"    # auto | on | off: torch.compile the network (auto: on CUDA only; slower on a CPU)
+    deterministic: bool = False  # deterministic GPU algorithms (cuDNN's default backward ones are not)
     progress: bool = True    # a progress bar per epoch on a terminal
 
     def validate(self) -> "Runtime":
-        if self.device not in DEVICES:
-            raise ConfigError(f"--device must be auto, cpu or cuda (got {self.device!r})")
+        if self.device not in DEVICES and not (self.device.startswith("cuda:") and self.device[5:].isdigit()):
+            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N (got {self.device!r})")
+        if self.compile not in COMPILE:
+            raise ConfigError(f"--compile must be auto, on or off (got {self.compile!r})")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of: {', '.join(PRECISIONS)} (got {self.precision!r})")
         if self.threads < 0:
             raise ConfigError(f"--threads must be 0 (all cores) or more (got {self.threads})")
         return self
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_allocator_tuned = False
+
+
+def tune_host_allocator() -> bool:
+    """Keep freed activation buffers in the process instead of handing them back to the system.
+
+    glibc serves large allocations (the activations of a batch, tens of MB) with fresh mmaps and
+    unmaps them when freed, so every batch faults its buffers in again: an fp32 evaluation of the
+    10,000 test images took 6.8 M minor page faults and more system than user time. Raising the
+    mmap threshold (32 MiB) and the trim threshold (4 GiB), with a 512 MiB top pad, lets the heap
+    reuse them (docs/performance.md has the before and after). The same as setting
+    MALLOC_MMAP_THRESHOLD_ etc. in the environment, done from inside the process; a no-op where
+    the C library is not glibc. Returns whether it applied.
+    """
+    global _allocator_tuned
+    if _allocator_tuned:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        ok = all(libc.mallopt(param, value) == 1 for param, value in
+                 ((_M_MMAP_THRESHOLD, 32 * 2**20), (_M_TRIM_THRESHOLD, 4 * 2**30), (_M_TOP_PAD, 512 * 2**20)))
+    except (OSError, AttributeError):  # musl and others: no mallopt
+        return False
+    _allocator_tuned = ok
+    return ok
 
 
 def set_threads(n: int) -> None:
@@ -58,11 +96,23 @@ def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError(f"--device {name} was asked for but no CUDA GPU is visible; use --device cpu or auto")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise TrainingError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible (cuda:0 ...)")
+    return device
+
+
+def worker_devices(runtime: Runtime, n_jobs: int) -> list[str]:
+    """The device of each of ``n_jobs`` worker processes: the visible GPUs in turn (several jobs may
+    share one), or the asked device unchanged where there is no GPU or one was named."""
+    if runtime.device not in ("auto", "cuda") or not torch.cuda.is_available():
+        return [runtime.device] * n_jobs
+    count = torch.cuda.device_count()
+    return [f"cuda:{k % count}" for k in range(n_jobs)]
 
 
 def native_precision(device_type: str, cuda_capability: tuple[int, int] | None = None, cpu_bf16: bool = False) -> str:
@@ -83,7 +133,8 @@ def pick_precision(device: torch.device, asked: str = "auto") -> str:
 
 
 def use_channels_last(norm: str, device: torch.device) -> bool:
-    return True if device.type == "cuda" else get_norm(norm).cpu_channels_last
+    spec = get_norm(norm)
+    return spec.cuda_channels_last if device.type == "cuda" else spec.cpu_channels_last
 
 
 @dataclass(frozen=True)
@@ -93,6 +144,7 @@ class Placement:
     device: torch.device
     precision: str       # bf16 | fp16 | fp32
     channels_last: bool
+    compile: bool = False
 
     def autocast(self):
         """Mixed precision for the forward pass (a no-op in fp32)."""
@@ -109,6 +161,28 @@ class Placement:
         model = model.to(self.device)
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
+    def compiled(self, model: torch.nn.Module):
+        """The callable that runs ``model``: ``torch.compile``d (fewer kernel launches) or the model itself.
+
+        The model keeps its own state_dict keys either way; the compiled wrapper only runs it."""
+        return torch.compile(model) if self.compile else model
+
+    def reset_peak_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def record(self) -> dict:
+        """What results.json says of the device: name, precision, layout, and on CUDA its capability and peak memory."""
+        out = {"device": device_name(self.device), "precision": self.precision, "channels_last": self.channels_last,
+               "compile": self.compile}
+        if self.device.type == "cuda":
+            out["cuda_capability"] = ".".join(map(str, torch.cuda.get_device_capability(self.device)))
+            out["gpu_peak_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+            out["deterministic"] = torch.backends.cudnn.deterministic
+        else:
+            out["threads"] = torch.get_num_threads()
+        return out
+
     def synchronize(self) -> None:
         """Wait for the device's queued work (for honest timings)."""
         if self.device.type == "cuda":
@@ -120,9 +194,25 @@ class Placement:
 
 
 def setup(runtime: Runtime, norm: str) -> Placement:
-    """The placement of one model of ``norm`` under ``runtime``."""
+    """The placement of one model of ``norm`` under ``runtime`` (and the process settings it needs)."""
+    tune_host_allocator()
     device = pick_device(runtime.device)
-    return Placement(device, pick_precision(device, runtime.precision), use_channels_last(norm, device))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        # Deterministic convolution algorithms (slower); without it cuDNN's backward picks may vary run to run.
+        torch.backends.cudnn.deterministic = runtime.deterministic
+        torch.backends.cudnn.benchmark = not runtime.deterministic
+        if runtime.deterministic:  # and deterministic kernels elsewhere where PyTorch has them (a warning where not)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+    return Placement(device, pick_precision(device, runtime.precision), use_channels_last(norm, device),
+                     use_compile(runtime.compile, device.type))
+
+
+def use_compile(asked: str, device_type: str) -> bool:
+    """torch.compile where it pays: on CUDA, where a step is launch-bound (~450 small kernels); not on a
+    CPU, where it measured slower (docs/performance.md)."""
+    return asked == "on" or (asked == "auto" and device_type == "cuda")
 
 
 def peak_rss_mib() -> float | None:

@@ -28,3 +28,14 @@ class UsageError(NormlabError):
 
 class ReportError(NormlabError):
     """A run folder is missing or incomplete; the message names what is missing and what to do."""
+
+
+class SweepError(TrainingError):
+    """Some cells of a sweep failed; the others finished. ``result`` is the sweep as it stands (its files are written)."""
+
+    def __init__(self, message: str, result: object = None):
+        super().__init__(message)
+        self.result = result
+
+    def __reduce__(self):  # pickled with its result (the default keeps only the message)
+        return type(self), (str(self), self.result)

@@ -1,29 +1,31 @@
-"""The report's figures, one function per PNG (matplotlib with the Agg backend: no display needed).
+"""The figures, one function per kind: each takes plain arrays and returns a matplotlib ``Figure``.
 
-Each function takes plain arrays, draws one figure, saves it and closes it; ``report.py`` decides
-what goes in. Images are shown as their raw uint8 pixels (never normalized), upscaled with
-nearest-neighbour so that every one of the 32x32 pixels stays visible.
+A notebook shows the returned figure inline; ``report.py`` decides what goes in and saves it with
+``save``. Figures are made with ``matplotlib.figure.Figure``, not pyplot: no backend is chosen (a
+notebook keeps its inline one, a server needs no display), nothing is left open in pyplot's list,
+and a figure returned by a notebook cell is shown once. Images are shown as their raw uint8 pixels
+(never normalized), upscaled with nearest-neighbour so that every one of the 32x32 pixels stays visible.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure, SubFigure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-import numpy as np  # noqa: E402
-
-from normlab.data import CLASSES  # noqa: E402
+from normlab.data import CLASSES
 
 DPI = 110
 GRID_ROWS, GRID_COLS = 5, 2  # the misclassified grid: 5 rows x 2 columns = 10 images
+GRID_SIZE = (6, 14.5)        # inches of one misclassified grid
+CONFUSION_SIZE = (7.5, 6.5)  # inches of one confusion matrix
+MONITORING_NOTE = "test: monitoring only: no epoch, seed or setting is chosen by it (the model is the last epoch's)"
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def save(fig: Figure, path: Path) -> Path:
+    """Write ``fig`` as a PNG at ``path``; returns the path."""
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
@@ -32,9 +34,12 @@ def _hwc(image: np.ndarray) -> np.ndarray:
 
 
 def misclassified_grid(images: np.ndarray, labels: np.ndarray, preds: np.ndarray, probs: np.ndarray,
-                       indices: Sequence[int], title: str, path: Path) -> Path:
-    """Up to 10 test images in a 5x2 grid, each with its true class, predicted class and probability."""
-    fig, axes = plt.subplots(GRID_ROWS, GRID_COLS, figsize=(6, 14.5))
+                       indices: Sequence[int], title: str, fig: Figure | SubFigure | None = None) -> Figure | SubFigure:
+    """Up to 10 test images in a 5x2 grid, each with its true class, predicted class and probability.
+
+    Drawn into ``fig`` (e.g. one of several subfigures side by side), else into a new figure."""
+    fig = fig if fig is not None else Figure(figsize=GRID_SIZE, layout="constrained")
+    axes = fig.subplots(GRID_ROWS, GRID_COLS)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -47,26 +52,38 @@ def misclassified_grid(images: np.ndarray, labels: np.ndarray, preds: np.ndarray
         if k == 0:
             ax.text(0.5, 0.5, "no further\nmistakes", ha="center", va="center", fontsize=11, color="grey", transform=ax.transAxes)
     fig.suptitle(title, fontsize=13)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    return _save(fig, path)
+    return fig
 
 
-def training_curves(series: dict[str, list[dict]], title: str, path: Path, colours: dict[str, str] | None = None) -> Path:
-    """Loss and accuracy per epoch: one line per entry of ``series`` (train solid, validation dashed).
+def side_by_side(draws: Sequence[Callable[[SubFigure], object]], size: tuple[float, float]) -> Figure:
+    """One figure of several side by side: each of ``draws`` draws into its own subfigure of ``size`` inches."""
+    fig = Figure(figsize=(size[0] * len(draws), size[1]), layout="constrained")
+    for sub, draw in zip(np.atleast_1d(fig.subfigures(1, len(draws))), draws):
+        draw(sub)
+    return fig
+
+
+def training_curves(series: dict[str, list[dict]], title: str, colours: dict[str, str] | None = None) -> Figure:
+    """Loss and accuracy per epoch: one line per entry of ``series`` (train solid, validation dashed,
+    test dotted; test is monitoring only, and the figure says so).
 
     ``series`` maps a legend label to metrics rows (dicts with epoch, train_loss, train_acc,
-    val_loss, val_acc; val_* None when there was no validation split).
+    val_loss, val_acc, test_loss, test_acc; val_* and test_* None (or absent) where not measured).
     """
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.6), layout="constrained")
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    has_test = False
     for k, (label, rows) in enumerate(series.items()):
         colour = (colours or {}).get(label, f"C{k}")
         epochs = [r["epoch"] for r in rows]
         for ax, key in ((ax_loss, "loss"), (ax_acc, "acc")):
             scale = 100 if key == "acc" else 1
             ax.plot(epochs, [r[f"train_{key}"] * scale for r in rows], "-o", ms=3, color=colour, label=f"{label} train")
-            val = [(e, r[f"val_{key}"] * scale) for e, r in zip(epochs, rows) if r[f"val_{key}"] is not None]
-            if val:
-                ax.plot(*zip(*val), "--s", ms=3, color=colour, label=f"{label} validation")
+            for split, style, name in (("val", "--s", "validation"), ("test", ":^", "test (monitoring only)")):
+                points = [(e, r[f"{split}_{key}"] * scale) for e, r in zip(epochs, rows) if r.get(f"{split}_{key}") is not None]
+                if points:
+                    ax.plot(*zip(*points), style, ms=3, color=colour, label=f"{label} {name}")
+                    has_test |= split == "test"
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy (train: with label smoothing)", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy (train: running, augmented)")
     for ax in (ax_loss, ax_acc):
@@ -74,16 +91,19 @@ def training_curves(series: dict[str, list[dict]], title: str, path: Path, colou
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=12)
-    fig.tight_layout()
-    return _save(fig, path)
+    if has_test:
+        fig.supxlabel(MONITORING_NOTE, fontsize=9, color="0.35")
+    return fig
 
 
-def confusion_matrix(labels: np.ndarray, preds: np.ndarray, title: str, path: Path) -> Path:
-    """10x10 counts (rows: true class, columns: predicted), coloured by the share of each true class."""
+def confusion_matrix(labels: np.ndarray, preds: np.ndarray, title: str, fig: Figure | SubFigure | None = None) -> Figure | SubFigure:
+    """10x10 counts (rows: true class, columns: predicted), coloured by the share of each true class
+    (drawn into ``fig`` if given)."""
     n = len(CLASSES)
     counts = np.bincount(labels * n + preds, minlength=n * n).reshape(n, n)
     share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    fig = fig if fig is not None else Figure(figsize=CONFUSION_SIZE, layout="constrained")
+    ax = fig.subplots()
     im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     for t in range(n):
         for p in range(n):
@@ -93,11 +113,10 @@ def confusion_matrix(labels: np.ndarray, preds: np.ndarray, title: str, path: Pa
     ax.set_yticks(range(n), CLASSES)
     ax.set(xlabel="predicted class", ylabel="true class", title=title)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
-def sample_grid(images: np.ndarray, labels: np.ndarray, per_class: int, path: Path) -> Path:
+def sample_grid(images: np.ndarray, labels: np.ndarray, per_class: int) -> Figure:
     """The first ``per_class`` training images of every class in file order, one row per class.
 
     Drawn as one mosaic (tiles with white gaps) in one axes: 80 separate axes take seconds to draw.
@@ -108,7 +127,8 @@ def sample_grid(images: np.ndarray, labels: np.ndarray, per_class: int, path: Pa
     for c in range(n):
         for k, i in enumerate(np.flatnonzero(labels == c)[:per_class]):
             mosaic[c * step : c * step + side, k * step : k * step + side] = _hwc(images[i])
-    fig, ax = plt.subplots(figsize=(1.1 * per_class + 1.2, 1.1 * n))
+    fig = Figure(figsize=(1.1 * per_class + 1.2, 1.1 * n), layout="constrained")
+    ax = fig.subplots()
     ax.imshow(mosaic, interpolation="nearest")
     ax.set_yticks([c * step + side / 2 for c in range(n)], CLASSES, fontsize=10)
     ax.set_xticks([])
@@ -116,5 +136,52 @@ def sample_grid(images: np.ndarray, labels: np.ndarray, per_class: int, path: Pa
     for spine in ax.spines.values():
         spine.set_visible(False)
     ax.set_title(f"CIFAR-10 training images: the first {per_class} of each class", fontsize=12)
-    fig.tight_layout()
-    return _save(fig, path)
+    return fig
+
+
+def image_grid(images: Sequence[np.ndarray], titles: Sequence[str], cols: int = 5) -> Figure:
+    """(3, H, W) uint8 images in rows of ``cols``, each with its title (e.g. your own images and their predictions)."""
+    rows = max(1, -(-len(images) // cols))
+    fig = Figure(figsize=(2.2 * cols, 2.6 * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols))
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, title in zip(axes.flat, images, titles):
+        ax.imshow(_hwc(image), interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+    return fig
+
+
+SWEEP_STYLES = ("-o", "--s", ":^", "-.D")  # one per line of a norm (per combination of the other swept settings)
+
+
+def sweep_lines(lines: Sequence[dict], xlabel: str, ylabel: str, title: str, log_x: bool = False,
+                ticks: Sequence[float] | None = None, tick_labels: Sequence[str] = ()) -> Figure:
+    """A metric against one swept setting: each of ``lines`` (dicts with label, colour, style (an index), x, mean,
+    std) is a line with a ± std band; a line whose x is ``[None]`` (a norm that does not read the setting) is a flat
+    dashed line and band across the whole axis. ``ticks``: the swept values (numbers); without them x holds positions
+    0, 1, ... of ``tick_labels`` (words, true/false, widths)."""
+    fig = Figure(figsize=(8, 4.8), layout="constrained")
+    ax = fig.subplots()
+    for line in lines:
+        style = SWEEP_STYLES[line["style"] % len(SWEEP_STYLES)]
+        mean, std = np.asarray(line["mean"]), np.asarray(line["std"])
+        if line["x"] == [None]:
+            ax.axhline(mean[0], color=line["colour"], ls=("--", ":", "-.", (0, (5, 1)))[line["style"] % 4], lw=1.5, label=line["label"])
+            if std[0] > 0:
+                ax.axhspan(mean[0] - std[0], mean[0] + std[0], color=line["colour"], alpha=0.12, lw=0)
+            continue
+        ax.plot(line["x"], mean, style, color=line["colour"], ms=5, label=line["label"])
+        if np.any(std > 0):
+            ax.fill_between(line["x"], mean - std, mean + std, color=line["colour"], alpha=0.15, lw=0)
+    if log_x:
+        ax.set_xscale("log", base=2 if all(float(t).is_integer() for t in ticks or ()) else 10)
+        ax.minorticks_off()
+    positions = list(ticks) if ticks is not None else list(range(len(tick_labels)))
+    ax.set_xticks(positions, list(tick_labels))
+    if ticks is None:
+        ax.set_xlim(-0.5, len(positions) - 0.5)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig

@@ -45,12 +45,16 @@ def make_conv(cin: int, cout: int, kernel: int, weight_std: bool) -> nn.Conv2d:
 
 
 class ConvBlock(nn.Sequential):
-    """conv (3x3 or 1x1, 'same' padding, no bias: the norm has one) -> norm -> activation."""
+    """conv (3x3 or 1x1, 'same' padding, no bias: the norm has one) -> norm -> activation.
 
-    def __init__(self, cin: int, cout: int, kernel: int, norm: str, groups: int, weight_std: bool = True, act: str = "relu"):
+    ``norm_kw``: the settings a norm may read (groups, norm_batch); the conv's fan-in is added.
+    """
+
+    def __init__(self, cin: int, cout: int, kernel: int, norm: str, norm_kw: dict[str, Any], weight_std: bool = True,
+                 act: str = "relu"):
         super().__init__(
             make_conv(cin, cout, kernel, weight_std),
-            make_norm(norm, cout, groups=groups),
+            make_norm(norm, cout, fan_in=cin * kernel * kernel, **norm_kw),
             ACTS[act](),
         )
 
@@ -64,9 +68,9 @@ class PoolBlock(nn.Module):
     of bf16 NCHW maps (the layout of group norm) is about 10x slower.
     """
 
-    def __init__(self, channels: int, norm: str, groups: int, act: str = "relu"):
-        super().__init__()
-        self.pool, self.norm, self.act = nn.MaxPool2d(2), make_norm(norm, channels, groups=groups), ACTS[act]()
+    def __init__(self, channels: int, norm: str, norm_kw: dict[str, Any], fan_in: int, act: str = "relu"):
+        super().__init__()  # fan_in: that of the 1x1 conv before the pool
+        self.pool, self.norm, self.act = nn.MaxPool2d(2), make_norm(norm, channels, fan_in=fan_in, **norm_kw), ACTS[act]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cl = x.is_contiguous(memory_format=torch.channels_last)
@@ -81,6 +85,8 @@ class Net(nn.Module):
     With ``pool_first`` (the default) c3 and c6 are bare convs and P1, P2 are ``PoolBlock``s
     (pool -> norm -> activation); without it c3 and c6 are conv -> norm -> activation and P1, P2
     plain pools. ``act`` is the activation after every norm (``ACTS``: relu, gelu).
+    ``groups`` and ``norm_batch`` reach the norms that read them (group norm; batch norm's ghost
+    batches, 0 = the whole batch).
     ``widths = (w1, w2, w3)``: C1 and C2 have w1 channels at 32x32; c3 maps w1 -> w2 and
     C3..C5 keep w2 at 16x16; c6 maps w2 -> w3 and C7..C9 keep w3 at 8x8; C10 maps w3 -> 10.
 
@@ -91,7 +97,7 @@ class Net(nn.Module):
     """
 
     def __init__(self, norm: str = "bn", widths: Sequence[int] = (16, 32, 24), groups: int = 8, weight_std: bool = True,
-                 pool_first: bool = True, act: str = "gelu", zero_init_res: bool = False):
+                 pool_first: bool = True, act: str = "gelu", zero_init_res: bool = False, norm_batch: int = 0):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; choose one of: {', '.join(NORMS)}")
@@ -101,12 +107,13 @@ class Net(nn.Module):
             raise ValueError(f"widths must be three positive channel counts, got {tuple(widths)}")
         w1, w2, w3 = (int(w) for w in widths)
         self.norm, self.widths, self.groups, self.weight_std, self.pool_first = norm, (w1, w2, w3), groups, weight_std, pool_first
-        self.act = act
-        norm_args = (norm, groups, weight_std, act)
+        self.act, self.norm_batch = act, norm_batch
+        norm_kw = {"groups": groups, "norm_batch": norm_batch}  # what the norms may read
+        norm_args = (norm, norm_kw, weight_std, act)
 
         def reduce(cin: int, cout: int) -> tuple[nn.Module, nn.Module]:  # the 1x1 conv and the pool after it
             if pool_first:
-                return make_conv(cin, cout, 1, weight_std), PoolBlock(cout, norm, groups, act)
+                return make_conv(cin, cout, 1, weight_std), PoolBlock(cout, norm, norm_kw, cin, act)
             return ConvBlock(cin, cout, 1, *norm_args), nn.MaxPool2d(2)
 
         self.C1 = ConvBlock(3, w1, 3, *norm_args)
@@ -134,7 +141,8 @@ class Net(nn.Module):
     @classmethod
     def from_config(cls, cfg) -> "Net":
         """The network that a ``normlab.config.Config`` describes."""
-        return cls(cfg.norm, cfg.widths, cfg.groups, cfg.weight_std, cfg.pool_first, cfg.act, cfg.zero_init_res)
+        return cls(cfg.norm, cfg.widths, cfg.groups, cfg.weight_std, cfg.pool_first, cfg.act, cfg.zero_init_res,
+                   cfg.norm_batch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, 32, 32) -> (B, 10)
         x = self.C1(x)

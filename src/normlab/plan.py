@@ -1,23 +1,26 @@
 """From a grid of settings to model folders, and the executors that train them.
 
-``plan_models`` turns norms x seeds (and later any grid) into ``Job``s: each model's config, its
-folder and what to do with it (skip a finished one, resume an interrupted one, start a new one),
-checking every folder before anything trains. ``execute`` trains the jobs in this process or in
-local worker processes; it receives the function that trains one model (``api.train``), so this
-module needs nothing above it.
+``plan_models`` turns norms x seeds, and ``plan_sweep`` norms x a grid of settings x seeds, into
+``Job``s: each model's config, its folder and what to do with it (skip a finished one, resume an
+interrupted one, start a new one), checking every folder before anything trains. ``execute`` trains
+the jobs in this process or in local worker processes (``cluster.execute_ray``: as Ray tasks); it
+receives the function that trains one model (``api.train``), so this module needs nothing above it.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import itertools
 import multiprocessing
 import os
-from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, as_completed, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from normlab.config import Config
-from normlab.device import Runtime, set_threads
+from normlab.config import Config, format_value, parse_widths, setting_fields
+from normlab.device import Runtime, set_threads, worker_devices
 from normlab.errors import ConfigError, UsageError
 from normlab.norms import NORMS
 from normlab.rundir import RunDir, model_folder
@@ -52,51 +55,194 @@ def plan_models(base: Config, norms: Sequence[str], seeds: int, first_seed: int,
             raise ConfigError(f"unknown norm {n!r} in --norms; choose from: {', '.join(NORMS)}")
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1 (got {seeds})")
+    return [_job(dataclasses.replace(base, norm=norm, seed=seed).validate(), model_folder(Path(parent), norm, seed, seeds), resume, resume_hint)
+            for seed in range(first_seed, first_seed + seeds) for norm in norms]
+
+
+def _job(cfg: Config, folder: Path, resume: bool, resume_hint: str) -> Job:
+    """The job of one model folder: skip it (finished), resume it, or start it; refused without ``resume`` if it holds a run."""
+    rd = RunDir(folder)
+    if rd.finished:
+        if not resume:
+            raise UsageError(f"{rd} already holds a finished run; use --resume to skip finished models, or choose another --out")
+        check_same_settings(rd.path, cfg)
+        return Job(cfg, rd.path, SKIP)
+    if rd.has_checkpoint:
+        if not resume:
+            raise UsageError(f"{rd} holds an unfinished run; continue it with: {resume_hint}")
+        return Job(cfg, rd.path, RESUME)
+    return Job(cfg, rd.path, NEW)
+
+
+# ---------------------------------------------------------------- sweeps: norms x a grid of settings x seeds
+Grid = dict[str, tuple[Any, ...]]  # setting -> the values it takes, in the order given
+NOT_SWEPT = {"norm": "--norms", "seed": "--seeds"}  # settings that have their own flag in a sweep
+TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def norm_options() -> set[str]:
+    """The settings that some norm reads (``NORMS[name].options``): the others change every norm."""
+    return {o for n in NORMS.values() for o in n.options}
+
+
+def reads(norm: str, setting: str) -> bool:
+    """Whether ``setting`` can change a model with ``norm``: a norm's own options (``groups`` for gn) change no other norm."""
+    return setting in NORMS[norm].options or setting not in norm_options()
+
+
+def _parse_value(name: str, text: str, default: Any) -> Any:
+    """One grid value typed as the setting's default is (bool, int, float, str, widths)."""
+    t = text.strip()
+    try:
+        if isinstance(default, bool):
+            if t.lower() not in TRUE + FALSE:
+                raise ValueError
+            return t.lower() in TRUE
+        if isinstance(default, tuple):
+            return parse_widths(t)
+        return type(default)(t)
+    except ValueError:
+        kind = {bool: "true or false", int: "whole numbers", float: "numbers", str: "words"}.get(type(default), "values")
+        example = "16x32x24,16x24x32 (each widths value written with x)" if isinstance(default, tuple) else format_value(default)
+        raise ConfigError(f"--grid {name}: {t!r} is not a value of {name}, which takes {kind} (e.g. {name}={example})") from None
+
+
+def parse_grid(specs: Iterable[str] | Mapping[str, Any]) -> Grid:
+    """``["lr=0.05,0.1", "groups=4,8"]`` (the --grid flags) or ``{"lr": [0.05, 0.1]}`` -> {setting: typed values}.
+
+    Any ``Config`` setting but norm and seed (their own flags); values are typed as the setting is;
+    a widths value is written 16x32x24. ConfigError for an unknown name, a bad or repeated value."""
+    defaults = {f.name: f.default for f in setting_fields()}
+    if isinstance(specs, Mapping):
+        items = [(k, v) for k, v in specs.items()]
+    else:
+        items = []
+        for spec in specs:
+            name, eq, values = spec.partition("=")
+            if not eq or not name.strip() or not values.strip():
+                raise ConfigError(f"--grid takes SETTING=VALUE,VALUE... (e.g. --grid lr=0.05,0.1), not {spec!r}")
+            items.append((name.strip(), values.split(",")))
+    grid: Grid = {}
+    for name, values in items:
+        name = name.replace("-", "_")
+        if name in NOT_SWEPT:
+            raise ConfigError(f"--grid cannot sweep {name}: use {NOT_SWEPT[name]}")
+        if name not in defaults:
+            close = difflib.get_close_matches(name, defaults, n=1)
+            raise ConfigError(f"--grid: unknown setting {name!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
+                              f"settings: {', '.join(k for k in defaults if k not in NOT_SWEPT)}")
+        if name in grid:
+            raise ConfigError(f"--grid {name} is given twice; give all its values at once: --grid {name}=A,B,C")
+        if isinstance(values, str):
+            values = values.split(",")
+        elif not isinstance(values, (list, tuple, set, range)) or (name == "widths" and values and isinstance(next(iter(values)), int)):
+            values = [values]  # one value: a number, or one widths tuple
+        typed = tuple(_parse_value(name, v, defaults[name]) if isinstance(v, str) else _coerce(name, v, defaults[name]) for v in values)
+        if not typed:
+            raise ConfigError(f"--grid {name} has no values")
+        repeated = sorted({format_value(v) for v in typed if typed.count(v) > 1})
+        if repeated:
+            raise ConfigError(f"--grid {name} repeats {', '.join(repeated)}")
+        grid[name] = typed
+    return grid
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    """A value given as a Python object (the API): widths as a tuple of ints, ints accepted for floats."""
+    if isinstance(default, tuple) and isinstance(value, (tuple, list)):
+        return _parse_value(name, "x".join(map(str, value)), default)
+    ok = isinstance(value, type(default)) and (isinstance(value, bool) == isinstance(default, bool))
+    if ok or (isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)):
+        return type(default)(value)
+    return _parse_value(name, str(value), default)
+
+
+def sweep_cells(norm: str, grid: Grid) -> list[dict[str, Any]]:
+    """The cells of one norm: every combination of the values of the settings it reads. A setting it does
+    not read (another norm's option) is left at the base value, so it is trained once, not once per value."""
+    keys = [k for k in grid if reads(norm, k)]
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def cell_folder(parent: Path, norm: str, cell: Mapping[str, Any], seed: int) -> Path:
+    """``parent/bn/norm_batch=8/seed0``: one level per swept setting the norm reads (widths written 16x32x24)."""
+    path = Path(parent) / norm
+    for k, v in cell.items():
+        path = path / f"{k}={format_value(v).replace(',', 'x')}"
+    return path / f"seed{seed}"
+
+
+def plan_sweep(base: Config, norms: Sequence[str], grid: Grid, seeds: int, first_seed: int, parent: Path, resume: bool,
+               resume_hint: str) -> list[Job]:
+    """Every model of norms x grid x seeds with its folder and action, every cell's settings validated and every
+    folder checked before anything trains. Seed by seed: a sweep cut short still holds whole seeds."""
+    for n in norms:
+        if n not in NORMS:
+            raise ConfigError(f"unknown norm {n!r} in --norms; choose from: {', '.join(NORMS)}")
+    if len(set(norms)) < len(norms) or not norms:
+        raise ConfigError(f"--norms must name each norm once (got {','.join(norms) or 'none'})")
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1 (got {seeds})")
     jobs = []
     for seed in range(first_seed, first_seed + seeds):
         for norm in norms:
-            cfg = dataclasses.replace(base, norm=norm, seed=seed).validate()
-            rd = RunDir(model_folder(Path(parent), norm, seed, seeds))
-            if rd.finished:
-                if not resume:
-                    raise UsageError(f"{rd} already holds a finished run; use --resume to skip finished models, or choose another --out")
-                check_same_settings(rd.path, cfg)
-                jobs.append(Job(cfg, rd.path, SKIP))
-            elif rd.has_checkpoint:
-                if not resume:
-                    raise UsageError(f"{rd} holds an unfinished run; continue it with: {resume_hint}")
-                jobs.append(Job(cfg, rd.path, RESUME))
-            else:
-                jobs.append(Job(cfg, rd.path, NEW))
+            for cell in sweep_cells(norm, grid):
+                try:
+                    cfg = dataclasses.replace(base, norm=norm, seed=seed, **cell).validate()
+                except ConfigError as e:
+                    where = " ".join(f"{k}={format_value(v)}" for k, v in cell.items())
+                    raise ConfigError(f"{norm}{' with ' + where if where else ''}: {e}") from None
+                jobs.append(_job(cfg, cell_folder(parent, norm, cell, seed), resume, resume_hint))
     return jobs
 
 
 TrainFn = Callable[..., object]  # train(cfg, data_dir, out, resume=..., runtime=..., log=...)
 
 
-def execute(jobs: Sequence[Job], train: TrainFn, data_dir: Path, runtime: Runtime, n_jobs: int = 1, log=print) -> None:
+Failures = list[tuple[Job, Exception]]
+
+
+def execute(jobs: Sequence[Job], train: TrainFn, data_dir: Path, runtime: Runtime, n_jobs: int = 1, log=print,
+            keep_going: bool = False) -> Failures:
     """Train the jobs not skipped: one after another here, or ``n_jobs`` at a time in worker processes.
 
-    With workers, a first failure cancels the models not yet started and lets those training
-    finish; then it is raised. Every finished model keeps its folder either way."""
+    By default a first failure stops the plan (with workers: the models not yet started are
+    cancelled, those training finish) and is raised. With ``keep_going`` (a sweep) every other job
+    still trains and the failures are returned. Every finished model keeps its folder either way."""
     if n_jobs < 1:
         raise ConfigError(f"--jobs must be at least 1 (got {n_jobs})")
     todo = [j for j in jobs if j.action != SKIP]
+    failures: Failures = []
     if n_jobs == 1 or len(todo) <= 1:  # one model left: it gets all the cores
         for j in todo:
-            train(j.cfg, data_dir, j.out, resume=j.action == RESUME, runtime=runtime, log=log)
-        return
+            try:
+                train(j.cfg, data_dir, j.out, resume=j.action == RESUME, runtime=runtime, log=log)
+            except Exception as e:  # KeyboardInterrupt is no Exception: Ctrl-C stops the whole plan
+                if not keep_going:
+                    raise
+                failures.append((j, e))
+                log(f"{j.out}: FAILED: {e}")
+        return failures
     per_job = runtime.threads or max(1, (os.cpu_count() or 1) // n_jobs)
     log(f"training {len(todo)} models, {n_jobs} at a time, {per_job} thread(s) each")
     worker_runtime = dataclasses.replace(runtime, threads=per_job, progress=False)  # several bars on one terminal garble
+    devices = worker_devices(runtime, len(todo))  # on a machine with GPUs: the visible GPUs in turn
     # A fresh process per model (spawned: no forked thread pools): clean threads and its own peak-memory figure.
     with ProcessPoolExecutor(n_jobs, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
-        futures = [pool.submit(_worker, train, j, data_dir, worker_runtime) for j in todo]
+        futures = [pool.submit(_worker, train, j, data_dir, dataclasses.replace(worker_runtime, device=d)) for j, d in zip(todo, devices)]
+        if keep_going:
+            job_of = dict(zip(futures, todo))
+            for f in as_completed(futures):
+                if f.exception() is not None:
+                    failures.append((job_of[f], f.exception()))
+                    log(f"{job_of[f].out}: FAILED: {f.exception()}")
+            return failures
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         failed = next((f.exception() for f in done if f.exception()), None)
         if failed:
             pool.shutdown(cancel_futures=True)  # drops the models not yet started, waits for the running ones
             raise failed
+    return failures
 
 
 def _worker(train: TrainFn, job: Job, data_dir: Path, runtime: Runtime) -> str:

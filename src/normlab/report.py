@@ -18,7 +18,7 @@ import numpy as np
 
 from normlab import data as D
 from normlab import figures
-from normlab.config import MAX_EPOCHS, format_value, setting_fields
+from normlab.config import MAX_EPOCHS, Config, format_value, setting_fields
 from normlab.errors import ReportError
 from normlab.models import PARAM_BUDGET, Net, model_summary, receptive_field
 from normlab.norms import DEFAULT_NORMS, NORMS
@@ -110,6 +110,46 @@ def select_misclassified(labels: np.ndarray, preds: np.ndarray, probs: np.ndarra
     return wrong[order][:k].tolist()
 
 
+# ---------------------------------------------------------------- figures (the report saves them; notebooks show them)
+def misclassified_grid_args(norm: str, r: Run, test_images: np.ndarray, name_seed: bool = False) -> dict[str, Any]:
+    """What ``figures.misclassified_grid`` draws for the model ``r``: its most confident mistakes, with the title
+    (which names the seed with ``name_seed``)."""
+    idx = select_misclassified(r.labels, r.preds, r.probs)
+    seed = f", seed {r.seed}" if name_seed else ""
+    title = f"{NORMS[norm].label} ({norm}{seed})\ntest accuracy {pct(r.results['test_acc'])}: the {len(idx)} most confident mistakes"
+    return {"images": test_images, "labels": r.labels, "preds": r.preds, "probs": r.probs, "indices": idx, "title": title}
+
+
+def curves_figure(models: dict[str, list[Run]]):
+    """Training curves of every model in one figure (mean over seeds); one model's: one line per seed."""
+    if len(models) == 1:
+        (norm, runs), = models.items()
+        return figures.training_curves({f"seed {r.seed}": r.metrics for r in runs}, NORMS[norm].label)
+    n_seeds = len(next(iter(models.values())))
+    over = f" (mean over {n_seeds} seeds)" if n_seeds > 1 else ""
+    return figures.training_curves({n: _mean_rows(rs) for n, rs in models.items()}, f"All models{over}",
+                                   {n: NORMS[n].colour for n in models})
+
+
+def confusion_figure(norm: str, run: Run, fig=None):
+    title = f"{NORMS[norm].label}: confusion matrix (test accuracy {pct(run.results['test_acc'])})"
+    return figures.confusion_matrix(run.labels, run.preds, title, fig=fig)
+
+
+def test_images_for(models: dict[str, list[Run]], data_dir: str | os.PathLike | None = None) -> np.ndarray | None:
+    """The test images the runs' predictions.csv were made on (None if no run read the test set); ReportError if
+    ``data_dir`` (else the folder the runs recorded, else the default) holds another test split."""
+    if not any(rs[0].labels is not None for rs in models.values()):
+        return None
+    data_dir = _resolve_data_dir(models, data_dir)
+    test_images, test_labels = _load_images(data_dir, train=False)
+    for rs in models.values():
+        if rs[0].labels is not None and not np.array_equal(rs[0].labels, test_labels):
+            raise ReportError(f"the test split in {data_dir} ({len(test_labels):,} images) is not the one {rs[0].path / 'predictions.csv'} "
+                              f"was made on ({len(rs[0].labels):,} images); pass the data folder the run used with --data-dir")
+    return test_images
+
+
 # ---------------------------------------------------------------- report sections
 def _flags_cell(runs: list[Run]) -> str:
     flags = limit_flags(runs)
@@ -161,7 +201,8 @@ def _header(models: dict[str, list[Run]], run_dir: Path, is_parent: bool, data_d
     ])
 
 
-def _results_section(models: dict[str, list[Run]]) -> str:
+def results_table(models: dict[str, list[Run]]) -> str:
+    """The markdown table of the results, one row per model (mean ± std over seeds where there are several)."""
     header = ["model", "norm layer", "params", "epochs", "train acc (running, augmented)", "train acc (clean)",
               "**test acc**", "test acc, flip TTA", "s/epoch", "device", "within limits"]
     rows = [[f"{NORMS[n].label} ({n})", NORMS[n].describe(**rs[0].config.to_dict()), f"{rs[0].results['params']:,}", rs[0].results["epochs"],
@@ -169,7 +210,11 @@ def _results_section(models: dict[str, list[Run]]) -> str:
              f"**{acc_cell(_col(rs, 'test_acc'))}**", acc_cell(_col(rs, "test_acc_flip_tta")),
              secs_cell(_col(rs, "seconds_per_epoch")), f"{rs[0].results.get('device', '?')}, {rs[0].results.get('precision', '?')}",
              _flags_cell(rs)] for n, rs in models.items()]
-    parts = ["## Results", md_table(header, rows, "llrrrrrrrll")]
+    return md_table(header, rows, "llrrrrrrrll")
+
+
+def _results_section(models: dict[str, list[Run]]) -> str:
+    parts = ["## Results", results_table(models)]
     n_seeds = len(next(iter(models.values())))
     has_val = any(r.results.get("val_acc") is not None for rs in models.values() for r in rs)
     if n_seeds > 1 or has_val:
@@ -198,15 +243,13 @@ def _misclassified_section(models, fig_dir: Path, test_images: np.ndarray | None
     if len(next(iter(models.values()))) > 1:
         parts[-1] += " With several seeds the first seed's model is shown."
     for norm, runs in models.items():
-        r = runs[0]
-        if r.labels is None or test_images is None:
+        if runs[0].labels is None or test_images is None:
             parts.append(f"{NORMS[norm].label}: the test set was not read (`--no-test`), so there are no predictions to show.")
             continue
-        idx = select_misclassified(r.labels, r.preds, r.probs)
-        seed = f", seed {r.seed}" if len(runs) > 1 else ""
-        title = f"{NORMS[norm].label} ({norm}{seed})\ntest accuracy {pct(r.results['test_acc'])}: the {len(idx)} most confident mistakes"
-        path = figures.misclassified_grid(test_images, r.labels, r.preds, r.probs, idx, title, fig_dir / f"misclassified_{norm}.png")
-        short = "" if len(idx) == N_MISCLASSIFIED else f" (only {len(idx)} test images were misclassified)"
+        grid = misclassified_grid_args(norm, runs[0], test_images, name_seed=len(runs) > 1)
+        path = figures.save(figures.misclassified_grid(**grid), fig_dir / f"misclassified_{norm}.png")
+        n = len(grid["indices"])
+        short = "" if n == N_MISCLASSIFIED else f" (only {n} test images were misclassified)"
         parts.append(f"### {NORMS[norm].label}{short}\n\n![{NORMS[norm].label}: misclassified test images]({FIGURES_DIR}/{path.name})")
     return "\n\n".join(parts)
 
@@ -214,25 +257,25 @@ def _misclassified_section(models, fig_dir: Path, test_images: np.ndarray | None
 def _mean_rows(runs: list[Run]) -> list[dict[str, Any]]:
     """Metrics averaged over seeds, epoch by epoch (epochs that every seed has)."""
     n = min(len(r.metrics) for r in runs)
-    keys = ("train_loss", "train_acc", "val_loss", "val_acc")
+    keys = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc")
     return [{"epoch": runs[0].metrics[i]["epoch"],
-             **{k: None if any(r.metrics[i][k] is None for r in runs) else statistics.mean(r.metrics[i][k] for r in runs) for k in keys}}
+             **{k: None if any(r.metrics[i].get(k) is None for r in runs) else statistics.mean(r.metrics[i][k] for r in runs) for k in keys}}
             for i in range(n)]
 
 
 def _curves_section(models, fig_dir: Path) -> str:
     parts = ["## Training curves",
              "Loss and accuracy per epoch from `metrics.csv`: training (solid; running values on augmented batches, the loss "
-             "with label smoothing) and validation (dashed, where a validation split was held out)."]
+             "with label smoothing), validation (dashed, where a validation split was held out) and test (dotted, where the "
+             "run read the test set). The test curves are monitoring only: no epoch, seed or setting is chosen by them, and "
+             "every model is the one after its last epoch."]
     if len(models) > 1:
         n_seeds = len(next(iter(models.values())))
         over = f" (mean over {n_seeds} seeds)" if n_seeds > 1 else ""
-        path = figures.training_curves({n: _mean_rows(rs) for n, rs in models.items()}, f"All models{over}",
-                                       fig_dir / "curves_all.png", {n: NORMS[n].colour for n in models})
+        path = figures.save(curves_figure(models), fig_dir / "curves_all.png")
         parts.append(f"All models together{over}:\n\n![training curves of all models]({FIGURES_DIR}/{path.name})")
     for norm, runs in models.items():
-        series = {f"seed {r.seed}": r.metrics for r in runs}
-        path = figures.training_curves(series, NORMS[norm].label, fig_dir / f"curves_{norm}.png")
+        path = figures.save(curves_figure({norm: runs}), fig_dir / f"curves_{norm}.png")
         parts.append(f"### {NORMS[norm].label}\n\n![training curves, {NORMS[norm].label}]({FIGURES_DIR}/{path.name})")
     return "\n\n".join(parts)
 
@@ -254,9 +297,7 @@ def _per_class_section(models, fig_dir: Path) -> str:
     if n_seeds > 1:
         parts[1] = f"Mean ± std over {n_seeds} seeds.\n\n" + parts[1]
     for norm, runs in tested.items():
-        r = runs[0]
-        path = figures.confusion_matrix(r.labels, r.preds, f"{NORMS[norm].label}: confusion matrix (test accuracy {pct(r.results['test_acc'])})",
-                                        fig_dir / f"confusion_{norm}.png")
+        path = figures.save(confusion_figure(norm, runs[0]), fig_dir / f"confusion_{norm}.png")
         parts.append(f"![confusion matrix, {NORMS[norm].label}]({FIGURES_DIR}/{path.name})")
     return "\n\n".join(parts)
 
@@ -273,11 +314,18 @@ def _summary_section(models) -> str:
     return "\n\n".join(parts)
 
 
-def _rf_section(models) -> str:
-    cfg = next(iter(models.values()))[0].config
+def receptive_field_table(cfg: Config) -> str:
+    """The receptive field of the network ``cfg`` describes, layer by layer, as a markdown table."""
     rows = receptive_field(Net.from_config(cfg))
     table = [[r["layer"], r["type"], f"{r['kernel']}×{r['kernel']}", r["stride"], r["padding"], f"{r['jump_in']} → {r['jump']}",
               f"{r['rf_in']} → {r['rf']}" if not r["global"] else "whole image", f"{r['size']}×{r['size']}"] for r in rows]
+    return md_table(["layer", "module", "kernel", "stride", "padding", "jump (in → out)", "receptive field (in → out)", "output"],
+                    table, "llrrrrrr")
+
+
+def _rf_section(models) -> str:
+    cfg = next(iter(models.values()))[0].config
+    rows = receptive_field(Net.from_config(cfg))
     last_conv = [r for r in rows if not r["global"]][-1]
     return "\n\n".join([
         "## Receptive field",
@@ -285,8 +333,7 @@ def _rf_section(models) -> str:
         "r_out = r_in + (kernel − 1) · j_in, starting from r = j = 1 on the 32×32 input. The norm layers and the widths do not "
         "change it, so it is the same for all three models. The skip additions (C1→C2, C3→C5, C7→C9) add a branch with a "
         "smaller field to the main one, so the main path sets it.",
-        md_table(["layer", "module", "kernel", "stride", "padding", "jump (in → out)", "receptive field (in → out)", "output"],
-                 table, "llrrrrrr"),
+        receptive_field_table(cfg),
         f"The last convolution, {last_conv['layer']}, sees {last_conv['rf']}×{last_conv['rf']} pixels of the (zero-padded) "
         f"input per output unit, on a {last_conv['size']}×{last_conv['size']} map. GAP then averages that whole "
         f"{last_conv['size']}×{last_conv['size']} map, so every output of GAP and C10 depends on the whole 32×32 image.",
@@ -313,24 +360,23 @@ def _load_images(data_dir: Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_report(run_dir: Path, data_dir: str | os.PathLike | None = None) -> Path:
-    """Write ``run_dir/report.md`` and its PNGs in ``run_dir/figures/``; returns the path of report.md."""
+    """Write ``run_dir/report.md`` and its PNGs in ``run_dir/figures/``; returns the path of report.md.
+    A ``normlab sweep`` folder (``sweep.json``) gets ``sweep.csv`` and ``sweep.md`` instead (``sweepdir.py``)."""
     run_dir = Path(run_dir)
+    from normlab import sweepdir
+
+    if sweepdir.is_sweep(run_dir):
+        return sweepdir.write_sweep(run_dir).report
     models, is_parent = find_runs(run_dir)
+    test_images = test_images_for(models, data_dir)
     data_dir = _resolve_data_dir(models, data_dir)
-    test_images = None
-    if any(rs[0].labels is not None for rs in models.values()):
-        test_images, test_labels = _load_images(data_dir, train=False)
-        for rs in models.values():
-            if rs[0].labels is not None and not np.array_equal(rs[0].labels, test_labels):
-                raise ReportError(f"the test split in {data_dir} ({len(test_labels):,} images) is not the one {rs[0].path / 'predictions.csv'} "
-                                  f"was made on ({len(rs[0].labels):,} images); pass the data folder the run used with --data-dir")
     fig_dir = run_dir / FIGURES_DIR
     try:
         fig_dir.mkdir(exist_ok=True)
     except OSError as e:
         raise ReportError(f"cannot write the report into {run_dir} ({e.strerror or e})") from None
     train_images, train_labels = _load_images(data_dir, train=True)
-    samples = figures.sample_grid(train_images, train_labels, SAMPLES_PER_CLASS, fig_dir / "samples.png")
+    samples = figures.save(figures.sample_grid(train_images, train_labels, SAMPLES_PER_CLASS), fig_dir / "samples.png")
     sections = [
         _header(models, run_dir, is_parent, data_dir.resolve()),
         _results_section(models),

@@ -31,10 +31,14 @@ METRICS = "metrics.csv"         # one row per epoch
 MODEL = "model.pt"              # written at the end: weights + config
 PREDICTIONS = "predictions.csv"  # one row per test image
 RESULTS = "results.json"        # written last: its presence means the model is finished
+DATA = "data.json"              # the data folder and a fingerprint of the data the run trains on
 REPORT = "report.md"            # in the folder given to normlab report
 FIGURES = "figures"             # the report's PNGs, beside report.md
 MARKERS = (CONFIG, RESULTS, CHECKPOINT)  # any of these marks a model's folder
-METRICS_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"]
+# One row per epoch. seconds: training time of the epoch only; test_*: the test set after the epoch,
+# monitoring only (no epoch, seed or setting is chosen by it), and test_seconds what that evaluation
+# took. Files of earlier versions lack the test columns: read_metrics gives None there.
+METRICS_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "seconds", "test_seconds"]
 MODEL_FORMAT = "normlab-model"
 
 
@@ -143,7 +147,8 @@ class RunDir:
         try:
             with open(path, newline="") as f:
                 rows = list(csv.DictReader(f))
-            out = [{k: (None if v in ("", None) else (int(v) if k == "epoch" else float(v))) for k, v in r.items()} for r in rows]
+            out = [{k: (None if r.get(k) in ("", None) else (int(r[k]) if k == "epoch" else float(r[k]))) for k in (*METRICS_FIELDS, *r)}
+                   for r in rows]  # columns an older file lacks (test_*) are None
         except (OSError, ValueError) as e:
             raise ReportError(f"{path} is unreadable ({type(e).__name__}: {e}); copy the run folder again") from None
         if not out:
@@ -174,6 +179,21 @@ class RunDir:
 
     def read_results(self) -> dict[str, Any]:
         return _read_json(self.path / RESULTS)
+
+    def write_data(self, record: dict[str, Any]) -> None:
+        atomic_write_text(self.path / DATA, json.dumps(record, indent=2) + "\n")
+
+    def read_data(self) -> dict[str, Any] | None:
+        """The data record of the run (None for folders written before it existed)."""
+        if not (self.path / DATA).is_file():
+            return None
+        try:
+            record = json.loads((self.path / DATA).read_text())
+        except (OSError, ValueError) as e:
+            raise TrainingError(f"{self.path / DATA} is unreadable ({type(e).__name__}); delete it to resume without the data check") from None
+        if not isinstance(record, dict) or "data_dir" not in record or "train" not in record:
+            raise TrainingError(f"{self.path / DATA} does not describe the run's data; delete it to resume without the data check")
+        return record
 
     def save_model(self, cfg: Config, model: torch.nn.Module) -> None:
         atomic_save({"format": MODEL_FORMAT, "config": cfg.to_dict(), "model": model.state_dict()}, self.path / MODEL)

@@ -116,13 +116,18 @@ class Trainer:
 
     ``run_epoch()`` trains one epoch and returns its metrics row; ``state_dict()`` and
     ``load_state_dict()`` carry everything a resumed run needs to continue bit for bit.
+    With ``test_x, test_y`` each row also holds the test loss and accuracy after the epoch: monitoring
+    only (nothing is chosen by it), evaluated like the validation split, in eval mode without
+    gradients, so it touches no random state and no running statistic and the weights come out the same.
     """
 
     def __init__(self, cfg: Config, place: Placement, train_x: torch.Tensor, train_y: torch.Tensor,
-                 val_x: torch.Tensor | None = None, val_y: torch.Tensor | None = None, progress: bool = True):
+                 val_x: torch.Tensor | None = None, val_y: torch.Tensor | None = None, progress: bool = True,
+                 test_x: torch.Tensor | None = None, test_y: torch.Tensor | None = None):
         self.cfg, self.place, self.progress = cfg, place, progress
         torch.manual_seed(cfg.seed)
         self.model = place.place(Net.from_config(cfg))
+        self.net = place.compiled(self.model)  # what the training steps call; self.model keeps the state_dict keys
         self.opt = make_optimizer(self.model, cfg)
         self.ema = make_ema(self.model, cfg.ema)
         self.scaler = place.grad_scaler()
@@ -131,6 +136,8 @@ class Trainer:
         empty_x, empty_y = torch.zeros(0, 3, 32, 32, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
         self.val_x = (val_x if val_x is not None else empty_x).to(dev)
         self.val_y = (val_y if val_y is not None else empty_y).to(dev)
+        self.test_x = (test_x if test_x is not None else empty_x).to(dev)
+        self.test_y = (test_y if test_y is not None else empty_y).to(dev)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.batches = D.Batches(self.train_x, self.train_y, cfg.batch_size, True, cfg.crop_pad, cfg.flip, place.channels_last,
                                  self.generator, cfg.alt_flip)
@@ -153,7 +160,7 @@ class Trainer:
 
         cfg, epoch = self.cfg, self.epoch + 1
         t0 = time.perf_counter()
-        r = train_epoch(self.model, self.opt, self.batches, cfg, self.step, self.total, self.place, self.scaler,
+        r = train_epoch(self.net, self.opt, self.batches, cfg, self.step, self.total, self.place, self.scaler,
                         desc=f"{cfg.norm} epoch {epoch}/{cfg.epochs}", ema=self.ema, progress=self.progress)
         self.place.synchronize()
         seconds = time.perf_counter() - t0
@@ -161,8 +168,14 @@ class Trainer:
             raise Diverged(epoch, r["bad_batch"] + 1, len(self.batches))
         self.step, self.epoch = r["step"], epoch
         val_acc, val_loss = evaluate(self.final, self.val_x, self.val_y, self.place) if len(self.val_y) else (None, None)
+        test_acc = test_loss = test_seconds = None
+        if len(self.test_y):  # timed apart from the training: seconds stays training time only
+            t0 = time.perf_counter()
+            test_acc, test_loss = evaluate(self.final, self.test_x, self.test_y, self.place)
+            test_seconds = time.perf_counter() - t0
         row = {"epoch": epoch, "lr": lr_at(self.step - 1, self.total, cfg.lr, cfg.warmup), "train_loss": r["loss"],
-               "train_acc": r["acc"], "val_loss": val_loss, "val_acc": val_acc, "seconds": seconds}
+               "train_acc": r["acc"], "val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc,
+               "seconds": seconds, "test_seconds": test_seconds}
         self.metrics.append(row)
         return row
 

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The GPU check (issue 14): on a machine with a CUDA GPU, from the repository root, in under 8 minutes:
+#  (a) the test suite with its training tests on cuda (NORMLAB_TEST_DEVICE=cuda),
+#  (b) benchmarks/speed.py on cuda for bn, gn, ln with --precision bf16 and fp16: training and
+#      evaluation images/s, warm-up + compile time, GPU memory,
+#  (c) the wall time of a whole `normlab run` (3 models x 20 epochs, data loading, compilation and
+#      the report included) on a full-size folder (the real subset repeated 5 times: real timings,
+#      meaningless accuracy),
+#  (d) `normlab run` on the real 10,000/2,000 subset in bf16 and fp16, compared with the same run
+#      on a CPU (benchmarks/gpu_check_cpu_reference.json, made with the command in its "command").
+# Prepare .gpu/ here with benchmarks/gpu_prepare.sh; the GPU machine's own PyTorch is used and the
+# package runs from src/. The same plumbing on a CPU, small:
+#   GPU_CHECK_DEVICE=cpu GPU_CHECK_EPOCHS=1 GPU_CHECK_REPEAT=1 GPU_CHECK_PRECISIONS=fp32 bash benchmarks/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DEV=${GPU_CHECK_DEVICE:-cuda}
+EPOCHS=${GPU_CHECK_EPOCHS:-20}
+REPEAT=${GPU_CHECK_REPEAT:-5}             # 5 x 10,000 = the full 50,000-image shape
+PRECISIONS=${GPU_CHECK_PRECISIONS:-"bf16 fp16"}
+WORK=${GPU_CHECK_WORK:-/tmp/normlab_gpu_check}
+SUB=.gpu/sub
+rm -rf "$WORK" && mkdir -p "$WORK"
+if ls .gpu/whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" .gpu/whl/*.whl || exit 1
+fi
+export PYTHONPATH="$PWD/src:$WORK/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+NORMLAB="python3 -m normlab.cli"
+step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
+
+step "machine"
+date -u
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
+python3 -c "import torch, platform; print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda); \
+print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none', torch.cuda.get_device_capability() if torch.cuda.is_available() else '')"
+
+if [ "$DEV" = cuda ]; then
+    step "(a) test suite, training tests on cuda"
+    NORMLAB_TEST_DEVICE=cuda timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests 2>&1 | tail -25
+fi
+
+step "(b) speed.py on $DEV, $PRECISIONS"
+python3 "$SUB/../cifar10_subset.py" "$SUB" "$WORK/full" --train 10000 --test 2000 --repeat "$REPEAT" >/dev/null
+for prec in $PRECISIONS; do
+    timeout 150 python3 benchmarks/speed.py --data-dir "$WORK/full" --device "$DEV" --precision "$prec" --no-classic --batches 100 --warmup 10
+done
+
+step "(c) whole normlab run, 3 models x $EPOCHS epochs, full-size data, cold start"
+start=$(date +%s.%N)
+timeout 300 $NORMLAB run --data-dir "$WORK/full" --device "$DEV" --epochs "$EPOCHS" --out "$WORK/run_full" 2>&1 | grep -v "^ *[0-9]* *[0-9.]* *[0-9.]* *[0-9.]*%" | tail -8
+echo "wall seconds of normlab run (c): $(python3 -c "import time; print(round(time.time() - $start, 1))")"
+python3 - "$WORK/run_full" <<'PY'
+import json, sys, pathlib
+for p in sorted(pathlib.Path(sys.argv[1]).glob("*/results.json")):
+    r = json.loads(p.read_text())
+    print(p.parent.name, {k: r.get(k) for k in ("wall_seconds", "seconds_per_epoch", "precision", "channels_last", "compile", "gpu_peak_mib", "device", "cuda_capability")})
+PY
+
+step "(d) accuracy on the real subset: $DEV $PRECISIONS against the CPU reference"
+for prec in $PRECISIONS; do
+    timeout 200 $NORMLAB run --data-dir "$SUB" --device "$DEV" --precision "$prec" --epochs "$EPOCHS" --out "$WORK/sub_$prec" --no-report 2>&1 | tail -4
+done
+python3 benchmarks/compare_runs.py benchmarks/gpu_check_cpu_reference.json $(for prec in $PRECISIONS; do echo "$WORK/sub_$prec"; done)
+step "done"

@@ -1,0 +1,330 @@
+"""The sweep folder, as ``rundir.py`` is the run folder: beside one run folder per model, the sweep's own
+files ``sweep.json`` (what was asked: norms, grid, seeds, base settings), ``sweep.csv`` (one row per
+cell and seed), ``sweep.md`` and its figures, and ``SweepResult``, the sweep as a notebook sees it.
+
+Everything but the manifest is computed from the run folders (``config.json`` and ``results.json``
+of each model), so ``normlab report SWEEP_DIR`` rebuilds the table, the figures and the report at
+any time, and a sweep cut short shows what it has. The planning itself (grid -> cells -> folders)
+is ``plan.plan_sweep``; the figures are drawn in ``figures.py``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from normlab import figures
+from normlab.config import Config, format_value, setting_fields
+from normlab.errors import ReportError, UsageError
+from normlab.norms import DEFAULT_NORMS, NORMS
+from normlab.plan import NOT_SWEPT, Grid, cell_folder, parse_grid, reads, sweep_cells
+from normlab.report import acc_cell, md_table, secs_cell
+from normlab.rundir import CONFIG, FIGURES, RunDir, atomic_write, atomic_write_text
+
+MANIFEST = "sweep.json"   # written before anything trains: the grid, norms, seeds and base settings
+TABLE = "sweep.csv"       # one row per cell and seed, from the run folders
+REPORT = "sweep.md"       # the table, the figures, the command that trains it again
+FORMAT = "normlab-sweep"
+SETTINGS = [f.name for f in setting_fields() if f.name not in NOT_SWEPT]
+RESULT_COLUMNS = ["params", "train_acc_running", "train_acc_clean", "val_acc", "test_acc", "test_acc_flip_tta",
+                  "seconds_per_epoch", "wall_seconds", "device", "precision", "threads"]
+COLUMNS = ["folder", "norm", "seed", "status", *SETTINGS, *RESULT_COLUMNS]
+FINISHED, UNFINISHED, NOT_STARTED = "finished", "unfinished", "not started"
+LOG_SPAN = 8  # a numeric setting whose positive values span at least this factor is drawn on a log axis
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a sweep was asked to train: ``norms`` x ``grid`` x ``seeds`` seeds from ``first_seed``, on ``base``."""
+
+    base: Config
+    norms: tuple[str, ...]
+    grid: Grid
+    seeds: int
+    first_seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "norms": list(self.norms), "grid": {k: list(v) for k, v in self.grid.items()},
+                "seeds": self.seeds, "first_seed": self.first_seed, "base": self.base.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Manifest":
+        return cls(Config.from_dict(d["base"]), tuple(d["norms"]), parse_grid(d["grid"]), int(d["seeds"]), int(d["first_seed"]))
+
+    def models(self, parent: Path) -> list[tuple[str, dict[str, Any], int, Path]]:
+        """(norm, cell, seed, folder) of every model, in the order ``plan_sweep`` trains them."""
+        return [(norm, cell, seed, cell_folder(parent, norm, cell, seed))
+                for seed in range(self.first_seed, self.first_seed + self.seeds)
+                for norm in self.norms for cell in sweep_cells(norm, self.grid)]
+
+    def command(self, parent: Path) -> str:
+        """The normlab command line that trains this sweep again (settings that differ from the defaults)."""
+        parts = ["normlab", "sweep"]
+        if self.norms != DEFAULT_NORMS:
+            parts += ["--norms", ",".join(self.norms)]
+        for k, values in self.grid.items():
+            parts += ["--grid", f"{k}=" + ",".join(format_value(v).replace(",", "x") for v in values)]
+        parts += self.base.to_flags(skip=("norm", "seed", *self.grid))
+        if self.seeds > 1:
+            parts += ["--seeds", str(self.seeds)]
+        if self.first_seed != 0:
+            parts += ["--seed", str(self.first_seed)]
+        return " ".join(parts + ["--out", str(parent)])
+
+
+def is_sweep(path: str | os.PathLike) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def write_manifest(parent: Path, manifest: Manifest, resume: bool) -> None:
+    """Record what the sweep trains, before it trains. Another sweep's manifest is replaced only with ``resume`` (the same
+    sweep's is rewritten: a sweep that stopped before its first model, e.g. on a wrong --ray address, just starts again)."""
+    path = Path(parent) / MANIFEST
+    if path.exists() and not resume:
+        try:
+            same = read_manifest(parent) == manifest
+        except ReportError:
+            same = False
+        if not same:
+            raise UsageError(f"{parent} already holds another sweep ({MANIFEST}); use --resume to continue it (with this grid), "
+                             "or choose another --out")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(manifest.to_dict(), indent=2) + "\n")
+    except OSError as e:
+        raise UsageError(f"cannot write to output folder {parent} ({e.strerror or e}); choose another with --out") from None
+
+
+def read_manifest(parent: Path) -> Manifest:
+    path = Path(parent) / MANIFEST
+    try:
+        d = json.loads(path.read_text())
+        if d.get("format") != FORMAT:
+            raise ValueError(f"format {d.get('format')!r}")
+        return Manifest.from_dict(d)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ReportError(f"{path} is not a readable normlab sweep manifest ({type(e).__name__}: {e}); "
+                          f"pass a folder written by normlab sweep") from None
+
+
+# ---------------------------------------------------------------- rows: one per cell and seed, from the run folders
+def collect(parent: Path, manifest: Manifest) -> list[dict[str, Any]]:
+    """One row per model of the manifest: its folder, status, settings (its config.json where it has one) and results."""
+    rows = []
+    for norm, cell, seed, folder in manifest.models(parent):
+        rd = RunDir(folder)
+        cfg = Config(**{**manifest.base.to_dict(), "norm": norm, "seed": seed, **cell})
+        status = FINISHED if rd.finished else UNFINISHED if rd.is_run() else NOT_STARTED
+        results: dict[str, Any] = {}
+        if status == FINISHED:
+            results = rd.read_results()
+            try:
+                cfg = Config.load(folder / CONFIG)
+            except (OSError, ValueError, TypeError) as e:
+                raise ReportError(f"{folder / CONFIG} is unreadable ({type(e).__name__}); copy the run folder again") from None
+        row = {"folder": folder.relative_to(parent).as_posix(), "norm": norm, "seed": seed, "status": status,
+               **{k: getattr(cfg, k) for k in SETTINGS}, **{k: results.get(k) for k in RESULT_COLUMNS}}
+        row["cell"] = cell  # the swept settings this norm reads (not a column of sweep.csv)
+        rows.append(row)
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(COLUMNS)
+            for r in rows:
+                w.writerow(["" if r[k] is None else format_value(r[k]) if isinstance(r[k], tuple) else
+                            f"{r[k]:.6g}" if isinstance(r[k], float) else r[k] for k in COLUMNS])
+    atomic_write(path, write)
+
+
+def metric(rows: list[dict[str, Any]]) -> str | None:
+    """What the figure and the headline column show: test accuracy, else (tuning sweeps, --no-test) validation accuracy."""
+    for key in ("test_acc", "val_acc"):
+        if any(r[key] is not None for r in rows):
+            return key
+    return None
+
+
+def _cell_label(cell: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={format_value(v)}" for k, v in cell.items())
+
+
+def _groups(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Rows by (norm, cell), in plan order (every seed of a cell together)."""
+    out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        out.setdefault((r["norm"], _cell_label(r["cell"])), []).append(r)
+    return out
+
+
+def _minutes(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    return f"{m} min {s:02d} s" if m else f"{s} s"
+
+
+def devices(rows: list[dict[str, Any]]) -> list[str]:
+    """The devices and precisions the finished models ran on."""
+    return sorted({f"{r['device']}, {r['precision']}" for r in rows if r["status"] == FINISHED})
+
+
+def results_table(manifest: Manifest, rows: list[dict[str, Any]]) -> str:
+    """The markdown table: one row per norm and cell, mean ± std over its finished seeds. Columns no model has
+    (validation without a split, test with --no-test) are left out, and so is the device where all share one."""
+    keys = list(manifest.grid)
+    accs = [(k, name) for k, name in (("train_acc_clean", "train acc (clean)"), ("val_acc", "validation acc"), ("test_acc", "**test acc**"))
+            if any(r[k] is not None for r in rows)]
+    per_model = len(devices(rows)) > 1
+    header = ["model", *keys, "seeds", *(name for _, name in accs), "s/epoch", "wall time (per seed)", *(["device"] if per_model else [])]
+    table = []
+    for (norm, _), rs in _groups(rows).items():
+        done = [r for r in rs if r["status"] == FINISHED]
+        values = [format_value(rs[0][k]) if reads(norm, k) else f"{format_value(rs[0][k])} (not read)" for k in keys]
+        walls = [r["wall_seconds"] for r in done if r["wall_seconds"] is not None]
+        cells = [acc_cell([r[k] for r in done]) for k, _ in accs]
+        if accs and accs[-1][0] == "test_acc":
+            cells[-1] = f"**{cells[-1]}**"
+        table.append([f"{NORMS[norm].label} ({norm})", *values, f"{len(done)}/{len(rs)}", *cells,
+                      secs_cell([r["seconds_per_epoch"] for r in done]), _minutes(statistics.mean(walls)) if walls else "–",
+                      *([", ".join(devices(done)) or "–"] if per_model else [])])
+    return md_table(header, table, "l" + "r" * (len(keys) + len(accs) + 3) + "l" * per_model)
+
+
+# ---------------------------------------------------------------- figures
+def log_x(values: Sequence[Any]) -> bool:
+    """A log axis where the values are positive numbers spanning at least LOG_SPAN times (2, 4, ... 128; 1e-3 ... 1e-1)."""
+    nums = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return len(nums) == len(values) > 1 and min(nums) > 0 and max(nums) / min(nums) >= LOG_SPAN
+
+
+def sweep_figure(manifest: Manifest, rows: list[dict[str, Any]], key: str):
+    """Accuracy against the setting ``key``: one line per norm (and per combination of the other swept settings it
+    reads), mean ± std over the finished seeds; a norm that does not read ``key`` is a flat band at its one value."""
+    shown = metric(rows)
+    values = list(manifest.grid[key])
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    position = (lambda v: v) if numeric else (lambda v: values.index(v))
+    lines = []
+    for norm in manifest.norms:
+        by_other: dict[str, dict[Any, list[float]]] = {}
+        for r in rows:
+            if r["norm"] != norm or r["status"] != FINISHED or r[shown] is None:
+                continue
+            other = _cell_label({k: v for k, v in r["cell"].items() if k != key and len(manifest.grid[k]) > 1})
+            x = r["cell"].get(key)  # None: the norm does not read the setting
+            by_other.setdefault(other, {}).setdefault(x, []).append(100 * r[shown])
+        for i, (other, points) in enumerate(by_other.items()):
+            xs = sorted(points, key=position) if None not in points else [None]
+            label = f"{norm}{', ' + other if other else ''}" + ("" if reads(norm, key) else f" (does not read {key})")
+            lines.append({"label": label, "colour": NORMS[norm].colour, "style": i,
+                          "x": [None if x is None else position(x) for x in xs],
+                          "mean": [statistics.mean(points[x]) for x in xs],
+                          "std": [statistics.stdev(points[x]) if len(points[x]) > 1 else 0.0 for x in xs]})
+    what = {"test_acc": "test accuracy (%)", "val_acc": "validation accuracy (%)"}[shown]
+    n = manifest.seeds
+    title = f"{what[:-4]} against {key}" + (f" (mean ± std over {n} seeds)" if n > 1 else "")
+    return figures.sweep_lines(lines, xlabel=key, ylabel=what, title=title, log_x=numeric and log_x(values),
+                               ticks=values if numeric else None, tick_labels=[format_value(v) for v in values])
+
+
+# ---------------------------------------------------------------- the whole sweep
+class SweepResult:
+    """A sweep as its folder holds it: ``manifest``, ``rows`` (one per cell and seed, as in sweep.csv), ``report``."""
+
+    def __init__(self, path: Path, manifest: Manifest, rows: list[dict[str, Any]], report: Path | None):
+        self.path, self.manifest, self.rows, self.report = Path(path), manifest, rows, report
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SweepResult":
+        manifest = read_manifest(Path(path))
+        report = Path(path) / REPORT
+        return cls(Path(path), manifest, collect(Path(path), manifest), report if report.is_file() else None)
+
+    @property
+    def unfinished(self) -> list[str]:
+        """Folders (relative to ``path``) of the models not finished."""
+        return [r["folder"] for r in self.rows if r["status"] != FINISHED]
+
+    def table(self) -> str:
+        return results_table(self.manifest, self.rows)
+
+    def plot(self, setting: str | None = None):
+        """Accuracy against ``setting`` (default: the first swept one)."""
+        if not self.manifest.grid:
+            raise ReportError(f"{self.path} sweeps no setting (only norms and seeds): there is nothing to draw against")
+        key = setting or next(iter(self.manifest.grid))
+        if key not in self.manifest.grid:
+            raise ReportError(f"{key!r} is not swept in {self.path}; swept: {', '.join(self.manifest.grid)}")
+        if metric(self.rows) is None:
+            raise ReportError(f"{self.path} has no finished model with a test or validation accuracy to draw")
+        return sweep_figure(self.manifest, self.rows, key)
+
+    def __repr__(self) -> str:
+        done = sum(r["status"] == FINISHED for r in self.rows)
+        return f"SweepResult(path={str(self.path)!r}, models={done}/{len(self.rows)} finished, grid={self.manifest.grid!r})"
+
+    def _repr_markdown_(self) -> str:
+        return f"{self.table()}\n\nSweep folder: `{self.path}`"
+
+
+def write_sweep(parent: Path, report: bool = True) -> SweepResult:
+    """``sweep.csv`` and (with ``report``) ``sweep.md`` and its figures, from the folder's manifest and run folders."""
+    parent = Path(parent)
+    manifest = read_manifest(parent)
+    rows = collect(parent, manifest)
+    try:
+        write_csv(parent / TABLE, rows)
+        path = _write_report(parent, manifest, rows) if report else None
+    except OSError as e:
+        raise ReportError(f"cannot write the sweep's files into {parent} ({e.strerror or e})") from None
+    return SweepResult(parent, manifest, rows, path)
+
+
+def _write_report(parent: Path, manifest: Manifest, rows: list[dict[str, Any]]) -> Path:
+    finished = [r for r in rows if r["status"] == FINISHED]
+    shown = metric(finished)
+    grid = "; ".join(f"{k} = {', '.join(format_value(v) for v in vs)}" for k, vs in manifest.grid.items()) or "no setting (norms and seeds only)"
+    seeds = f"{manifest.seeds} seed{'s' if manifest.seeds > 1 else ''} ({', '.join(str(manifest.first_seed + i) for i in range(manifest.seeds))})"
+    ignored = [f"{NORMS[n].label} ({n}) does not read {', '.join(ks)}: trained once at {', '.join(f'{k}={format_value(getattr(manifest.base, k))}' for k in ks)}"
+               for n in manifest.norms if (ks := [k for k in manifest.grid if not reads(n, k)])]
+    parts = [f"# normlab sweep: `{parent}`",
+             f"{', '.join(f'{NORMS[n].label} ({n})' for n in manifest.norms)} x {grid} x {seeds}: "
+             f"{len(rows)} models, {len(finished)} finished.",
+             f"The command line that trains it again:\n\n```sh\n{manifest.command(parent)}\n```",
+             "Every other setting is the same in every model: `config.json` of each run folder has them all; `sweep.csv` has one "
+             f"row per model (every setting, accuracies, seconds per epoch, wall time, device). Rebuild this page with "
+             f"`normlab report {parent}`.",
+             "## Results", results_table(manifest, rows)]
+    notes = []
+    if ignored:
+        notes += [f"{line}." for line in ignored]
+    if manifest.seeds > 1:
+        notes.append(f"Mean ± sample standard deviation over the finished seeds of each cell (of {manifest.seeds}).")
+    notes.append("Each model is the one after its last epoch: no epoch, seed or setting is chosen by the test set here; "
+                 "choose settings on a validation split (`--val-size 5000 --no-test`), which this table then shows.")
+    notes.append("Wall time: data loading, training and the final evaluations of one model (of a resumed model: since it resumed).")
+    if len(devices(rows)) == 1:
+        notes.append(f"Every model ran on {devices(rows)[0]}.")
+    parts.append("\n".join(f"- {n}" for n in notes))
+    unfinished = [r["folder"] for r in rows if r["status"] != FINISHED]
+    if unfinished:
+        parts.append(f"**Not finished ({len(unfinished)}):** {', '.join(f'`{f}`' for f in unfinished)}. "
+                     f"Train them with the command above and `--resume`.")
+    fig_dir = parent / FIGURES
+    if shown and manifest.grid:
+        fig_dir.mkdir(exist_ok=True)
+        what = {"test_acc": "Test accuracy", "val_acc": "Validation accuracy"}[shown]
+        parts.append("## Figures")
+        for key in manifest.grid:
+            path = figures.save(sweep_figure(manifest, finished, key), fig_dir / f"sweep_{key}.png")
+            parts.append(f"{what} against {key}:\n\n![{what.lower()} against {key}]({FIGURES}/{path.name})")
+    path = parent / REPORT
+    atomic_write_text(path, "\n\n".join(parts) + "\n")
+    return path

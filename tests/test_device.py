@@ -1,0 +1,160 @@
+"""Device, precision, layout and the records of a run: chosen in one place from what the hardware
+reports; a run resumes under the runtime it is given, on the data it started on."""
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import DEVICE, make_cifar
+from normlab import device as dev
+from normlab.cli import build_parser, main, runtime_from
+from normlab.device import Placement, Runtime, native_precision, use_compile, worker_devices
+from normlab.norms import NORMS
+from normlab.rundir import CHECKPOINT, DATA, RESULTS
+
+TRAIN = ["--epochs", "2", "--batch-size", "50", "--threads", "1", "--device", DEVICE]
+
+
+@pytest.mark.parametrize("device_type, capability, cpu_bf16, expected", [
+    ("cuda", (9, 0), False, "bf16"),   # H100
+    ("cuda", (8, 0), False, "bf16"),   # A100
+    ("cuda", (7, 5), False, "fp16"),   # T4: bf16 only by emulation there
+    ("cuda", (6, 0), False, "fp16"),   # P100
+    ("cpu", None, True, "bf16"),       # AVX512-BF16 or AMX
+    ("cpu", None, False, "fp32"),      # most laptops
+])
+def test_native_precision(device_type, capability, cpu_bf16, expected):
+    assert native_precision(device_type, capability, cpu_bf16) == expected
+
+
+def test_cpu_bf16_is_read_from_the_flags():
+    assert dev.cpu_has_bf16("flags : fpu avx512f avx512_bf16 avx512_vnni")
+    assert dev.cpu_has_bf16("flags : fpu amx_bf16 amx_tile")
+    assert not dev.cpu_has_bf16("flags : fpu avx2 avx512f avx512_vnni")
+
+
+def test_asked_precision_wins_and_auto_follows_the_cpu(monkeypatch):
+    cpu = torch.device("cpu")
+    assert dev.pick_precision(cpu, "fp16") == "fp16"
+    monkeypatch.setattr(dev, "cpu_has_bf16", lambda: False)
+    assert dev.pick_precision(cpu, "auto") == "fp32"
+    monkeypatch.setattr(dev, "cpu_has_bf16", lambda: True)
+    assert dev.pick_precision(cpu, "auto") == "bf16"
+
+
+def test_layout_per_norm_and_device():
+    for name, spec in NORMS.items():
+        assert dev.use_channels_last(name, torch.device("cpu")) == spec.cpu_channels_last
+        assert dev.use_channels_last(name, torch.device("cuda")) == spec.cuda_channels_last
+    assert dev.use_channels_last("gn", torch.device("cuda")) is False  # CUDA group norm works on NCHW
+
+
+def test_compile_only_where_it_pays():
+    assert use_compile("auto", "cuda") and not use_compile("auto", "cpu")
+    assert use_compile("on", "cpu") and not use_compile("off", "cuda")
+    model = torch.nn.Linear(2, 2)
+    assert Placement(torch.device("cpu"), "fp32", False, compile=False).compiled(model) is model
+
+
+def test_jobs_spread_over_the_visible_gpus(monkeypatch):
+    assert worker_devices(Runtime(device="cpu"), 3) == ["cpu"] * 3
+    monkeypatch.setattr(dev.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dev.torch.cuda, "device_count", lambda: 2)
+    assert worker_devices(Runtime(), 5) == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
+    assert worker_devices(Runtime(device="cuda:1"), 2) == ["cuda:1", "cuda:1"]  # one named GPU: all share it
+
+
+def test_runtime_flags_and_errors(capsys):
+    args = build_parser().parse_args(["train", "--precision", "fp16", "--compile", "off", "--deterministic", "--device", "cuda:1"])
+    assert runtime_from(args) == Runtime(device="cuda:1", precision="fp16", compile="off", deterministic=True)
+    assert main(["train", "--device", "tpu"]) == 2
+    assert "--device must be auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
+def test_gradient_scaler_only_for_fp16():
+    cpu = torch.device("cpu")
+    assert Placement(cpu, "fp16", False).grad_scaler().is_enabled()
+    assert not Placement(cpu, "bf16", False).grad_scaler().is_enabled()
+    assert not Placement(cpu, "fp32", False).grad_scaler().is_enabled()
+
+
+def test_host_allocator_is_tuned_on_linux():
+    import sys
+
+    assert dev.tune_host_allocator() == sys.platform.startswith("linux")
+
+
+# ---------------------------------------------------------------- whole runs
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return make_cifar(tmp_path_factory.mktemp("device") / "data")
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_trains_on_a_cpu(data_dir, tmp_path, precision):
+    """The T4's path (fp16 autocast with a gradient scaler) and the bf16 path run end to end on a CPU."""
+    out = tmp_path / precision
+    assert main(["train", "--data-dir", str(data_dir), *TRAIN, "--precision", precision, "--out", str(out)]) == 0
+    results = json.loads((out / RESULTS).read_text())
+    assert results["precision"] == precision
+    assert (results["threads"] == 1 and "gpu_peak_mib" not in results) if DEVICE == "cpu" else results["gpu_peak_mib"] > 0
+    ck = torch.load(out / CHECKPOINT, weights_only=True)
+    assert ("scaler" in ck) == (precision == "fp16")
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_resume_takes_the_runtime_of_the_command_line(data_dir, tmp_path, capsys):
+    from test_cli import ctrl_c_in
+    from normlab import train as T
+
+    out = tmp_path / "run"
+    real = T.train_epoch
+    T.train_epoch = ctrl_c_in("bn epoch 2/")
+    try:
+        assert main(["train", "--data-dir", str(data_dir), *TRAIN, "--precision", "fp32", "--out", str(out)]) == 130
+    finally:
+        T.train_epoch = real
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--threads", "1", "--precision", "bf16"]) == 0
+    assert json.loads((out / RESULTS).read_text())["precision"] == "bf16"
+
+
+def _cut_after_epoch_1(data_dir: Path, out: Path, capsys) -> list[str]:
+    from test_cli import ctrl_c_in
+    from normlab import train as T
+
+    real = T.train_epoch
+    T.train_epoch = ctrl_c_in("bn epoch 2/")
+    try:
+        assert main(["train", "--data-dir", str(data_dir), *TRAIN, "--out", str(out)]) == 130
+    finally:
+        T.train_epoch = real
+    return shlex.split(capsys.readouterr().err.split("Resume with: ", 1)[1])
+
+
+def test_resume_finds_its_own_data_not_normlab_data(data_dir, tmp_path, monkeypatch, capsys):
+    """Killed in epoch 2 and resumed without --data-dir while NORMLAB_DATA points elsewhere: the run
+    finishes on the data it started on, exactly as if never stopped."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main(["train", "--data-dir", str(data_dir), *TRAIN, "--out", str(whole)]) == 0
+    _cut_after_epoch_1(data_dir, cut, capsys)
+    assert json.loads((cut / DATA).read_text())["data_dir"] == str(data_dir.resolve())
+    monkeypatch.setenv("NORMLAB_DATA", str(make_cifar(tmp_path / "other", per_batch=60, seed=1)))
+    assert main(["train", "--resume", str(cut), "--threads", "1"]) == 0
+    assert (cut / "predictions.csv").read_text() == (whole / "predictions.csv").read_text()
+    assert torch.equal(torch.load(cut / "model.pt", weights_only=True)["model"]["C1.0.weight"],
+                       torch.load(whole / "model.pt", weights_only=True)["model"]["C1.0.weight"])
+
+
+def test_resume_refuses_other_data(data_dir, tmp_path, capsys):
+    cut = tmp_path / "cut"
+    _cut_after_epoch_1(data_dir, cut, capsys)
+    other = make_cifar(tmp_path / "other", per_batch=40, seed=7)  # same size, other images and labels
+    assert main(["train", "--resume", str(cut), "--threads", "1", "--data-dir", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds other training data" in err and f"--data-dir {data_dir.resolve()}" in err
+    assert torch.load(cut / CHECKPOINT, weights_only=True)["epoch"] == 1  # nothing touched

@@ -1,0 +1,274 @@
+"""normlab sweep without Ray: the grid (typed values, one clear line for a bad one), which norm gets which
+cells (a setting a norm does not read gives it one model), the folders, sweep.csv / sweep.md / the figure
+and their rebuild by normlab report, resume, and a failed model that leaves the others finished."""
+import csv
+import json
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+import normlab
+from conftest import DEVICE, make_cifar
+from normlab.cli import build_parser, config_from, main
+from normlab.config import Config
+from normlab.errors import ConfigError
+from normlab.norms import NORMS
+from normlab.plan import NEW, cell_folder, norm_options, parse_grid, plan_sweep, reads, sweep_cells
+from normlab.sweepdir import COLUMNS, MANIFEST, REPORT, TABLE, Manifest, SweepResult, log_x, read_manifest, sweep_figure
+
+TRAIN_ARGS = ["--epochs", "1", "--batch-size", "50", "--threads", "1", "--device", DEVICE]
+GRID = ["--norms", "bn,gn", "--grid", "lr=0.05,0.1", "--grid", "groups=4,8", "--seeds", "2"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return make_cifar(tmp_path_factory.mktemp("sweep") / "data")
+
+
+def sweep_argv(data_dir: Path, out: Path, *extra: str, grid=GRID) -> list[str]:
+    return ["sweep", "--data-dir", str(data_dir), *grid, *TRAIN_ARGS, "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def swept(data_dir) -> Path:
+    """bn and gn x lr 0.05, 0.1 x groups 4, 8 x seeds 0, 1: bn does not read groups, so 4 bn models and 8 gn ones."""
+    out = data_dir.parent / "sweep"
+    assert main(sweep_argv(data_dir, out)) == 0
+    return out
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("normlab: error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+# ---------------------------------------------------------------- the grid
+def test_grid_values_are_typed_as_their_setting():
+    grid = parse_grid(["lr=0.05,0.1", "groups=4,8", "act=relu,gelu", "flip=true,off", "widths=16x32x24,16x24x32", "norm-batch=8"])
+    assert grid == {"lr": (0.05, 0.1), "groups": (4, 8), "act": ("relu", "gelu"), "flip": (True, False),
+                    "widths": ((16, 32, 24), (16, 24, 32)), "norm_batch": (8,)}
+    assert type(grid["groups"][0]) is int and type(grid["lr"][0]) is float
+    # The API's form: typed values, ints for a float setting, one widths tuple
+    assert parse_grid({"lr": [1, 0.5], "widths": (16, 32, 24)}) == {"lr": (1.0, 0.5), "widths": ((16, 32, 24),)}
+
+
+@pytest.mark.parametrize("spec, needle", [
+    (["nope=1,2"], "unknown setting 'nope'"),
+    (["groupz=4"], "did you mean 'groups'?"),
+    (["groups=4.5"], "'4.5' is not a value of groups, which takes whole numbers"),
+    (["lr=fast"], "'fast' is not a value of lr, which takes numbers"),
+    (["flip=maybe"], "takes true or false"),
+    (["widths=16,32,24"], "each widths value written with x"),
+    (["norm=bn,gn"], "cannot sweep norm: use --norms"),
+    (["seed=1,2"], "cannot sweep seed: use --seeds"),
+    (["lr"], "--grid takes SETTING=VALUE,VALUE"),
+    (["lr=0.1,0.1"], "--grid lr repeats 0.1"),
+    (["lr=0.1", "lr=0.2"], "--grid lr is given twice"),
+])
+def test_a_bad_grid_is_one_clear_config_error(spec, needle):
+    with pytest.raises(ConfigError, match=None) as e:
+        parse_grid(spec)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_each_norm_gets_the_cells_of_the_settings_it_reads():
+    options = norm_options()
+    assert {"groups", "norm_batch"} <= options  # group norm's groups, batch norm's norm_batch (registry: NORMS[n].options)
+    grid = parse_grid(["groups=4,8", "norm_batch=8,32", "lr=0.05,0.1"])
+    for name, norm in NORMS.items():
+        own = [k for k in grid if k in norm.options]
+        cells = sweep_cells(name, grid)
+        assert len(cells) == 2 ** (len(own) + 1)  # lr is read by every norm; another norm's option gives one cell
+        assert all(set(c) == {*own, "lr"} for c in cells)
+        assert all(reads(name, k) == (k in own or k not in options) for k in grid)
+
+
+def test_plan_sweep_folders_and_one_model_per_ignored_setting(tmp_path):
+    grid = parse_grid(["norm_batch=2,4,8", "groups=4,8"])
+    jobs = plan_sweep(Config(epochs=1), ["bn", "gn", "ln"], grid, 2, 0, tmp_path, False, "hint")
+    folders = [j.out.relative_to(tmp_path).as_posix() for j in jobs]
+    assert folders[:6] == ["bn/norm_batch=2/seed0", "bn/norm_batch=4/seed0", "bn/norm_batch=8/seed0",
+                           "gn/groups=4/seed0", "gn/groups=8/seed0", "ln/seed0"]
+    assert len(jobs) == 2 * (3 + 2 + 1) and all(j.action == NEW for j in jobs)
+    gn = next(j for j in jobs if j.out.name == "seed1" and j.out.parent.name == "groups=8")
+    assert gn.cfg == Config(norm="gn", groups=8, seed=1, epochs=1)
+    ln = next(j for j in jobs if j.out.parent.name == "ln")
+    assert ln.cfg.groups == 8 and ln.cfg.norm_batch == 0  # trained once, at the base values
+    assert cell_folder(tmp_path, "bn", {"widths": (16, 32, 24)}, 3) == tmp_path / "bn" / "widths=16x32x24" / "seed3"
+
+
+def test_plan_sweep_validates_every_cell_before_anything_trains(tmp_path):
+    with pytest.raises(ConfigError, match="gn with groups=5: --groups 5 must divide every width"):
+        plan_sweep(Config(), ["bn", "gn"], parse_grid(["groups=4,5"]), 1, 0, tmp_path, False, "hint")
+    with pytest.raises(ConfigError, match="bn with norm_batch=256: --norm-batch 256 is larger than --batch-size 128"):
+        plan_sweep(Config(), ["bn", "gn"], parse_grid(["norm_batch=8,256"]), 1, 0, tmp_path, False, "hint")
+    with pytest.raises(ConfigError, match="unknown norm 'xn'"):
+        plan_sweep(Config(), ["bn", "xn"], {}, 1, 0, tmp_path, False, "hint")
+    assert not tmp_path.joinpath("bn").exists()
+
+
+# ---------------------------------------------------------------- a sweep end to end
+def test_sweep_writes_a_folder_per_model_and_the_table(swept):
+    manifest = read_manifest(swept)
+    assert manifest.norms == ("bn", "gn") and manifest.grid == {"lr": (0.05, 0.1), "groups": (4, 8)} and manifest.seeds == 2
+    models = manifest.models(swept)
+    assert len(models) == 2 * (2 + 4)
+    assert {f.relative_to(swept).as_posix() for *_, f in models} >= {"bn/lr=0.05/seed0", "gn/lr=0.1/groups=8/seed1"}
+    assert all((f / "results.json").is_file() for *_, f in models)
+    assert not (swept / "bn" / "lr=0.05" / "groups=4").exists()  # bn does not read groups: no folder per value
+
+    with open(swept / TABLE, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == COLUMNS and len(rows) == len(models)
+    settings = [f for f in Config.__dataclass_fields__ if f not in ("norm", "seed")]
+    assert set(settings) <= set(COLUMNS)  # every setting is a column
+    for row, (norm, cell, seed, folder) in zip(rows, models):
+        cfg = Config.load(folder / "config.json")
+        results = json.loads((folder / "results.json").read_text())
+        assert row["folder"] == folder.relative_to(swept).as_posix() and row["status"] == "finished"
+        assert (row["norm"], int(row["seed"]), float(row["lr"]), int(row["groups"])) == (norm, seed, cfg.lr, cfg.groups)
+        assert all(getattr(cfg, k) == v for k, v in cell.items())
+        assert float(row["test_acc"]) == pytest.approx(results["test_acc"], abs=1e-6)
+        assert float(row["wall_seconds"]) > 0 and float(row["seconds_per_epoch"]) > 0 and row["device"] == results["device"]
+    assert {r["groups"] for r in rows if r["norm"] == "bn"} == {"8"}  # the base value
+
+
+def test_sweep_report_table_figures_and_command(swept):
+    text = (swept / REPORT).read_text()
+    assert "| model | lr | groups | seeds |" in text
+    assert "| Batch Normalization (bn) | 0.05 | 8 (not read) | 2/2 |" in text
+    assert "Batch Normalization (bn) does not read groups: trained once at groups=8." in text
+    for key in ("lr", "groups"):
+        assert f"(figures/sweep_{key}.png)" in text and (swept / "figures" / f"sweep_{key}.png").stat().st_size > 5000
+    command = text.split("```sh\n", 1)[1].split("\n", 1)[0]
+    assert command == f"normlab sweep --norms bn,gn --grid lr=0.05,0.1 --grid groups=4,8 --epochs 1 --batch-size 50 --seeds 2 --out {swept}"
+    args = build_parser().parse_args(shlex.split(command)[1:])  # the command gives the same settings and grid
+    assert config_from(args) == Config(epochs=1, batch_size=50) and parse_grid(args.grid) == read_manifest(swept).grid
+
+
+def test_report_rebuilds_the_sweep_files(swept, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(swept, copy)
+    table = (copy / TABLE).read_text()
+    for name in (TABLE, REPORT):
+        (copy / name).unlink()
+    shutil.rmtree(copy / "figures")
+    assert main(["report", str(copy)]) == 0  # no data folder needed: a sweep's report is from its files only
+    assert (copy / TABLE).read_text() == table
+    assert (copy / REPORT).is_file() and (copy / "figures" / "sweep_lr.png").is_file()
+    result = normlab.load(copy)
+    assert isinstance(result, SweepResult) and result.unfinished == [] and len(result.rows) == 12
+    assert result.plot("groups").axes[0].get_xlabel() == "groups"
+
+
+def test_a_sweep_model_is_the_model_train_makes(swept, data_dir, tmp_path):
+    out = tmp_path / "one"
+    assert main(["train", "--data-dir", str(data_dir), "--norm", "gn", "--lr", "0.1", "--groups", "4", "--seed", "1", *TRAIN_ARGS,
+                 "--out", str(out)]) == 0
+    cell = swept / "gn" / "lr=0.1" / "groups=4" / "seed1"
+    assert (cell / "predictions.csv").read_text() == (out / "predictions.csv").read_text()
+
+
+def test_figure_log_axis_and_flat_band_for_a_norm_that_does_not_read_the_setting():
+    assert log_x([2, 4, 8, 16, 32, 128]) and log_x([1e-3, 1e-2]) and not log_x([0.05, 0.1]) and not log_x([0, 8, 32])
+    assert not log_x(["relu", "gelu"]) and not log_x([True, False])
+    manifest = Manifest(Config(), ("bn", "gn"), parse_grid(["norm_batch=2,8,32"]), 2, 0)
+    rows = []
+    for norm, cell, seed, folder in manifest.models(Path("s")):
+        rows.append({"norm": norm, "seed": seed, "status": "finished", "cell": cell, "test_acc": 0.5 + 0.01 * seed,
+                     "val_acc": None, **{k: v for k, v in cell.items()}})
+    fig = sweep_figure(manifest, rows, "norm_batch")
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["bn", "gn (does not read norm_batch)"]
+    flat = [line for line in ax.get_lines() if line.get_label().startswith("gn")][0]
+    assert list(flat.get_ydata()) == [pytest.approx(50.5)] * 2  # a horizontal line at gn's mean over seeds
+
+
+# ---------------------------------------------------------------- resume, refusal, failures
+def test_sweep_refuses_finished_models_without_resume_and_skips_them_with_it(swept, data_dir, capsys):
+    before = {p: p.stat().st_mtime_ns for p in swept.rglob("results.json")}
+    assert main(sweep_argv(data_dir, swept)) == 2
+    assert "already holds a finished run; use --resume" in one_error_line(capsys)
+    assert main(sweep_argv(data_dir, swept, "--resume")) == 0
+    assert "12 models, 12 finished earlier, 0 to train" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in swept.rglob("results.json")} == before  # nothing trained again
+    assert main(sweep_argv(data_dir, swept, "--resume", "--label-smoothing", "0.2")) == 2
+    assert "was trained with other settings: label_smoothing 0.1 (asked: 0.2)" in one_error_line(capsys)
+
+
+def test_an_interrupted_model_resumes_and_another_sweep_is_refused(swept, data_dir, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(swept, out)
+    cell = out / "gn" / "lr=0.05" / "groups=8" / "seed0"
+    (cell / "results.json").unlink()  # as if it stopped after its last epoch's checkpoint
+    alone = tmp_path / "alone" / cell.relative_to(out)
+    shutil.copytree(cell, alone)
+    assert main(sweep_argv(data_dir, tmp_path / "alone")) == 2
+    err = one_error_line(capsys)
+    assert f"{alone} holds an unfinished run; continue it with: normlab sweep" in err and err.endswith("--resume")
+    assert main(sweep_argv(data_dir, out, "--resume")) == 0
+    printed = capsys.readouterr().out
+    assert "11 finished earlier, 1 to train" in printed and f"resuming {cell} after epoch 1 of 1" in printed
+    assert (cell / "results.json").is_file()
+    # A different grid into the same folder without --resume: another sweep, refused before anything trains
+    assert main(sweep_argv(data_dir, out, grid=["--norms", "ln", "--grid", "lr=0.2"])) == 2
+    assert "already holds another sweep (sweep.json); use --resume" in one_error_line(capsys)
+    assert not (out / "ln").exists()
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_failed_model_is_reported_and_the_others_finish(data_dir, tmp_path, capfd, jobs):
+    out = tmp_path / "s"
+    (out / "gn" / "groups=4").mkdir(parents=True)
+    (out / "gn" / "groups=4" / "seed0").write_text("a file where a model's folder should be")
+    rc = main(sweep_argv(data_dir, out, "--jobs", jobs, grid=["--norms", "bn,gn", "--grid", "groups=4,8"]))
+    assert rc == 2
+    err = capfd.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("normlab: error: 1 of the 3 models of the sweep failed: gn/groups=4/seed0 (cannot write to output folder")
+    assert "once the cause is fixed, train the failed ones with: normlab sweep" in err and "--resume" in err
+    assert (out / "bn" / "seed0" / "results.json").is_file() and (out / "gn" / "groups=8" / "seed0" / "results.json").is_file()
+    with open(out / TABLE, newline="") as f:
+        status = {r["folder"]: r["status"] for r in csv.DictReader(f)}
+    assert status == {"bn/seed0": "finished", "gn/groups=4/seed0": "not started", "gn/groups=8/seed0": "finished"}
+    assert "**Not finished (1):** `gn/groups=4/seed0`" in (out / REPORT).read_text()
+
+
+def test_sweep_api_takes_a_grid_dict_and_returns_the_result(data_dir, tmp_path):
+    result = normlab.sweep(data_dir=data_dir, out=tmp_path / "api", norms=["ln"], grid={"label_smoothing": [0.0, 0.1]},
+                           epochs=1, batch_size=50, threads=1, device=DEVICE, log=lambda m: None)
+    assert [r["folder"] for r in result.rows] == ["ln/label_smoothing=0.0/seed0", "ln/label_smoothing=0.1/seed0"]
+    assert result.report == tmp_path / "api" / REPORT and "| Layer Normalization (ln) | 0.0 |" in result.table()
+
+
+# ---------------------------------------------------------------- bad input: one line, exit 2, nothing written
+@pytest.mark.parametrize("extra, needle", [
+    (["--grid", "nope=1"], "--grid: unknown setting 'nope'"),
+    (["--grid", "groups=four"], "'four' is not a value of groups"),
+    (["--norms", "bn,xn"], "unknown norm 'xn'"),
+    (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--ray", "not an address"], "--ray must be auto, local or HOST:PORT"),
+    (["--ray", "ray://head:10001"], "--ray must be auto, local or HOST:PORT"),
+    (["--ray", "auto", "--jobs", "2"], "--jobs is for local runs"),
+    (["--ray", "auto", "--ray-gpus", "1.5"], "--ray-gpus must be 0, a fraction of one GPU"),
+    (["--ray", "auto", "--ray-cpus", "0"], "--ray-cpus must be above 0"),
+])
+def test_bad_sweep_input_is_one_line(data_dir, tmp_path, capsys, extra, needle):
+    out = tmp_path / "s"
+    assert main(sweep_argv(data_dir, out, *extra, grid=["--norms", "bn"])) == 2
+    assert needle in one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_ray_without_the_extra_names_it(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now raises ImportError, as where it is not installed
+    out = tmp_path / "s"
+    assert main(sweep_argv(data_dir, out, "--ray", "auto", grid=["--norms", "bn"])) == 2
+    assert one_error_line(capsys) == "normlab: error: --ray needs Ray, an optional extra of normlab: pip install 'normlab[ray]'"
+    assert not (out / MANIFEST).exists()
