@@ -15,7 +15,7 @@ from normlab.config import Config
 from normlab.models import Net
 from normlab.device import Runtime, setup
 from normlab.rundir import RunDir
-from normlab.train import evaluate, make_ema
+from normlab.loop import evaluate, make_ema
 
 
 def main() -> None:

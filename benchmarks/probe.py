@@ -21,7 +21,7 @@ from normlab import data as D
 from normlab.config import Config
 from normlab.models import Net
 from normlab.device import Runtime, setup
-from normlab.train import evaluate, lr_at, make_optimizer, train_step
+from normlab.loop import evaluate, lr_at, make_optimizer, train_step
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 from normlab.config import Config
 from normlab.models import Net
 from normlab.device import PRECISIONS, Runtime, setup
-from normlab.train import make_optimizer, train_step
+from normlab.loop import make_optimizer, train_step
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ def worker_normlab(args) -> dict:
     from normlab.config import Config
     from normlab.models import Net
     from normlab.device import Runtime, setup
-    from normlab.train import infer, make_ema, make_optimizer, train_epoch
+    from normlab.loop import infer, make_ema, make_optimizer, train_epoch
 
     cfg = dataclasses.replace(Config(norm=args.norm, batch_size=args.batch_size), **json.loads(args.config)).validate()
     place = setup(Runtime(args.device, precision=args.precision, compile=args.compile), cfg.norm)  # normlab's own choice of precision and layout

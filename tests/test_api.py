@@ -16,7 +16,7 @@ import normlab
 from conftest import make_cifar
 from normlab import data as D
 from normlab import images as I
-from normlab import train as T
+from normlab import loop as T
 from normlab.cli import main
 from normlab.config import Config
 from normlab.device import Placement

@@ -15,7 +15,7 @@ from torch import nn
 
 from conftest import DEVICE, make_cifar
 from normlab import data as D
-from normlab import train as T
+from normlab import loop as T
 from normlab.cli import main
 from normlab.config import Config
 from normlab.data import FOLDER

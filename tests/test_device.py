@@ -109,7 +109,7 @@ def test_mixed_precision_trains_on_a_cpu(data_dir, tmp_path, precision):
 
 def test_resume_takes_the_runtime_of_the_command_line(data_dir, tmp_path, capsys):
     from test_cli import ctrl_c_in
-    from normlab import train as T
+    from normlab import loop as T
 
     out = tmp_path / "run"
     real = T.train_epoch
@@ -125,7 +125,7 @@ def test_resume_takes_the_runtime_of_the_command_line(data_dir, tmp_path, capsys
 
 def _cut_after_epoch_1(data_dir: Path, out: Path, capsys) -> list[str]:
     from test_cli import ctrl_c_in
-    from normlab import train as T
+    from normlab import loop as T
 
     real = T.train_epoch
     T.train_epoch = ctrl_c_in("bn epoch 2/")

@@ -114,7 +114,7 @@ def test_run_that_fails_on_bad_data_leaves_no_model_folders(tmp_path, capsys):
 
 
 def test_ctrl_c_in_the_first_epoch_keeps_a_resumable_folder(data_dir, tmp_path, monkeypatch, capsys):
-    from normlab import train as T
+    from normlab import loop as T
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

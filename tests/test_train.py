@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from normlab import data as D
-from normlab import train as T
+from normlab import loop as T
 from normlab.cli import main
 from normlab.config import Config
 from normlab.device import Placement

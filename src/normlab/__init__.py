@@ -9,33 +9,14 @@ In a notebook::
 
 ``train``, ``run``, ``sweep``, ``evaluate``, ``predict`` and ``load`` are ``normlab.api``'s functions.
 """
-import inspect
-import types
-
 from normlab import api
-from normlab import train as _loop  # the training loop's module, normlab/train.py
-from normlab.api import evaluate, load, predict, run, sweep
+from normlab.api import evaluate, load, predict, run, sweep, train
 from normlab.config import Config
 from normlab.device import Runtime
 from normlab.errors import ConfigError, DataError, NormlabError, ReportError, TrainingError, UsageError
 from normlab.models import Net, count_params
 from normlab.norms import NORMS, make_norm
 from normlab.result import Prediction, RunResult, TrainResult, plot_predictions, predictions_table
-
-
-class _TrainModule(types.ModuleType):
-    """``normlab.train`` names both the loop's module (``from normlab import train as T`` keeps working) and,
-    called, ``normlab.api.train``: a package attribute can be only one object, and the submodule came first."""
-
-    def __call__(self, *args, **kwargs) -> TrainResult:
-        return api.train(*args, **kwargs)
-
-    __call__.__doc__ = api.train.__doc__
-
-
-_loop.__class__ = _TrainModule
-_loop.__signature__ = inspect.signature(api.train)  # what help() and a notebook's Shift-Tab show
-train = _loop
 
 __version__ = "0.1.0"
 __all__ = ["Config", "ConfigError", "DataError", "NORMS", "Net", "NormlabError", "Prediction", "ReportError", "RunResult", "Runtime",

@@ -30,7 +30,7 @@ from normlab.norms import DEFAULT_NORMS, NORMS
 from normlab.plan import execute, parse_grid, plan_models, plan_sweep
 from normlab.result import Prediction, RunResult, TrainResult
 from normlab.rundir import RunDir, find_runs, load_model
-from normlab.train import Diverged, Trainer, evaluate as evaluate_model, infer
+from normlab.loop import Diverged, Trainer, evaluate as evaluate_model, infer
 
 if TYPE_CHECKING:
     from normlab.sweepdir import SweepResult  # imported when a sweep runs: it brings the report's modules
