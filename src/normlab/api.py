@@ -74,6 +74,15 @@ def options(cfg: Config | None, runtime: Runtime | None, keywords: dict[str, Any
     return cfg, runtime
 
 
+def out_folder(out: str | os.PathLike | None, resume: bool, name: str, needed: str) -> Path:
+    """``out``, or without it a fresh runs/NAME-DATE-TIME; a resume needs ``out``: ``needed`` names it."""
+    if out is not None:
+        return Path(out)
+    if resume:
+        raise UsageError(f"resume needs {needed}")
+    return fresh_folder(name)
+
+
 def fresh_folder(name: str) -> Path:
     """runs/NAME-YYYYMMDD-HHMMSS (-2, -3... if that is taken): a folder no run has used."""
     stem = RUNS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -95,13 +104,9 @@ def train(cfg: Config | None = None, data_dir: str | os.PathLike | None = None, 
     training continues from its last complete epoch. A run that fails before its first epoch is
     complete leaves nothing behind (except after Ctrl-C, when its saved settings let ``--resume``
     start it again)."""
-    cfg, runtime = options(cfg, runtime, settings)
-    if out is None:
-        if resume:
-            raise UsageError("resume needs the run folder to continue: pass out=RUN_FOLDER")
-        out = fresh_folder(cfg.norm)
+    cfg, runtime = options(cfg, runtime, settings)  # the runtime validated
+    out = out_folder(out, resume, cfg.norm, "the run folder to continue: pass out=RUN_FOLDER")
     cfg.validate()
-    runtime.validate()
     started = time.perf_counter()
     rd = RunDir(out)
     if resume:
@@ -234,10 +239,7 @@ def run(base: Config | None = None, data_dir: str | os.PathLike | None = None, o
     without ``out`` it trains into a fresh folder runs/run-DATE-TIME. Seeds start at ``first_seed``
     (default: the config's ``seed``)."""
     base, runtime = options(base, runtime, settings)
-    if out is None:
-        if resume:
-            raise UsageError("resume needs the folder of the run to continue: pass out=PARENT")
-        out = fresh_folder("run")
+    out = out_folder(out, resume, "run", "the folder of the run to continue: pass out=PARENT")
     first_seed = base.seed if first_seed is None else first_seed
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1 (got {jobs})")
@@ -275,10 +277,7 @@ def sweep(base: Config | None = None, data_dir: str | os.PathLike | None = None,
     from normlab.cluster import RayOptions, execute_ray, import_ray
 
     base, runtime = options(base, runtime, settings)
-    if out is None:
-        if resume:
-            raise UsageError("resume needs the folder of the sweep to continue: pass out=PARENT")
-        out = fresh_folder("sweep")
+    out = out_folder(out, resume, "sweep", "the folder of the sweep to continue: pass out=PARENT")
     parent, first_seed = Path(out), base.seed if first_seed is None else first_seed
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1 (got {jobs})")

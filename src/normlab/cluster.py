@@ -43,7 +43,7 @@ from normlab.config import Config
 from normlab.device import Runtime, set_threads
 from normlab.errors import ConfigError, NormlabError, UsageError
 from normlab.plan import RESUME, SKIP, Failures, Job, TrainFn
-from normlab.rundir import CHECKPOINT, CONFIG, RESULTS, RunDir, atomic_write, load_pt
+from normlab.rundir import CHECKPOINT, CONFIG, RESULTS, RunDir, atomic_write, atomic_write_bytes, load_pt
 
 EXTRA = "pip install 'normlab[ray]'"
 SCRATCH = "normlab-scratch"   # under the node's temporary folder, unless --ray-scratch names another
@@ -291,7 +291,7 @@ def receive(folder: Path, files: dict[str, bytes]) -> None:
             raise UsageError(f"a Ray task returned a file named {name!r}, which is not a run folder's file; nothing was written")
     folder.mkdir(parents=True, exist_ok=True)
     for name in sorted(files, key=lambda n: n == RESULTS):
-        atomic_write(folder / name, lambda tmp, blob=files[name]: tmp.write_bytes(blob))
+        atomic_write_bytes(folder / name, files[name])
 
 
 # ---------------------------------------------------------------- on a worker node
@@ -361,7 +361,7 @@ def _run_model(train: TrainFn, cfg_dict: dict[str, Any], rel: str, attempt: str,
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         for name, blob in shipped.items():
-            atomic_write(folder / name, lambda tmp, b=blob: tmp.write_bytes(b))
+            atomic_write_bytes(folder / name, blob)
         resumed_after = there
     else:
         resumed_after = here

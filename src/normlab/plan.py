@@ -50,13 +50,17 @@ def plan_models(base: Config, norms: Sequence[str], seeds: int, first_seed: int,
     """Every model of norms x seeds with its folder and action; raises before anything trains if a folder is in the way.
 
     Seed by seed, all norms each time: a run cut short still holds whole seeds to compare."""
+    _check_norms_and_seeds(norms, seeds)
+    return [_job(dataclasses.replace(base, norm=norm, seed=seed).validate(), model_folder(Path(parent), norm, seed, seeds), resume, resume_hint)
+            for seed in range(first_seed, first_seed + seeds) for norm in norms]
+
+
+def _check_norms_and_seeds(norms: Sequence[str], seeds: int) -> None:
     for n in norms:
         if n not in NORMS:
             raise ConfigError(f"unknown norm {n!r} in --norms; choose from: {', '.join(NORMS)}")
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1 (got {seeds})")
-    return [_job(dataclasses.replace(base, norm=norm, seed=seed).validate(), model_folder(Path(parent), norm, seed, seeds), resume, resume_hint)
-            for seed in range(first_seed, first_seed + seeds) for norm in norms]
 
 
 def _job(cfg: Config, folder: Path, resume: bool, resume_hint: str) -> Job:
@@ -176,13 +180,9 @@ def plan_sweep(base: Config, norms: Sequence[str], grid: Grid, seeds: int, first
                resume_hint: str) -> list[Job]:
     """Every model of norms x grid x seeds with its folder and action, every cell's settings validated and every
     folder checked before anything trains. Seed by seed: a sweep cut short still holds whole seeds."""
-    for n in norms:
-        if n not in NORMS:
-            raise ConfigError(f"unknown norm {n!r} in --norms; choose from: {', '.join(NORMS)}")
+    _check_norms_and_seeds(norms, seeds)
     if len(set(norms)) < len(norms) or not norms:
         raise ConfigError(f"--norms must name each norm once (got {','.join(norms) or 'none'})")
-    if seeds < 1:
-        raise ConfigError(f"--seeds must be at least 1 (got {seeds})")
     jobs = []
     for seed in range(first_seed, first_seed + seeds):
         for norm in norms:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from normlab.config import Config
+from normlab.config import Config, format_value
 from normlab.data import CLASSES
 from normlab.errors import ReportError, TrainingError
 from normlab.norms import NORMS
@@ -58,13 +58,20 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+def atomic_write_bytes(path: Path, blob: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(blob))
+
+
 def load_pt(path: Path) -> Any:
     """A ``.pt`` file's tensors, numbers, strings, lists and dicts; never code (weights_only=True)."""
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _csv_cell(v: Any) -> Any:
-    return "" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)
+def csv_cell(v: Any) -> Any:
+    """A value as normlab's CSV files write it: empty for None, 6 significant digits, widths as 16,32,24."""
+    if v is None:
+        return ""
+    return f"{v:.6g}" if isinstance(v, float) else format_value(v) if isinstance(v, tuple) else v
 
 
 class RunDir:
@@ -139,7 +146,7 @@ class RunDir:
                 w = csv.DictWriter(f, fieldnames=METRICS_FIELDS)
                 w.writeheader()
                 for r in rows:
-                    w.writerow({k: _csv_cell(r.get(k)) for k in METRICS_FIELDS})
+                    w.writerow({k: csv_cell(r.get(k)) for k in METRICS_FIELDS})
         atomic_write(self.path / METRICS, write)
 
     def read_metrics(self) -> list[dict[str, Any]]:

@@ -24,7 +24,7 @@ from normlab.errors import ReportError, UsageError
 from normlab.norms import DEFAULT_NORMS, NORMS
 from normlab.plan import NOT_SWEPT, Grid, cell_folder, parse_grid, reads, sweep_cells
 from normlab.report import acc_cell, md_table, secs_cell
-from normlab.rundir import CONFIG, FIGURES, RunDir, atomic_write, atomic_write_text
+from normlab.rundir import CONFIG, FIGURES, RunDir, atomic_write, atomic_write_text, csv_cell
 
 MANIFEST = "sweep.json"   # written before anything trains: the grid, norms, seeds and base settings
 TABLE = "sweep.csv"       # one row per cell and seed, from the run folders
@@ -140,8 +140,7 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
             w = csv.writer(f)
             w.writerow(COLUMNS)
             for r in rows:
-                w.writerow(["" if r[k] is None else format_value(r[k]) if isinstance(r[k], tuple) else
-                            f"{r[k]:.6g}" if isinstance(r[k], float) else r[k] for k in COLUMNS])
+                w.writerow([csv_cell(r[k]) for k in COLUMNS])
     atomic_write(path, write)
 
 
