@@ -158,3 +158,21 @@ def test_resume_refuses_other_data(data_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds other training data" in err and f"--data-dir {data_dir.resolve()}" in err
     assert torch.load(cut / CHECKPOINT, weights_only=True)["epoch"] == 1  # nothing touched
+
+
+def test_plain_cuda_is_set_as_the_current_gpu_with_its_index(monkeypatch):
+    """torch.cuda.set_device refuses an unindexed "cuda" before torch 2.14 (seen on torch 2.11 on an
+    H100: every command with --device cuda or auto failed); setup names the current GPU instead."""
+    calls = []
+    monkeypatch.setattr(dev.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dev.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(dev.torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(dev.torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    monkeypatch.setattr(dev.torch.cuda, "set_device", lambda d: calls.append(torch.device(d)))
+    monkeypatch.setattr(dev.torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(dev.torch.backends.cudnn, "deterministic", False)
+    for asked in ("cuda", "auto"):
+        place = dev.setup(dev.Runtime(asked), "bn")
+        assert calls[-1] == torch.device("cuda", 1) and calls[-1].index == 1 and place.device == torch.device("cuda", 1)
+    dev.setup(dev.Runtime("cuda:0"), "bn")
+    assert calls[-1] == torch.device("cuda", 0)

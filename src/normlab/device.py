@@ -198,6 +198,8 @@ def setup(runtime: Runtime, norm: str) -> Placement:
     tune_host_allocator()
     device = pick_device(runtime.device)
     if device.type == "cuda":
+        if device.index is None:  # plain "cuda": the current GPU, named (set_device refuses an unindexed device before torch 2.14)
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
         # Deterministic convolution algorithms (slower); without it cuDNN's backward picks may vary run to run.
         torch.backends.cudnn.deterministic = runtime.deterministic
