@@ -6,9 +6,11 @@
 #  (c) the wall time of a whole `normlab run` (3 models x 20 epochs, data loading, compilation and
 #      the report included) on a full-size folder (the real subset repeated 5 times: real timings,
 #      meaningless accuracy),
+#  (e) benchmarks/profile_step.py: one step's kernels, kernel time and wall time, eager and compiled,
 #  (d) `normlab run` on the real 10,000/2,000 subset in bf16 and fp16, compared with the same run
 #      on a CPU (benchmarks/gpu_check_cpu_reference.json, made with the command in its "command").
-# Order: (c) and (d) first, (b), then (a) in the time left; the whole log and the run folders' small
+# The full output goes to the log (the device tool returns its last 12,000 characters inline).
+# Order: (e) first (where a step's time goes), (c), (d), (b), then (a) in the time left; the whole log and the run folders' small
 # files go to $OUT when it is set (the device tool). Prepare .gpu/ here with benchmarks/gpu_prepare.sh; the GPU machine's own PyTorch is used and the
 # package runs from src/. The same plumbing on a CPU, small:
 #   GPU_CHECK_DEVICE=cpu GPU_CHECK_EPOCHS=1 GPU_CHECK_REPEAT=1 GPU_CHECK_PRECISIONS=fp32 bash benchmarks/gpu_check.sh
@@ -37,10 +39,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 python3 -c "import torch, platform; print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda); \
 print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none', torch.cuda.get_device_capability() if torch.cuda.is_available() else '')"
 
+step "(e) where a step's time goes on $DEV: bn, batch 128, eager and compiled (kernels per step, kernel time against wall time)"
+timeout 60 python3 benchmarks/profile_step.py '{"norm": "bn"}' --device "$DEV" --rows 12 2>&1
+timeout 90 python3 benchmarks/profile_step.py '{"norm": "bn"}' --device "$DEV" --compile --rows 12 2>&1
+
 python3 "$SUB/../cifar10_subset.py" "$SUB" "$WORK/full" --train 10000 --test 2000 --repeat "$REPEAT" >/dev/null
 step "(c) whole normlab run, 3 models x $EPOCHS epochs, full-size data, cold start"
 start=$(date +%s.%N)
-TORCHINDUCTOR_CACHE_DIR="$WORK/inductor_cold" timeout 240 $NORMLAB run --data-dir "$WORK/full" --device "$DEV" --epochs "$EPOCHS" --out "$WORK/run_full" 2>&1 | grep -v "^ *[0-9]* *[0-9.]* *[0-9.]* *[0-9.]*%" | tail -8
+TORCHINDUCTOR_CACHE_DIR="$WORK/inductor_cold" timeout 200 $NORMLAB run --data-dir "$WORK/full" --device "$DEV" --epochs "$EPOCHS" --out "$WORK/run_full" 2>&1
 echo "wall seconds of normlab run (c): $(python3 -c "import time; print(round(time.time() - $start, 1))")"
 python3 - "$WORK/run_full" <<'PY'
 import json, sys, pathlib
@@ -51,7 +57,7 @@ PY
 
 step "(d) accuracy on the real subset: $DEV $PRECISIONS against the CPU reference"
 for prec in $PRECISIONS; do
-    timeout 120 $NORMLAB run --data-dir "$SUB" --device "$DEV" --precision "$prec" --epochs "$EPOCHS" --out "$WORK/sub_$prec" --no-report 2>&1 | tail -4
+    timeout 100 $NORMLAB run --data-dir "$SUB" --device "$DEV" --precision "$prec" --epochs "$EPOCHS" --out "$WORK/sub_$prec" --no-report 2>&1
 done
 python3 benchmarks/compare_runs.py benchmarks/gpu_check_cpu_reference.json $(for prec in $PRECISIONS; do echo "$WORK/sub_$prec"; done)
 step "(b) speed.py on $DEV, $PRECISIONS"

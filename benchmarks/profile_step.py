@@ -36,11 +36,13 @@ def main() -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
     p.add_argument("--no-profile", action="store_true", help="print the step time only")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (inductor) before timing")
+    p.add_argument("--batch-size", type=int, default=0, help="images per step (default: the Config's)")
     p.add_argument("--rows", type=int, default=15, help="profile rows (default: 15)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = dataclasses.replace(Config(), **json.loads(args.settings)).validate()
+    cfg = dataclasses.replace(Config(), **json.loads(args.settings))
+    cfg = dataclasses.replace(cfg, batch_size=args.batch_size or cfg.batch_size).validate()
     place = setup(Runtime(args.device, precision=args.precision), cfg.norm)
     if args.layout != "auto":
         place = dataclasses.replace(place, channels_last=args.layout == "cl")
@@ -71,10 +73,19 @@ def main() -> None:
     print(f"{args.settings}{' compiled' if args.compile else ''} {place.precision} {place.layout} {torch.get_num_threads()} threads: "
           f"{best * 1000:.1f} ms/step, {ips:.0f} img/s, {50_000 / ips:.1f} s per 50,000 images", flush=True)
     if not args.no_profile:
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        cuda = dev.type == "cuda"  # on a GPU: the kernels' own time too, and how many launches a step makes
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
             for _ in range(10):
                 step()
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+            place.synchronize()
+        table = prof.key_averages()
+        print(table.table(sort_by="self_cpu_time_total", row_limit=args.rows))
+        if cuda:
+            print(table.table(sort_by="self_device_time_total", row_limit=args.rows))
+            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            busy = sum(e.device_time for e in kernels) / 10 / 1000
+            print(f"GPU: {len(kernels) / 10:.0f} kernels per step, {busy:.2f} ms of kernel time per step "
+                  f"against {best * 1000:.2f} ms per step of wall time", flush=True)
 
 
 if __name__ == "__main__":

@@ -165,7 +165,7 @@ class Placement:
         """The callable that runs ``model``: ``torch.compile``d (fewer kernel launches) or the model itself.
 
         The model keeps its own state_dict keys either way; the compiled wrapper only runs it."""
-        return torch.compile(model) if self.compile else model
+        return torch.compile(model, dynamic=False) if self.compile else model
 
     def reset_peak_memory(self) -> None:
         if self.device.type == "cuda":
