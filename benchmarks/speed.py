@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -139,6 +140,8 @@ def main() -> None:
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile normlab's network (default: auto = on CUDA)")
     p.add_argument("--layout", default="auto", choices=["auto", "cl", "nchw"], help="force a memory layout (default: normlab's choice)")
     p.add_argument("--config", default="{}", help='Config fields as JSON for the network and normlab\'s trainer, e.g. \'{"act": "relu"}\' (default: {})')
+    p.add_argument("--rounds", type=int, default=1, help="measure every variant this many times, in turn, and report the "
+                   "medians and the median of each round's ratio (a shared or noisy machine; default: 1)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--norm", default="bn", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -163,26 +166,38 @@ def main() -> None:
     if not args.no_classic:
         jobs.append(["--worker", "classic"])
     passthrough = sys.argv[1:]
-    results = {}
-    for job in jobs:
-        out = subprocess.run([sys.executable, __file__, *passthrough, *job], capture_output=True, text=True)
-        line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if line is None:
-            sys.exit(f"benchmark worker {' '.join(job)} failed:\n{out.stderr[-2000:]}")
-        r = json.loads(line[7:])
-        ips = r["images"] / r["train_s"]
-        r["train_images_per_s"], r["epoch_s"] = ips, EPOCH / ips
-        results[r["what"]] = r
-        ev = f"  eval {r['eval_images_per_s']:8.0f} img/s" if r["eval_images_per_s"] else ""
-        extra = f"  warm-up{' + compile' if r['compile'] else ''} {r['warmup_s']:.1f} s" if r["warmup_s"] is not None else ""
-        extra += f"  GPU peak {r['gpu_peak_mib']:.0f} MiB" if r["gpu_peak_mib"] is not None else ""
-        print(f"{r['what']:<12} {r['precision']} {r['layout']:<13} train {ips:7.0f} img/s  {r['epoch_s']:6.1f} s/epoch{ev}  "
-              f"peak RSS {r['peak_rss_mib']:6.0f} MiB{extra}", flush=True)
+    rounds: list[dict[str, dict]] = []
+    for k in range(args.rounds):
+        if args.rounds > 1:
+            print(f"round {k + 1} of {args.rounds}", flush=True)
+        results = {}
+        for job in jobs:
+            out = subprocess.run([sys.executable, __file__, *passthrough, *job], capture_output=True, text=True)
+            line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if line is None:
+                sys.exit(f"benchmark worker {' '.join(job)} failed:\n{out.stderr[-2000:]}")
+            r = json.loads(line[7:])
+            ips = r["images"] / r["train_s"]
+            r["train_images_per_s"], r["epoch_s"] = ips, EPOCH / ips
+            results[r["what"]] = r
+            ev = f"  eval {r['eval_images_per_s']:8.0f} img/s" if r["eval_images_per_s"] else ""
+            extra = f"  warm-up{' + compile' if r['compile'] else ''} {r['warmup_s']:.1f} s" if r["warmup_s"] is not None else ""
+            extra += f"  GPU peak {r['gpu_peak_mib']:.0f} MiB" if r["gpu_peak_mib"] is not None else ""
+            print(f"{r['what']:<12} {r['precision']} {r['layout']:<13} train {ips:7.0f} img/s  {r['epoch_s']:6.1f} s/epoch{ev}  "
+                  f"peak RSS {r['peak_rss_mib']:6.0f} MiB{extra}", flush=True)
+        rounds.append(results)
+    if args.rounds > 1:  # the medians; the ratios per round, each from neighbouring measurements
+        print(f"median of {args.rounds} rounds:")
+        for what in rounds[0]:
+            ips = statistics.median(r[what]["train_images_per_s"] for r in rounds)
+            print(f"{what:<12} train {ips:7.0f} img/s  {EPOCH / ips:6.1f} s/epoch")
     if "classic bn" in results:
-        base = results["classic bn"]["train_images_per_s"]
-        for what, r in results.items():
+        for what in results:
             if what != "classic bn":
-                print(f"ratio {what} / classic bn: {r['train_images_per_s'] / base:.2f}x")
+                per_round = [r[what]["train_images_per_s"] / r["classic bn"]["train_images_per_s"] for r in rounds]
+                each = f" (rounds: {', '.join(f'{x:.2f}' for x in per_round)})" if args.rounds > 1 else ""
+                print(f"ratio {what} / classic bn: {statistics.median(per_round):.2f}x{each}")
+    results = {what: {"epoch_s": statistics.median(r[what]["epoch_s"] for r in rounds)} for what in results}
     if "normlab bn" in results:
         for what in ("normlab gn", "normlab ln"):
             if what in results:
