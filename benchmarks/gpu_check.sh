@@ -42,6 +42,7 @@ print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else '
 step "(e) where a step's time goes on $DEV: bn, batch 128, eager and compiled (kernels per step, kernel time against wall time)"
 timeout 60 python3 benchmarks/profile_step.py '{"norm": "bn"}' --device "$DEV" --rows 12 2>&1
 timeout 90 python3 benchmarks/profile_step.py '{"norm": "bn"}' --device "$DEV" --compile --rows 12 2>&1
+[ "$DEV" = cuda ] && timeout 90 python3 benchmarks/profile_step.py '{"norm": "bn"}' --device "$DEV" --compile --mode reduce-overhead --no-profile 2>&1
 
 python3 "$SUB/../cifar10_subset.py" "$SUB" "$WORK/full" --train 10000 --test 2000 --repeat "$REPEAT" >/dev/null
 step "(c) whole normlab run, 3 models x $EPOCHS epochs, full-size data, cold start"

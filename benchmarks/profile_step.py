@@ -36,6 +36,8 @@ def main() -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
     p.add_argument("--no-profile", action="store_true", help="print the step time only")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (inductor) before timing")
+    p.add_argument("--mode", default=None, help="with --compile: a torch.compile mode other than normlab's, e.g. "
+                   "reduce-overhead (CUDA graphs of the compiled forward and backward)")
     p.add_argument("--batch-size", type=int, default=0, help="images per step (default: the Config's)")
     p.add_argument("--rows", type=int, default=15, help="profile rows (default: 15)")
     args = p.parse_args()
@@ -51,7 +53,10 @@ def main() -> None:
     torch.manual_seed(0)
     model = place.place(Net.from_config(cfg))
     opt = make_optimizer(model, cfg)
-    net = torch.compile(model) if args.compile else model
+    if args.compile:  # as the product compiles (device.Placement.compiled), or in another mode to compare
+        net = torch.compile(model, dynamic=False, mode=args.mode) if args.mode else dataclasses.replace(place, compile=True).compiled(model)
+    else:
+        net = model
     x = torch.randn(cfg.batch_size, 3, 32, 32, device=dev)
     x = x.contiguous(memory_format=torch.channels_last) if cl else x
     y = torch.randint(0, 10, (cfg.batch_size,), device=dev)
@@ -70,7 +75,7 @@ def main() -> None:
         place.synchronize()
         best = min(best, (time.perf_counter() - t0) / args.steps)
     ips = cfg.batch_size / best
-    print(f"{args.settings}{' compiled' if args.compile else ''} {place.precision} {place.layout} {torch.get_num_threads()} threads: "
+    print(f"{args.settings}{(' compiled ' + (args.mode or 'default')) if args.compile else ''} {place.precision} {place.layout} {torch.get_num_threads()} threads: "
           f"{best * 1000:.1f} ms/step, {ips:.0f} img/s, {50_000 / ips:.1f} s per 50,000 images", flush=True)
     if not args.no_profile:
         cuda = dev.type == "cuda"  # on a GPU: the kernels' own time too, and how many launches a step makes
