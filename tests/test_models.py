@@ -165,3 +165,22 @@ def test_zero_init_res_starts_each_residual_branch_at_zero(norm):
     x3 = torch.randn(2, 32, 16, 16)
     assert torch.count_nonzero(model.C5(model.C4(x3))) == 0
     assert torch.count_nonzero(Net(norm).C2(x1)) > 0
+
+
+def test_identity_init_makes_each_3x3_conv_pass_its_channels_through():
+    """--identity-init: the first min(in, out) filters of every 3x3 conv are Dirac deltas; the others, the 1x1
+    convs and C10 keep their random start; the parameter count is unchanged."""
+    torch.manual_seed(0)
+    plain = Net("bn", weight_std=False)
+    torch.manual_seed(0)
+    net = Net("bn", weight_std=False, identity_init=True)
+    assert count_params(net) == count_params(plain)
+    x = torch.randn(2, 16, 8, 8)
+    for name in ("C1", "C2", "C3", "C4", "C5", "C7", "C8", "C9"):
+        conv = getattr(net, name)[0]
+        k = min(conv.in_channels, conv.out_channels)
+        xin = x[:, : conv.in_channels].repeat(1, 4, 1, 1)[:, : conv.in_channels] if conv.in_channels > 16 else torch.randn(2, conv.in_channels, 8, 8)
+        assert torch.equal(conv(xin)[:, :k], xin[:, :k]), name
+        assert torch.equal(conv.weight[k:], getattr(plain, name)[0].weight[k:]), name  # the rest as before
+    for name in ("c3", "c6", "C10"):
+        assert torch.equal(getattr(net, name).weight, getattr(plain, name).weight)

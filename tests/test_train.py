@@ -53,6 +53,28 @@ def test_weight_decay_on_conv_weights_only():
     assert all(p.ndim == 4 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
 
 
+@pytest.mark.parametrize("norm", ALL_NORMS)
+def test_norm_biases_train_at_their_own_learning_rate(norm):
+    """--norm-bias-lr: the norms' biases (every bias but C10's) in a third group at that multiple of the
+    schedule's lr; at the default 1 the optimizer keeps its two groups (old checkpoints still load)."""
+    model = Net(norm)
+    assert len(T.make_optimizer(model, Config(norm=norm)).param_groups) == 2
+    biases = T.norm_biases(model)
+    assert len(biases) == 10 and all(b is not model.C10.bias for b in biases)  # C1-C5, C7-C9, and P1, P2 (c3, c6)
+    opt = T.make_optimizer(model, Config(norm=norm, norm_bias_lr=64.0))
+    decay, rest, fast = opt.param_groups
+    assert {id(p) for p in fast["params"]} == {id(b) for b in biases} and fast["weight_decay"] == 0
+    assert any(p is model.C10.bias for p in rest["params"]) and len(decay["params"]) + len(rest["params"]) + len(fast["params"]) == len(list(model.parameters()))
+    place = Placement(torch.device("cpu"), "fp32", False)
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8)
+    before = [b.detach().clone() for b in biases]
+    T.train_step(model, opt, x, y, 0.01, 0.0, place, place.grad_scaler())
+    assert decay["lr"] == rest["lr"] == 0.01 and fast["lr"] == pytest.approx(0.64)
+    # plain SGD's first step moves a parameter by lr * (1 + momentum) * grad (Nesterov): 64x for the biases
+    for b, b0 in zip(biases, before):
+        assert torch.allclose(b0 - b.detach(), 0.64 * 1.9 * b.grad, atol=1e-6)
+
+
 def test_atomic_save_keeps_old_file_on_a_crash(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     R.atomic_save({"epoch": 1}, path)
@@ -123,3 +145,21 @@ def test_checkpoint_after_every_epoch(cifar_dir, tmp_path, monkeypatch):
     assert main(["train", "--data-dir", str(cifar_dir), "--norm", "ln", "--epochs", "3", "--batch-size", "200",
                  "--threads", "1", "--out", str(out)]) == 0
     assert saved == [(CHECKPOINT, 1, []), (CHECKPOINT, 2, []), (CHECKPOINT, 3, []), (MODEL, None, [])]
+
+
+def test_the_new_knobs_resume_bit_for_bit(cifar_dir):
+    """A Trainer with --norm-bias-lr and --identity-init, cut after its first epoch and rebuilt from its state,
+    ends with the weights of the uninterrupted one (the third group's lr_scale travels in the optimizer state)."""
+    images, labels = D.load_split(cifar_dir, train=True)
+    cfg = Config(norm="bn", epochs=2, batch_size=50, norm_bias_lr=8.0, identity_init=True)
+    place = Placement(torch.device("cpu"), "fp32", False)
+    whole = T.Trainer(cfg, place, images, labels, progress=False)
+    whole.run_epoch(), whole.run_epoch()
+    first = T.Trainer(cfg, place, images, labels, progress=False)
+    first.run_epoch()
+    state = first.state_dict()
+    resumed = T.Trainer(cfg, place, images, labels, progress=False)
+    resumed.load_state_dict(state)
+    assert resumed.opt.param_groups[2]["lr_scale"] == 8.0
+    resumed.run_epoch()
+    assert all(torch.equal(a, b) for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()))

@@ -40,12 +40,18 @@ class Config:
                           "c3 and c6 as conv -> norm -> activation -> pool (default: conv -> pool -> norm -> activation)", "--no-pool-first")
     zero_init_res: bool = _s(False, "residual branches start at zero",
                              "start the last norm of each residual branch (C2, C5, C9) with scale 0, so each branch starts as the identity")
+    identity_init: bool = _s(False, "3x3 convs start as the identity",
+                             "start each 3x3 conv's first min(in, out) filters as the identity (Dirac), as airbench does; "
+                             "not yet validated here (issue 17)")
     epochs: int = _s(20, "epochs", f"passes over the training images; more than {MAX_EPOCHS} is flagged as outside the assignment")
     batch_size: int = _s(128, "batch size", "images per optimizer step")
     lr: float = _s(0.2, "peak learning rate (one-cycle)", "peak learning rate of the one-cycle schedule; no normalization (--norm none) "
                    "trains at 0.1 when this is left at 0.2")
     warmup: float = _s(0.2, "warm-up fraction", "fraction of all steps spent rising to the peak learning rate")
     momentum: float = _s(0.9, "momentum (Nesterov)", "SGD Nesterov momentum")
+    norm_bias_lr: float = _s(1.0, "learning-rate factor of the norms' biases",
+                             "the norms' biases train at this multiple of the learning rate (airbench: 64); "
+                             "not yet validated here (issue 17)")
     weight_decay: float = _s(5e-4, "weight decay (conv weights)", "L2 on conv weights only (not on norms or biases)")
     ema: float = _s(0.0, "moving average of the weights (decay; 0 = off)",
                     "per-step decay of an exponential moving average of the weights, used as the final model; 0 = off")
@@ -85,6 +91,7 @@ class Config:
             (0 <= self.momentum < 1, f"--momentum must be in [0, 1) (got {self.momentum})"),
             (self.weight_decay >= 0, f"--weight-decay must be 0 or more (got {self.weight_decay})"),
             (0 <= self.ema < 1, f"--ema must be in [0, 1), 0 = off (got {self.ema})"),
+            (0 < self.norm_bias_lr <= 1000, f"--norm-bias-lr must be in (0, 1000] (got {self.norm_bias_lr})"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1) (got {self.label_smoothing})"),
             (0 <= self.crop_pad <= 16, f"--crop-pad must be between 0 and 16 (got {self.crop_pad})"),
             (self.val_size >= 0, f"--val-size must be 0 or more (got {self.val_size})"),

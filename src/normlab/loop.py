@@ -37,10 +37,22 @@ def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
     return peak * max(0.0, (total - step) / max(1, total - rise))
 
 
+def norm_biases(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The biases (shifts) of the norm layers: every bias that does not belong to a convolution."""
+    return [m.bias for m in model.modules() if not isinstance(m, torch.nn.Conv2d)
+            and isinstance(getattr(m, "bias", None), torch.nn.Parameter)]
+
+
 def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """SGD Nesterov; weight decay on conv weights only. With ``norm_bias_lr`` != 1 the norms' biases form a third
+    group whose learning rate is that multiple of the schedule's (``lr_scale``; train_step applies it)."""
+    fast = {id(p) for p in norm_biases(model)} if cfg.norm_bias_lr != 1 else set()
     decay = [p for p in model.parameters() if p.ndim >= 2]    # conv weights
-    no_decay = [p for p in model.parameters() if p.ndim < 2]  # norm scales/shifts and biases
+    no_decay = [p for p in model.parameters() if p.ndim < 2 and id(p) not in fast]  # norm scales/shifts and biases
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if fast:  # only then: the optimizer state of earlier runs (two groups) still loads
+        groups.append({"params": [p for p in model.parameters() if id(p) in fast], "weight_decay": 0.0,
+                       "lr_scale": cfg.norm_bias_lr})
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
 
 
@@ -57,7 +69,7 @@ def train_step(model, opt, x: torch.Tensor, y: torch.Tensor, lr: float, label_sm
                scaler: torch.amp.GradScaler) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on the batch (x, y); returns the loss and the logits, both still on the device."""
     for g in opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
     with place.autocast():
         logits = model(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)

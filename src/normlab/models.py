@@ -97,7 +97,8 @@ class Net(nn.Module):
     """
 
     def __init__(self, norm: str = "bn", widths: Sequence[int] = (16, 32, 24), groups: int = 8, weight_std: bool = True,
-                 pool_first: bool = True, act: str = "gelu", zero_init_res: bool = False, norm_batch: int = 0):
+                 pool_first: bool = True, act: str = "gelu", zero_init_res: bool = False, norm_batch: int = 0,
+                 identity_init: bool = False):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; choose one of: {', '.join(NORMS)}")
@@ -131,6 +132,11 @@ class Net(nn.Module):
         if zero_init_res:  # each residual branch starts as the identity: its last norm's scale is 0
             for block in (self.C2, self.C5, self.C9):
                 nn.init.zeros_(block[1].weight)
+        if identity_init:  # airbench's: each 3x3 conv's first min(in, out) filters pass their input channel through
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
+                    with torch.no_grad():
+                        nn.init.dirac_(m.weight[: min(m.in_channels, m.out_channels)])
         n = count_params(self)
         if n >= PARAM_BUDGET:
             raise ValueError(
@@ -142,7 +148,7 @@ class Net(nn.Module):
     def from_config(cls, cfg) -> "Net":
         """The network that a ``normlab.config.Config`` describes."""
         return cls(cfg.norm, cfg.widths, cfg.groups, cfg.weight_std, cfg.pool_first, cfg.act, cfg.zero_init_res,
-                   cfg.norm_batch)
+                   cfg.norm_batch, cfg.identity_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, 32, 32) -> (B, 10)
         x = self.C1(x)
