@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from normlab.config import Config, ConfigError
-from normlab.models import LAYER_ORDER, PARAM_BUDGET, ConvBlock, Net, PoolBlock, count_params
+from normlab.models import LAYER_ORDER, PARAM_BUDGET, ConvBlock, Net, PoolBlock, count_params, whiten_
 from normlab.norms import DEFAULT_NORMS, NORMS, GhostBatchNorm2d, ScaledAffine2d, make_norm
 
 ALL_NORMS = list(NORMS)  # every norm of the registry
@@ -184,3 +184,28 @@ def test_identity_init_makes_each_3x3_conv_pass_its_channels_through():
         assert torch.equal(conv.weight[k:], getattr(plain, name)[0].weight[k:]), name  # the rest as before
     for name in ("c3", "c6", "C10"):
         assert torch.equal(getattr(net, name).weight, getattr(plain, name).weight)
+
+
+def test_whitening_filters_decorrelate_the_patches():
+    """whiten_: filter i and its negative i + out/2; the first out/2 filters' responses to the images' 3x3 patches
+    have a second moment of about the identity (eps = 5e-4 keeps it just under 1), on anisotropic data."""
+    torch.manual_seed(0)
+    x = torch.randn(300, 3, 32, 32) * torch.tensor([1.0, 3.0, 0.3]).view(1, 3, 1, 1)
+    x = x + 0.8 * x.roll(1, dims=3)  # neighbouring pixels correlated
+    conv = nn.Conv2d(3, 16, 3, bias=False)
+    values = whiten_(conv, x, chunk=70)  # chunks that do not divide the images evenly
+    assert values.shape == (8,) and torch.all(values[:-1] >= values[1:])
+    assert torch.equal(conv.weight[8:], -conv.weight[:8])
+    y = torch.nn.functional.conv2d(x, conv.weight[:8]).transpose(0, 1).reshape(8, -1).double()
+    assert torch.allclose(y @ y.T / y.shape[1], torch.eye(8, dtype=torch.float64), atol=2e-3)
+    with pytest.raises(ValueError, match="at most 54 filters"):
+        whiten_(nn.Conv2d(3, 60, 3), x)
+
+
+@pytest.mark.parametrize("whiten", ["off", "frozen", "train"])
+def test_a_whitened_c1_is_a_plain_conv_and_counts_towards_the_budget(whiten):
+    net = Net("bn", whiten=whiten)
+    assert count_params(net) == 47_978  # frozen parameters count too
+    assert isinstance(net.C1[0], nn.Conv2d) and (type(net.C1[0]) is nn.Conv2d) == (whiten != "off")
+    assert net.C1[0].weight.requires_grad == (whiten != "frozen") and all(
+        p.requires_grad for n, p in net.named_parameters() if n != "C1.0.weight")

@@ -163,3 +163,24 @@ def test_the_new_knobs_resume_bit_for_bit(cifar_dir):
     assert resumed.opt.param_groups[2]["lr_scale"] == 8.0
     resumed.run_epoch()
     assert all(torch.equal(a, b) for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()))
+
+
+
+@pytest.mark.parametrize("whiten", ["frozen", "train"])
+def test_a_whitened_c1_starts_from_the_training_patches(cifar_dir, whiten):
+    """--whiten: C1 starts as whiten_() of the (normalized) training images and stays so when frozen; every
+    other weight starts as without it (whitening draws nothing from the seed's stream)."""
+    images, labels = D.load_split(cifar_dir, train=True)
+    place = Placement(torch.device("cpu"), "fp32", False)
+    plain = T.Trainer(Config(norm="bn", epochs=1, batch_size=50), place, images, labels, progress=False)
+    trainer = T.Trainer(Config(norm="bn", epochs=1, batch_size=50, whiten=whiten), place, images, labels, progress=False)
+    expected = torch.nn.Conv2d(3, 16, 3, bias=False)
+    from normlab.models import whiten_
+
+    whiten_(expected, D.normalize(images, channels_last=False))
+    start = trainer.model.C1[0].weight.detach().clone()
+    assert torch.equal(start, expected.weight)
+    a, b = plain.model.state_dict(), trainer.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if k != "C1.0.weight")
+    trainer.run_epoch()
+    assert torch.equal(trainer.model.C1[0].weight, start) == (whiten == "frozen")

@@ -16,6 +16,7 @@ from typing import Any
 from normlab.errors import ConfigError
 
 MAX_EPOCHS = 20  # the assignment's limit; more is allowed for experiments but flagged
+WHITEN = ("off", "frozen", "train")  # --whiten: C1 from the patch covariance, then frozen or trained
 
 __all__ = ["Config", "ConfigError", "MAX_EPOCHS", "setting_fields", "parse_widths"]
 
@@ -40,6 +41,10 @@ class Config:
                           "c3 and c6 as conv -> norm -> activation -> pool (default: conv -> pool -> norm -> activation)", "--no-pool-first")
     zero_init_res: bool = _s(False, "residual branches start at zero",
                              "start the last norm of each residual branch (C2, C5, C9) with scale 0, so each branch starts as the identity")
+    whiten: str = _s("off", "C1 starts as a patch-whitening filter bank",
+                     "off | frozen | train: start C1 (a plain conv then) from the eigenvectors of the training images' 3x3 "
+                     "patch covariance, +/- pairs scaled by 1/sqrt(eigenvalue), as airbench does; frozen or trained on; "
+                     "not yet validated here (issue 17)")
     identity_init: bool = _s(False, "3x3 convs start as the identity",
                              "start each 3x3 conv's first min(in, out) filters as the identity (Dirac), as airbench does; "
                              "not yet validated here (issue 17)")
@@ -91,6 +96,7 @@ class Config:
             (0 <= self.momentum < 1, f"--momentum must be in [0, 1) (got {self.momentum})"),
             (self.weight_decay >= 0, f"--weight-decay must be 0 or more (got {self.weight_decay})"),
             (0 <= self.ema < 1, f"--ema must be in [0, 1), 0 = off (got {self.ema})"),
+            (self.whiten in WHITEN, f"--whiten must be one of: {', '.join(WHITEN)} (got {self.whiten!r})"),
             (0 < self.norm_bias_lr <= 1000, f"--norm-bias-lr must be in (0, 1000] (got {self.norm_bias_lr})"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1) (got {self.label_smoothing})"),
             (0 <= self.crop_pad <= 16, f"--crop-pad must be between 0 and 16 (got {self.crop_pad})"),

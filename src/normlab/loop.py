@@ -17,7 +17,9 @@ from normlab import data as D
 from normlab.config import Config
 from normlab.device import Placement
 from normlab.errors import TrainingError
-from normlab.models import Net
+from normlab.models import Net, whiten_
+
+WHITEN_IMAGES = 5000  # training images whose 3x3 patches set a whitened C1 (airbench: 5,000)
 
 
 class Diverged(TrainingError):
@@ -138,7 +140,10 @@ class Trainer:
                  test_x: torch.Tensor | None = None, test_y: torch.Tensor | None = None):
         self.cfg, self.place, self.progress = cfg, place, progress
         torch.manual_seed(cfg.seed)
-        self.model = place.place(Net.from_config(cfg))
+        net = Net.from_config(cfg)
+        if cfg.whiten != "off":  # C1 from the training images' patches (no random draw: the seed's stream is unchanged)
+            whiten_(net.C1[0], D.normalize(train_x[:WHITEN_IMAGES], channels_last=False))
+        self.model = place.place(net)
         self.net = place.compiled(self.model)  # what the training steps call; self.model keeps the state_dict keys
         self.opt = make_optimizer(self.model, cfg)
         self.ema = make_ema(self.model, cfg.ema)

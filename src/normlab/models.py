@@ -15,7 +15,7 @@ from torch import nn
 
 from normlab.norms import NORMS, make_norm
 
-PARAM_BUDGET = 50_000  # trainable parameters, strictly fewer (the assignment's limit)
+PARAM_BUDGET = 50_000  # parameters, trainable or frozen, strictly fewer (the assignment's limit)
 NUM_CLASSES = 10
 LAYER_ORDER = ("C1", "C2", "c3", "P1", "C3", "C4", "C5", "c6", "P2", "C7", "C8", "C9", "GAP", "C10")
 
@@ -98,7 +98,7 @@ class Net(nn.Module):
 
     def __init__(self, norm: str = "bn", widths: Sequence[int] = (16, 32, 24), groups: int = 8, weight_std: bool = True,
                  pool_first: bool = True, act: str = "gelu", zero_init_res: bool = False, norm_batch: int = 0,
-                 identity_init: bool = False):
+                 identity_init: bool = False, whiten: str = "off"):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; choose one of: {', '.join(NORMS)}")
@@ -117,7 +117,10 @@ class Net(nn.Module):
                 return make_conv(cin, cout, 1, weight_std), PoolBlock(cout, norm, norm_kw, cin, act)
             return ConvBlock(cin, cout, 1, *norm_args), nn.MaxPool2d(2)
 
-        self.C1 = ConvBlock(3, w1, 3, *norm_args)
+        # --whiten: C1 is a plain conv (standardizing its filters would undo their 1/sqrt(eigenvalue) scales), its
+        # filters set from the training images by whiten_() once the data is at hand; frozen unless "train".
+        self.C1 = ConvBlock(3, w1, 3, norm, norm_kw, weight_std and whiten == "off", act)
+        self.C1[0].weight.requires_grad_(whiten != "frozen")
         self.C2 = ConvBlock(w1, w1, 3, *norm_args)
         self.c3, self.P1 = reduce(w1, w2)
         self.C3 = ConvBlock(w2, w2, 3, *norm_args)
@@ -140,7 +143,7 @@ class Net(nn.Module):
         n = count_params(self)
         if n >= PARAM_BUDGET:
             raise ValueError(
-                f"widths {self.widths} give {n:,} trainable parameters; the budget is fewer than {PARAM_BUDGET:,}. "
+                f"widths {self.widths} give {n:,} parameters; the budget is fewer than {PARAM_BUDGET:,}. "
                 "Choose smaller widths."
             )
 
@@ -148,7 +151,7 @@ class Net(nn.Module):
     def from_config(cls, cfg) -> "Net":
         """The network that a ``normlab.config.Config`` describes."""
         return cls(cfg.norm, cfg.widths, cfg.groups, cfg.weight_std, cfg.pool_first, cfg.act, cfg.zero_init_res,
-                   cfg.norm_batch, cfg.identity_init)
+                   cfg.norm_batch, cfg.identity_init, cfg.whiten)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, 32, 32) -> (B, 10)
         x = self.C1(x)
@@ -163,7 +166,34 @@ class Net(nn.Module):
 
 
 def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """Every parameter, trainable or frozen (a frozen whitening C1 counts towards the budget too)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def whiten_(conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4, chunk: int = 500) -> torch.Tensor:
+    """Set ``conv``'s filters to a patch-whitening bank (airbench's initialization of its first conv).
+
+    ``images``: normalized (N, C, H, W) float training images. The second moment of their k x k
+    patches (every position, no padding) is accumulated in float64 over chunks of images; its
+    eigenvectors, largest eigenvalue first, scaled by 1/sqrt(eigenvalue + eps), give out/2 filters,
+    each followed by its negative (out odd: the last negative left out). The filters' responses
+    to the patches are then decorrelated with unit second moment. Returns the eigenvalues used.
+    """
+    cout, cin, kh, kw = conv.weight.shape
+    dim = cin * kh * kw
+    if cout > 2 * dim:
+        raise ValueError(f"whitening gives at most {2 * dim} filters for {cin}x{kh}x{kw} patches, C1 has {cout}")
+    moment, count = torch.zeros(dim, dim, dtype=torch.float64), 0
+    for i in range(0, len(images), chunk):
+        patches = F.unfold(images[i : i + chunk].float().cpu(), (kh, kw)).transpose(1, 2).reshape(-1, dim).double()
+        moment += patches.T @ patches
+        count += len(patches)
+    values, vectors = torch.linalg.eigh(moment / count)  # ascending
+    values, vectors = values.flip(0)[: -(-cout // 2)], vectors.flip(1)[:, : -(-cout // 2)]
+    bank = (vectors / torch.sqrt(values + eps)).T.reshape(-1, cin, kh, kw)
+    conv.weight.copy_(torch.cat([bank, -bank])[:cout].to(conv.weight))
+    return values
 
 
 def model_summary(cfg) -> str:
