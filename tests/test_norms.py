@@ -22,7 +22,7 @@ def test_registry_holds_five_norms_and_runs_the_assignments_three_by_default():
 def test_options_name_config_settings_and_only_batch_norm_reads_norm_batch():
     fields = set(Config.__dataclass_fields__)
     assert all(set(n.options) <= fields for n in NORMS.values())
-    assert NORMS["bn"].options == ("norm_batch",) and NORMS["gn"].options == ("groups",)
+    assert NORMS["bn"].options == ("norm_batch", "bn_momentum") and NORMS["gn"].options == ("groups",)
     assert all("norm_batch" not in NORMS[n].options for n in ("gn", "ln", "in", "none"))
 
 
@@ -258,3 +258,13 @@ def test_a_norms_own_defaults_replace_the_settings_left_at_configs_default():
     assert Config(norm="none", lr=0.05).lr == 0.05  # a value that was asked for is kept
     cfg = Config(norm="none", seed=2)
     assert Config.from_dict(cfg.to_dict()) == cfg and "--lr" in cfg.to_flags()  # config.json and the retrain command say 0.1
+
+
+def test_bn_momentum_reaches_every_batch_norm_and_only_batch_norm():
+    for kw in ({}, {"norm_batch": 32}):
+        net = Net("bn", bn_momentum=0.4, **kw)
+        layers = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+        assert len(layers) == 10 and all(m.momentum == 0.4 for m in layers)
+    assert all(m.momentum == 0.1 for m in Net("bn").modules() if isinstance(m, nn.BatchNorm2d))  # PyTorch's default
+    gn = Net("gn", bn_momentum=0.4)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in gn.modules())

@@ -148,10 +148,10 @@ def test_checkpoint_after_every_epoch(cifar_dir, tmp_path, monkeypatch):
 
 
 def test_the_new_knobs_resume_bit_for_bit(cifar_dir):
-    """A Trainer with --norm-bias-lr and --identity-init, cut after its first epoch and rebuilt from its state,
+    """A Trainer with --norm-bias-lr, --identity-init, --lookahead and --bn-momentum, cut after its first epoch and rebuilt from its state,
     ends with the weights of the uninterrupted one (the third group's lr_scale travels in the optimizer state)."""
     images, labels = D.load_split(cifar_dir, train=True)
-    cfg = Config(norm="bn", epochs=2, batch_size=50, norm_bias_lr=8.0, identity_init=True)
+    cfg = Config(norm="bn", epochs=2, batch_size=50, norm_bias_lr=8.0, identity_init=True, lookahead=0.95, bn_momentum=0.4)
     place = Placement(torch.device("cpu"), "fp32", False)
     whole = T.Trainer(cfg, place, images, labels, progress=False)
     whole.run_epoch(), whole.run_epoch()
@@ -184,3 +184,25 @@ def test_a_whitened_c1_starts_from_the_training_patches(cifar_dir, whiten):
     assert all(torch.equal(a[k], b[k]) for k in a if k != "C1.0.weight")
     trainer.run_epoch()
     assert torch.equal(trainer.model.C1[0].weight, start) == (whiten == "frozen")
+
+
+
+def test_lookahead_pulls_every_fifth_step_and_ends_on_the_slow_weights():
+    model = Net("bn")
+    la = T.Lookahead(model, 0.95)
+    assert len(la.live) == len([t for t in model.state_dict().values() if t.is_floating_point()])  # params + running stats
+    w = model.C1[0].weight
+    slow0 = w.detach().clone()
+    with torch.no_grad():
+        w.add_(1.0)
+    la.step(4, 10)  # not a fifth step: nothing moves
+    assert torch.equal(w, slow0 + 1.0)
+    la.step(5, 10)
+    decay = 0.95 ** 5 * 0.5 ** 3
+    expected = slow0 + (1 - decay) * 1.0
+    slow = la.slow[next(i for i, t in enumerate(la.live) if t is w)]
+    assert torch.allclose(w, expected) and torch.equal(slow, w)  # the slow copy moved, the network jumped to it
+    with torch.no_grad():
+        w.add_(1.0)
+    la.finish()
+    assert torch.allclose(w, expected)  # back to the slow copy

@@ -35,6 +35,9 @@ class Config:
     norm_batch: int = _s(0, "images per batch-norm statistics (ghost batches; 0 = the whole batch)",
                          "batch norm only: compute its training statistics over groups of this many images of each batch "
                          "(ghost batch norm; the last group may be smaller); 0 = the whole batch")
+    bn_momentum: float = _s(0.1, "batch norm's running-statistics momentum",
+                            "batch norm only: weight of each batch in the running statistics (PyTorch's convention; "
+                            "airbench's 0.6 is 0.4 here); not yet validated here (issue 17)")
     weight_std: bool = _s(True, "weight-standardized convs", "plain convs instead of weight-standardized ones", "--no-weight-std")
     act: str = _s("gelu", "activation", "activation after every norm: relu | gelu (gelu won on validation)")
     pool_first: bool = _s(True, "c3, c6: max-pool before norm and activation",
@@ -58,6 +61,10 @@ class Config:
                              "the norms' biases train at this multiple of the learning rate (airbench: 64); "
                              "not yet validated here (issue 17)")
     weight_decay: float = _s(5e-4, "weight decay (conv weights)", "L2 on conv weights only (not on norms or biases)")
+    lookahead: float = _s(0.0, "Lookahead (final decay; 0 = off)",
+                          "every 5 steps a slow copy of the weights moves towards the network and the network jumps back to "
+                          "it, by a decay rising as (step/total)^3 to this^5; the network ends as the slow copy (airbench: 0.95); "
+                          "0 = off; not yet validated here (issue 17)")
     ema: float = _s(0.0, "moving average of the weights (decay; 0 = off)",
                     "per-step decay of an exponential moving average of the weights, used as the final model; 0 = off")
     label_smoothing: float = _s(0.1, "label smoothing", "cross-entropy target smoothing")
@@ -97,6 +104,8 @@ class Config:
             (self.weight_decay >= 0, f"--weight-decay must be 0 or more (got {self.weight_decay})"),
             (0 <= self.ema < 1, f"--ema must be in [0, 1), 0 = off (got {self.ema})"),
             (self.whiten in WHITEN, f"--whiten must be one of: {', '.join(WHITEN)} (got {self.whiten!r})"),
+            (0 < self.bn_momentum <= 1, f"--bn-momentum must be in (0, 1] (got {self.bn_momentum})"),
+            (0 <= self.lookahead < 1, f"--lookahead must be in [0, 1), 0 = off (got {self.lookahead})"),
             (0 < self.norm_bias_lr <= 1000, f"--norm-bias-lr must be in (0, 1000] (got {self.norm_bias_lr})"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1) (got {self.label_smoothing})"),
             (0 <= self.crop_pad <= 16, f"--crop-pad must be between 0 and 16 (got {self.crop_pad})"),

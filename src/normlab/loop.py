@@ -67,6 +67,37 @@ def make_ema(model: torch.nn.Module, decay: float):
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
+class Lookahead:
+    """airbench's Lookahead: a slow copy of the weights and float buffers (the running statistics too).
+
+    After every ``EVERY``-th optimizer step the slow copy moves towards the network by 1 - decay and
+    the network jumps back to it; decay = alpha^5 * (step/total)^3 rises from 0 (plain training) to
+    alpha^5 at the end, where ``finish`` makes the network the slow copy (Zhang et al., 2019,
+    "Lookahead Optimizer: k steps forward, 1 step back", with airbench's schedule).
+    """
+
+    EVERY = 5
+
+    def __init__(self, model: torch.nn.Module, alpha: float):
+        self.alpha = alpha
+        self.live = [t for t in model.state_dict(keep_vars=True).values() if t.is_floating_point()]
+        self.slow = [t.detach().clone() for t in self.live]
+
+    @torch.no_grad()
+    def pull(self, decay: float) -> None:
+        for slow, live in zip(self.slow, self.live):
+            slow.lerp_(live.detach(), 1 - decay)
+            live.copy_(slow)
+
+    def step(self, step: int, total: int) -> None:
+        """After optimizer step number ``step`` (1-based) of ``total``."""
+        if step % self.EVERY == 0:
+            self.pull(self.alpha ** self.EVERY * (step / total) ** 3)
+
+    def finish(self) -> None:
+        self.pull(1.0)  # the network takes the slow weights
+
+
 def train_step(model, opt, x: torch.Tensor, y: torch.Tensor, lr: float, label_smoothing: float, place: Placement,
                scaler: torch.amp.GradScaler) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on the batch (x, y); returns the loss and the logits, both still on the device."""
@@ -83,14 +114,16 @@ def train_step(model, opt, x: torch.Tensor, y: torch.Tensor, lr: float, label_sm
 
 
 def train_epoch(model, opt, batches, cfg: Config, step: int, total: int, place: Placement, scaler: torch.amp.GradScaler,
-                desc: str = "", ema=None, progress: bool = True) -> dict[str, Any]:
-    """One pass over ``batches`` (updating ``ema`` after each step, if given); returns loss/accuracy
+                desc: str = "", ema=None, progress: bool = True, lookahead: Lookahead | None = None) -> dict[str, Any]:
+    """One pass over ``batches`` (then ``lookahead`` and ``ema``, if given, after each step); returns loss/accuracy
     means, the first non-finite batch (or -1) and the new step count."""
     model.train()
     dev = batches.labels.device
     loss_sum, correct, bad = torch.zeros((), device=dev), torch.zeros((), device=dev, dtype=torch.long), torch.tensor(-1, device=dev)
     for i, (x, y) in enumerate(tqdm(batches, desc=desc, leave=False, disable=None if progress else True, unit="batch")):
         loss, logits = train_step(model, opt, x, y, lr_at(step, total, cfg.lr, cfg.warmup), cfg.label_smoothing, place, scaler)
+        if lookahead is not None:
+            lookahead.step(step + 1, total)
         if ema is not None:
             ema.update_parameters(model)
         step += 1
@@ -147,6 +180,7 @@ class Trainer:
         self.net = place.compiled(self.model)  # what the training steps call; self.model keeps the state_dict keys
         self.opt = make_optimizer(self.model, cfg)
         self.ema = make_ema(self.model, cfg.ema)
+        self.lookahead = Lookahead(self.model, cfg.lookahead) if cfg.lookahead else None
         self.scaler = place.grad_scaler()
         dev = place.device
         self.train_x, self.train_y = train_x.to(dev), train_y.to(dev)
@@ -178,7 +212,10 @@ class Trainer:
         cfg, epoch = self.cfg, self.epoch + 1
         t0 = time.perf_counter()
         r = train_epoch(self.net, self.opt, self.batches, cfg, self.step, self.total, self.place, self.scaler,
-                        desc=f"{cfg.norm} epoch {epoch}/{cfg.epochs}", ema=self.ema, progress=self.progress)
+                        desc=f"{cfg.norm} epoch {epoch}/{cfg.epochs}", ema=self.ema, progress=self.progress,
+                        lookahead=self.lookahead)
+        if self.lookahead is not None and epoch == cfg.epochs:
+            self.lookahead.finish()
         self.place.synchronize()
         seconds = time.perf_counter() - t0
         if r["bad_batch"] >= 0:
@@ -202,6 +239,8 @@ class Trainer:
                  "torch_rng": torch.get_rng_state(), "metrics": self.metrics, "step": self.step, "epoch": self.epoch}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
+        if self.lookahead is not None:
+            state["lookahead"] = self.lookahead.slow
         if self.scaler.is_enabled():
             state["scaler"] = self.scaler.state_dict()
         return state
@@ -211,6 +250,9 @@ class Trainer:
         self.opt.load_state_dict(state["optimizer"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+        if self.lookahead is not None:
+            for slow, saved in zip(self.lookahead.slow, state["lookahead"]):
+                slow.copy_(saved)
         if self.scaler.is_enabled() and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         self.generator.set_state(state["generator"])

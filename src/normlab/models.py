@@ -98,7 +98,7 @@ class Net(nn.Module):
 
     def __init__(self, norm: str = "bn", widths: Sequence[int] = (16, 32, 24), groups: int = 8, weight_std: bool = True,
                  pool_first: bool = True, act: str = "gelu", zero_init_res: bool = False, norm_batch: int = 0,
-                 identity_init: bool = False, whiten: str = "off"):
+                 identity_init: bool = False, whiten: str = "off", bn_momentum: float = 0.1):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; choose one of: {', '.join(NORMS)}")
@@ -109,7 +109,7 @@ class Net(nn.Module):
         w1, w2, w3 = (int(w) for w in widths)
         self.norm, self.widths, self.groups, self.weight_std, self.pool_first = norm, (w1, w2, w3), groups, weight_std, pool_first
         self.act, self.norm_batch = act, norm_batch
-        norm_kw = {"groups": groups, "norm_batch": norm_batch}  # what the norms may read
+        norm_kw = {"groups": groups, "norm_batch": norm_batch, "bn_momentum": bn_momentum}  # what the norms may read
         norm_args = (norm, norm_kw, weight_std, act)
 
         def reduce(cin: int, cout: int) -> tuple[nn.Module, nn.Module]:  # the 1x1 conv and the pool after it
@@ -151,7 +151,7 @@ class Net(nn.Module):
     def from_config(cls, cfg) -> "Net":
         """The network that a ``normlab.config.Config`` describes."""
         return cls(cfg.norm, cfg.widths, cfg.groups, cfg.weight_std, cfg.pool_first, cfg.act, cfg.zero_init_res,
-                   cfg.norm_batch, cfg.identity_init, cfg.whiten)
+                   cfg.norm_batch, cfg.identity_init, cfg.whiten, cfg.bn_momentum)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, 32, 32) -> (B, 10)
         x = self.C1(x)

@@ -85,9 +85,11 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
         return torch.cat(outs)
 
 
-def _batch_norm(channels: int, norm_batch: int = 0, **_: Any) -> nn.Module:
+def _batch_norm(channels: int, norm_batch: int = 0, bn_momentum: float = 0.1, **_: Any) -> nn.Module:
     # norm_batch 0 (the whole optimizer batch) is exactly nn.BatchNorm2d: the same training, bit for bit.
-    return GhostBatchNorm2d(channels, norm_batch) if norm_batch else nn.BatchNorm2d(channels)
+    layer = GhostBatchNorm2d(channels, norm_batch) if norm_batch else nn.BatchNorm2d(channels)
+    layer.momentum = bn_momentum  # of the running statistics (PyTorch's convention: the weight of the new batch)
+    return layer
 
 
 def _describe_batch_norm(norm_batch: int = 0, **_: Any) -> str:
@@ -146,7 +148,7 @@ def _no_norm(channels: int, fan_in: int = 1, **_: Any) -> nn.Module:
 # Instance norm (NCHW) and none (channels_last): benchmarks/profile_step.py --layout cl | nchw, one thread of a
 # 2-core fp32 CPU (docs/experiments.md, section 14).
 NORMS: dict[str, Norm] = {n.name: n for n in (
-    Norm("bn", "Batch Normalization", _batch_norm, _describe_batch_norm, True, "tab:blue", ("norm_batch",)),
+    Norm("bn", "Batch Normalization", _batch_norm, _describe_batch_norm, True, "tab:blue", ("norm_batch", "bn_momentum")),
     Norm("gn", "Group Normalization", _group_norm, "GroupNorm, {groups} groups", False, "tab:orange", ("groups",), cuda_channels_last=False),
     Norm("ln", "Layer Normalization", _layer_norm, "GroupNorm, 1 group (over C, H, W)", True, "tab:green", cuda_channels_last=False),
     Norm("in", "Instance Normalization", _instance_norm, "GroupNorm, 1 channel per group (over H, W)", False, "tab:red",
