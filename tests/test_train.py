@@ -148,10 +148,11 @@ def test_checkpoint_after_every_epoch(cifar_dir, tmp_path, monkeypatch):
 
 
 def test_the_new_knobs_resume_bit_for_bit(cifar_dir):
-    """A Trainer with --norm-bias-lr, --identity-init, --lookahead and --bn-momentum, cut after its first epoch and rebuilt from its state,
+    """A Trainer with --norm-bias-lr, --identity-init, --lookahead, --bn-momentum and --muon-lr, cut after its first epoch and rebuilt from its state,
     ends with the weights of the uninterrupted one (the third group's lr_scale travels in the optimizer state)."""
     images, labels = D.load_split(cifar_dir, train=True)
-    cfg = Config(norm="bn", epochs=2, batch_size=50, norm_bias_lr=8.0, identity_init=True, lookahead=0.95, bn_momentum=0.4)
+    cfg = Config(norm="bn", epochs=2, batch_size=50, norm_bias_lr=8.0, identity_init=True, lookahead=0.95, bn_momentum=0.4,
+                 muon_lr=0.05)
     place = Placement(torch.device("cpu"), "fp32", False)
     whole = T.Trainer(cfg, place, images, labels, progress=False)
     whole.run_epoch(), whole.run_epoch()
@@ -206,3 +207,37 @@ def test_lookahead_pulls_every_fifth_step_and_ends_on_the_slow_weights():
         w.add_(1.0)
     la.finish()
     assert torch.allclose(w, expected)  # back to the slow copy
+
+
+
+def test_muon_steps_the_conv_filters_and_sgd_the_rest():
+    """--muon-lr: the filters of C1-C9, c3 and c6 move by Muon's orthogonalized Nesterov step at muon_lr's share of
+    the schedule; every other parameter (C10's filters included) takes exactly the step plain SGD takes."""
+    from torch.optim._muon import _zeropower_via_newtonschulz
+
+    torch.manual_seed(0)
+    a = Net("gn")
+    b = Net("gn")
+    b.load_state_dict(a.state_dict())
+    opt_a, opt_b = T.make_optimizer(a, Config(norm="gn")), T.make_optimizer(b, Config(norm="gn", muon_lr=0.05))
+    assert type(opt_a) is torch.optim.SGD and type(opt_b) is T.SGDMuon
+    muon = opt_b.param_groups[-1]
+    assert muon["muon"] and len(muon["params"]) == 10 and all(p.ndim == 4 for p in muon["params"])
+    assert all(p is not b.C10.weight for p in muon["params"])
+    place = Placement(torch.device("cpu"), "fp32", False)
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8)
+    before = {n: p.detach().clone() for n, p in b.named_parameters()}
+    for model, opt in ((a, opt_a), (b, opt_b)):
+        T.train_step(model, opt, x, y, 0.1, 0.0, place, place.grad_scaler())
+    assert muon["lr"] == pytest.approx(0.1 * 0.05 / 0.2)
+    in_muon = {id(p) for p in muon["params"]}
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        if id(pb) not in in_muon:
+            assert torch.equal(pa, pb), name
+            continue
+        g = pb.grad
+        update = g.lerp(g * 0.05, 0.95).reshape(g.shape[0], -1)  # Nesterov on the first step: buffer = 0.05 g
+        step = _zeropower_via_newtonschulz(update, (3.4445, -4.775, 2.0315), 5, 1e-7).reshape(g.shape).float()
+        scale = max(1.0, update.shape[0] / update.shape[1]) ** 0.5
+        assert torch.allclose(before[name] - pb.detach(), muon["lr"] * scale * step, atol=1e-6), name
+        assert not torch.equal(pa, pb), name

@@ -57,6 +57,9 @@ class Config:
                    "trains at 0.1 when this is left at 0.2")
     warmup: float = _s(0.2, "warm-up fraction", "fraction of all steps spent rising to the peak learning rate")
     momentum: float = _s(0.9, "momentum (Nesterov)", "SGD Nesterov momentum")
+    muon_lr: float = _s(0.0, "Muon's peak learning rate for the conv filters (0 = SGD)",
+                        "train the conv filters (C1-C9, c3, c6; not C10) with Muon at this peak learning rate, on the same "
+                        "one-cycle shape (momentum 0.95, Nesterov, no decay); 0 = SGD for all; not yet validated here (issue 17)")
     norm_bias_lr: float = _s(1.0, "learning-rate factor of the norms' biases",
                              "the norms' biases train at this multiple of the learning rate (airbench: 64); "
                              "not yet validated here (issue 17)")
@@ -106,6 +109,7 @@ class Config:
             (self.whiten in WHITEN, f"--whiten must be one of: {', '.join(WHITEN)} (got {self.whiten!r})"),
             (0 < self.bn_momentum <= 1, f"--bn-momentum must be in (0, 1] (got {self.bn_momentum})"),
             (0 <= self.lookahead < 1, f"--lookahead must be in [0, 1), 0 = off (got {self.lookahead})"),
+            (0 <= self.muon_lr <= 10, f"--muon-lr must be in [0, 10], 0 = off (got {self.muon_lr})"),
             (0 < self.norm_bias_lr <= 1000, f"--norm-bias-lr must be in (0, 1000] (got {self.norm_bias_lr})"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1) (got {self.label_smoothing})"),
             (0 <= self.crop_pad <= 16, f"--crop-pad must be between 0 and 16 (got {self.crop_pad})"),

@@ -45,16 +45,54 @@ def norm_biases(model: torch.nn.Module) -> list[torch.nn.Parameter]:
             and isinstance(getattr(m, "bias", None), torch.nn.Parameter)]
 
 
+class SGDMuon(torch.optim.SGD):
+    """torch.optim.SGD for every parameter group but those marked ``muon``; there Muon (Jordan et al., 2024):
+    Nesterov momentum, then each filter bank's update, viewed as (out, in*k*k), orthogonalized by
+    torch.optim.Muon's own Newton-Schulz iteration and scaled by sqrt(max(1, out / (in*k*k))) as
+    torch.optim.Muon does by default. torch.optim.Muon itself takes 2-D parameters only; conv filters are 4-D.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        groups = self.param_groups
+        self.param_groups = [g for g in groups if not g.get("muon")]
+        try:
+            super().step()  # SGD, exactly as without Muon
+        finally:
+            self.param_groups = groups
+        from torch.optim._muon import _zeropower_via_newtonschulz
+
+        for g in (g for g in groups if g.get("muon")):
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("muon_buffer", torch.zeros_like(p.grad))
+                buf.lerp_(p.grad, 1 - g["momentum"])
+                update = p.grad.lerp(buf, g["momentum"]).reshape(p.shape[0], -1)  # Nesterov
+                ortho = _zeropower_via_newtonschulz(update, (3.4445, -4.775, 2.0315), 5, 1e-7)
+                p.add_(ortho.reshape(p.shape).to(p.dtype), alpha=-g["lr"] * max(1.0, update.shape[0] / update.shape[1]) ** 0.5)
+
+
+MUON_MOMENTUM = 0.95  # torch.optim.Muon's default
+
+
 def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
     """SGD Nesterov; weight decay on conv weights only. With ``norm_bias_lr`` != 1 the norms' biases form a third
-    group whose learning rate is that multiple of the schedule's (``lr_scale``; train_step applies it)."""
+    group whose learning rate is that multiple of the schedule's (``lr_scale``; train_step applies it). With
+    ``muon_lr`` the conv filters but C10's train with Muon (``SGDMuon``) at that peak, on the same schedule."""
     fast = {id(p) for p in norm_biases(model)} if cfg.norm_bias_lr != 1 else set()
-    decay = [p for p in model.parameters() if p.ndim >= 2]    # conv weights
+    head = getattr(model, "C10", None)
+    muon = {id(p) for p in model.parameters() if p.ndim == 4 and (head is None or p is not head.weight)} if cfg.muon_lr else set()
+    decay = [p for p in model.parameters() if p.ndim >= 2 and id(p) not in muon]    # conv weights
     no_decay = [p for p in model.parameters() if p.ndim < 2 and id(p) not in fast]  # norm scales/shifts and biases
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if fast:  # only then: the optimizer state of earlier runs (two groups) still loads
         groups.append({"params": [p for p in model.parameters() if id(p) in fast], "weight_decay": 0.0,
                        "lr_scale": cfg.norm_bias_lr})
+    if muon:
+        groups.append({"params": [p for p in model.parameters() if id(p) in muon], "weight_decay": 0.0, "muon": True,
+                       "momentum": MUON_MOMENTUM, "lr_scale": cfg.muon_lr / cfg.lr})
+        return SGDMuon(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
 
 
