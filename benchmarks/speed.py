@@ -62,11 +62,12 @@ def worker_normlab(args) -> dict:
     timed = D.Batches(images[:n], labels[:n], args.batch_size, True, cfg.crop_pad, cfg.flip, cl, gen, cfg.alt_flip)
     place.reset_peak_memory()
     t0 = time.perf_counter()
-    train_epoch(net, opt, warm, cfg, 0, 10_000, place, scaler, ema=ema, progress=False)  # compiles, if compiled
+    eager = model if net is not model else None  # the last, partial batch of a --full epoch: eager, as the trainer runs it
+    train_epoch(net, opt, warm, cfg, 0, 10_000, place, scaler, ema=ema, progress=False, eager=eager)  # compiles, if compiled
     place.synchronize()
     warm_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    train_epoch(net, opt, timed, cfg, 0, 10_000, place, scaler, ema=ema, progress=False)
+    train_epoch(net, opt, timed, cfg, 0, 10_000, place, scaler, ema=ema, progress=False, eager=eager)
     place.synchronize()
     train_s = time.perf_counter() - t0
     test, _ = D.load_split(args.data_dir, train=False)

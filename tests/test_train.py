@@ -241,3 +241,27 @@ def test_muon_steps_the_conv_filters_and_sgd_the_rest():
         scale = max(1.0, update.shape[0] / update.shape[1]) ** 0.5
         assert torch.allclose(before[name] - pb.detach(), muon["lr"] * scale * step, atol=1e-6), name
         assert not torch.equal(pa, pb), name
+
+
+def test_a_compiled_network_leaves_the_last_partial_batch_to_the_plain_module(cifar_dir):
+    """train_epoch(eager=...): full batches go to the (compiled) network, the epoch's last, smaller batch to the
+    plain module it wraps, so that no second shape is ever compiled (Trainer passes its model when compiled)."""
+    images, labels = D.load_split(cifar_dir, train=True)
+    images, labels = images[:50], labels[:50]
+    model = Net("bn")
+
+    class Recorder(torch.nn.Module):  # stands in for torch.compile's wrapper: same parameters, records batch sizes
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.sizes = inner, []
+
+        def forward(self, x):
+            self.sizes.append(len(x))
+            return self.inner(x)
+
+    compiled, eager = Recorder(model), Recorder(model)
+    cfg = Config(batch_size=20)
+    place = Placement(torch.device("cpu"), "fp32", False)
+    batches = D.Batches(images, labels, 20, True, 2, True, False, torch.Generator().manual_seed(0))
+    T.train_epoch(compiled, T.make_optimizer(model, cfg), batches, cfg, 0, 3, place, place.grad_scaler(), eager=eager)
+    assert compiled.sizes == [20, 20] and eager.sizes == [10]

@@ -152,14 +152,19 @@ def train_step(model, opt, x: torch.Tensor, y: torch.Tensor, lr: float, label_sm
 
 
 def train_epoch(model, opt, batches, cfg: Config, step: int, total: int, place: Placement, scaler: torch.amp.GradScaler,
-                desc: str = "", ema=None, progress: bool = True, lookahead: Lookahead | None = None) -> dict[str, Any]:
+                desc: str = "", ema=None, progress: bool = True, lookahead: Lookahead | None = None,
+                eager: torch.nn.Module | None = None) -> dict[str, Any]:
     """One pass over ``batches`` (then ``lookahead`` and ``ema``, if given, after each step); returns loss/accuracy
-    means, the first non-finite batch (or -1) and the new step count."""
+    means, the first non-finite batch (or -1) and the new step count.
+
+    ``eager``: where ``model`` is compiled, the plain module it wraps, which takes the batches of another size
+    (the last, partial one of an epoch): one eager step instead of a second compilation for that shape."""
     model.train()
     dev = batches.labels.device
     loss_sum, correct, bad = torch.zeros((), device=dev), torch.zeros((), device=dev, dtype=torch.long), torch.tensor(-1, device=dev)
     for i, (x, y) in enumerate(tqdm(batches, desc=desc, leave=False, disable=None if progress else True, unit="batch")):
-        loss, logits = train_step(model, opt, x, y, lr_at(step, total, cfg.lr, cfg.warmup), cfg.label_smoothing, place, scaler)
+        net = model if eager is None or len(y) == batches.batch_size else eager
+        loss, logits = train_step(net, opt, x, y, lr_at(step, total, cfg.lr, cfg.warmup), cfg.label_smoothing, place, scaler)
         if lookahead is not None:
             lookahead.step(step + 1, total)
         if ema is not None:
@@ -251,7 +256,7 @@ class Trainer:
         t0 = time.perf_counter()
         r = train_epoch(self.net, self.opt, self.batches, cfg, self.step, self.total, self.place, self.scaler,
                         desc=f"{cfg.norm} epoch {epoch}/{cfg.epochs}", ema=self.ema, progress=self.progress,
-                        lookahead=self.lookahead)
+                        lookahead=self.lookahead, eager=self.model if self.net is not self.model else None)
         if self.lookahead is not None and epoch == cfg.epochs:
             self.lookahead.finish()
         self.place.synchronize()
