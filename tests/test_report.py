@@ -174,3 +174,20 @@ def test_several_seeds_give_mean_and_std(data_dir, tmp_path):
     for acc in accs:  # and the per-seed values
         assert f"{100 * acc:.2f}%" in text
     assert "--seeds 2" in text and "first seed" in text
+
+
+def test_a_compiled_runs_first_step_is_stated_apart(tmp_path):
+    """results.json's compile_seconds (a compiled network's first step, compilation included) gets its own note;
+    a run without it (CPU, eager) gets none."""
+    from normlab.report import _results_section
+    from normlab.rundir import Run
+
+    def run(norm, compile_seconds):
+        results = {"params": 47_978, "epochs": 20, "train_acc_running": 0.9, "train_acc_clean": 0.9, "test_acc": 0.8,
+                   "test_acc_flip_tta": 0.81, "seconds_per_epoch": 2.0, "device": "GPU", "precision": "bf16",
+                   "compile_seconds": compile_seconds}
+        return Run(tmp_path / norm, Config(norm=norm), results, [], None, None, None)
+
+    text = _results_section({"bn": [run("bn", 31.5)], "gn": [run("gn", 40.25)]})
+    assert "first training step, compilation included, took 31.5 s (bn), 40.2 s (gn)" in text
+    assert "compilation" not in _results_section({"bn": [run("bn", None)]})

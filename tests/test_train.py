@@ -265,3 +265,14 @@ def test_a_compiled_network_leaves_the_last_partial_batch_to_the_plain_module(ci
     batches = D.Batches(images, labels, 20, True, 2, True, False, torch.Generator().manual_seed(0))
     T.train_epoch(compiled, T.make_optimizer(model, cfg), batches, cfg, 0, 3, place, place.grad_scaler(), eager=eager)
     assert compiled.sizes == [20, 20] and eager.sizes == [10]
+
+
+def test_the_first_step_is_timed_only_when_asked(cifar_dir):
+    images, labels = D.load_split(cifar_dir, train=True)
+    model, cfg = Net("bn"), Config(batch_size=50)
+    place = Placement(torch.device("cpu"), "fp32", False)
+    batches = D.Batches(images[:100], labels[:100], 50, True, 2, True, False, torch.Generator().manual_seed(0))
+    opt = T.make_optimizer(model, cfg)
+    assert T.train_epoch(model, opt, batches, cfg, 0, 4, place, place.grad_scaler())["first_step_seconds"] is None
+    r = T.train_epoch(model, opt, batches, cfg, 2, 4, place, place.grad_scaler(), time_first=True)
+    assert 0 < r["first_step_seconds"] < 60

@@ -205,6 +205,7 @@ def _train(cfg: Config, data_dir: Path, rd: RunDir, resume: bool, runtime: Runti
         "train_acc_clean": evaluate_model(final, trainer.train_x, trainer.train_y, place)[0],
         "val_acc": rows[-1]["val_acc"] if rows else None,
         "seconds_per_epoch": sum(r["seconds"] for r in rows) / max(1, len(rows)),
+        "compile_seconds": trainer.compile_seconds,  # None unless compiled: the first step, compilation included (in epoch 1's seconds)
         "torch": torch.__version__, "data_dir": str(Path(data_dir).resolve()),
     }
     if cfg.eval_test:

@@ -153,18 +153,27 @@ def train_step(model, opt, x: torch.Tensor, y: torch.Tensor, lr: float, label_sm
 
 def train_epoch(model, opt, batches, cfg: Config, step: int, total: int, place: Placement, scaler: torch.amp.GradScaler,
                 desc: str = "", ema=None, progress: bool = True, lookahead: Lookahead | None = None,
-                eager: torch.nn.Module | None = None) -> dict[str, Any]:
+                eager: torch.nn.Module | None = None, time_first: bool = False) -> dict[str, Any]:
     """One pass over ``batches`` (then ``lookahead`` and ``ema``, if given, after each step); returns loss/accuracy
     means, the first non-finite batch (or -1) and the new step count.
 
     ``eager``: where ``model`` is compiled, the plain module it wraps, which takes the batches of another size
-    (the last, partial one of an epoch): one eager step instead of a second compilation for that shape."""
+    (the last, partial one of an epoch): one eager step instead of a second compilation for that shape.
+    ``time_first``: also return ``first_step_seconds``, the first step's wall time (a compiled network's
+    compilation happens there), with a synchronization after it."""
+    import time
+
+    t0 = time.perf_counter()
+    first_step_seconds = None
     model.train()
     dev = batches.labels.device
     loss_sum, correct, bad = torch.zeros((), device=dev), torch.zeros((), device=dev, dtype=torch.long), torch.tensor(-1, device=dev)
     for i, (x, y) in enumerate(tqdm(batches, desc=desc, leave=False, disable=None if progress else True, unit="batch")):
         net = model if eager is None or len(y) == batches.batch_size else eager
         loss, logits = train_step(net, opt, x, y, lr_at(step, total, cfg.lr, cfg.warmup), cfg.label_smoothing, place, scaler)
+        if time_first and i == 0:
+            place.synchronize()
+            first_step_seconds = time.perf_counter() - t0
         if lookahead is not None:
             lookahead.step(step + 1, total)
         if ema is not None:
@@ -175,7 +184,8 @@ def train_epoch(model, opt, batches, cfg: Config, step: int, total: int, place: 
         correct += (logits.argmax(1) == y).sum()
         bad = torch.where((bad < 0) & ~torch.isfinite(loss.detach()), i, bad)
     n = len(batches.labels)
-    return {"loss": loss_sum.item() / n, "acc": correct.item() / n, "bad_batch": int(bad), "step": step}
+    return {"loss": loss_sum.item() / n, "acc": correct.item() / n, "bad_batch": int(bad), "step": step,
+            "first_step_seconds": first_step_seconds}
 
 
 @torch.no_grad()
@@ -238,6 +248,7 @@ class Trainer:
         self.total = cfg.epochs * len(self.batches)
         self.step, self.epoch = 0, 0
         self.metrics: list[dict[str, Any]] = []
+        self.compile_seconds: float | None = None  # a compiled network: its first step in this process, compilation included
 
     @property
     def final(self) -> torch.nn.Module:
@@ -256,7 +267,10 @@ class Trainer:
         t0 = time.perf_counter()
         r = train_epoch(self.net, self.opt, self.batches, cfg, self.step, self.total, self.place, self.scaler,
                         desc=f"{cfg.norm} epoch {epoch}/{cfg.epochs}", ema=self.ema, progress=self.progress,
-                        lookahead=self.lookahead, eager=self.model if self.net is not self.model else None)
+                        lookahead=self.lookahead, eager=self.model if self.net is not self.model else None,
+                        time_first=self.net is not self.model and self.compile_seconds is None)
+        if r["first_step_seconds"] is not None:
+            self.compile_seconds = r["first_step_seconds"]
         if self.lookahead is not None and epoch == cfg.epochs:
             self.lookahead.finish()
         self.place.synchronize()
