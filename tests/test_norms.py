@@ -268,3 +268,19 @@ def test_bn_momentum_reaches_every_batch_norm_and_only_batch_norm():
     assert all(m.momentum == 0.1 for m in Net("bn").modules() if isinstance(m, nn.BatchNorm2d))  # PyTorch's default
     gn = Net("gn", bn_momentum=0.4)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in gn.modules())
+
+
+def test_a_typed_default_that_a_norm_replaces_is_said(capsys):
+    """--norm none --lr 0.2: Config cannot tell the typed 0.2 from the default, so none trains at its own 0.1;
+    the command line says so instead of dropping the flag silently. Other values and other norms: no note."""
+    from normlab.cli import build_parser, note_replaced_defaults
+
+    def note(argv, norms):
+        note_replaced_defaults(argv, build_parser().parse_args(argv), norms)
+        return capsys.readouterr().out
+
+    assert "none trains at lr 0.1" in note(["train", "--norm", "none", "--lr", "0.2"], ["none"])
+    assert "none trains at lr 0.1" in note(["run", "--norms", "bn,none", "--lr=0.2"], ["bn", "none"])
+    assert note(["train", "--norm", "none", "--lr", "0.3"], ["none"]) == ""  # a value that is kept
+    assert note(["train", "--norm", "bn", "--lr", "0.2"], ["bn"]) == ""
+    assert note(["train", "--norm", "none"], ["none"]) == ""  # nothing typed: nothing to say

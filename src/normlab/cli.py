@@ -65,6 +65,19 @@ def config_from(args: argparse.Namespace, **override) -> Config:
     return Config(**values).validate()
 
 
+def note_replaced_defaults(argv: list[str], args: argparse.Namespace, norms: list[str]) -> None:
+    """Say it where a flag typed at Config's default is replaced by a norm's own default (``--norm none --lr 0.2``
+    trains at none's 0.1): a Config cannot tell a typed default from an untouched one, but the command line can."""
+    typed = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    fields = {f.name: f for f in setting_fields()}
+    for norm in norms:
+        for name, value in (NORMS[norm].defaults.items() if norm in NORMS else ()):
+            f = fields[name]
+            if flag_of(f) in typed and getattr(args, name, None) == f.default:
+                print(f"note: {flag_of(f)} {format_value(f.default)} is the general default, which {NORMS[norm].label} ({norm}) "
+                      f"replaces with its own: {norm} trains at {name} {format_value(value)}")
+
+
 def runtime_from(args: argparse.Namespace) -> Runtime:
     return Runtime(device=args.device, threads=args.threads, precision=args.precision, compile=args.compile,
                    deterministic=args.deterministic).validate()
@@ -84,6 +97,7 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
 
     cfg, runtime = config_from(args), runtime_from(args)
     set_threads(runtime.threads)
+    note_replaced_defaults(argv, args, [cfg.norm])
     out = Path(args.resume or args.out or f"runs/{cfg.norm}")
     if args.resume is not None and RunDir(out).finished:
         print(f"{out}: finished earlier, nothing to resume")  # and nothing is rewritten
@@ -98,6 +112,7 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
 
     runtime = runtime_from(args)
     set_threads(runtime.threads)
+    note_replaced_defaults(argv, args, args.norms.split(","))
     result = api.run(config_from(args), args.data_dir, args.out, norms=args.norms.split(","), seeds=args.seeds, first_seed=args.seed,
                      resume=args.resume, jobs=args.jobs, runtime=runtime, report=not args.no_report,
                      resume_hint=resume_command(argv, args))
@@ -112,6 +127,7 @@ def cmd_sweep(args: argparse.Namespace, argv: list[str]) -> int:
 
     runtime = runtime_from(args)
     set_threads(runtime.threads)
+    note_replaced_defaults(argv, args, args.norms.split(","))
     result = api.sweep(config_from(args), args.data_dir, args.out, norms=args.norms.split(","), grid=args.grid, seeds=args.seeds,
                        first_seed=args.seed, resume=args.resume, jobs=args.jobs, runtime=runtime, ray=args.ray, ray_cpus=args.ray_cpus,
                        ray_gpus=args.ray_gpus, ray_retries=args.ray_retries, ray_scratch=args.ray_scratch, report=not args.no_report,
