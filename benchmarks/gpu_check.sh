@@ -6,6 +6,7 @@
 #  (c) the wall time of a whole `normlab run` (3 models x 20 epochs, data loading, compilation and
 #      the report included) on a full-size folder (the real subset repeated 5 times: real timings,
 #      meaningless accuracy),
+#  (f) two pairs of 1-epoch runs, with and without --deterministic: what repeats bit for bit,
 #  (e) benchmarks/profile_step.py: one step's kernels, kernel time and wall time, eager and compiled,
 #  (d) `normlab run` on the real 10,000/2,000 subset in bf16 and fp16, compared with the same run
 #      on a CPU (benchmarks/gpu_check_cpu_reference.json, made with the command in its "command").
@@ -64,6 +65,23 @@ for prec in $PRECISIONS; do
     timeout 100 $NORMLAB run --data-dir "$SUB" --device "$DEV" --precision "$prec" --epochs "$EPOCHS" --out "$WORK/sub_$prec" --no-report 2>&1
 done
 python3 benchmarks/compare_runs.py benchmarks/gpu_check_cpu_reference.json $(for prec in $PRECISIONS; do echo "$WORK/sub_$prec"; done)
+step "(f) what repeats: two 1-epoch bn runs with --deterministic (eager), and two without, compared weight for weight"
+for mode in det det2 fast fast2; do
+    flag=$([ "${mode#det}" != "$mode" ] && echo --deterministic)
+    timeout 60 $NORMLAB train --data-dir "$SUB" --norm bn --epochs 1 --device "$DEV" --compile off $flag --out "$WORK/rep_$mode" >/dev/null 2>&1 || echo "rep_$mode failed"
+done
+python3 - "$WORK" <<'PY'
+import sys, torch, pathlib
+w = pathlib.Path(sys.argv[1])
+for a, b in (("det", "det2"), ("fast", "fast2")):
+    try:
+        x, y = (torch.load(w / f"rep_{m}" / "model.pt", weights_only=True)["model"] for m in (a, b))
+    except FileNotFoundError as e:
+        print(a, "vs", b, "missing:", e); continue
+    same = sum(torch.equal(x[k], y[k]) for k in x)
+    print(f"{'--deterministic' if a == 'det' else 'default'}: {same} of {len(x)} tensors identical after 1 epoch")
+PY
+
 step "(b) speed.py on $DEV, $PRECISIONS"
 for prec in $PRECISIONS; do
     timeout 100 python3 benchmarks/speed.py --data-dir "$WORK/full" --device "$DEV" --precision "$prec" --no-classic --batches 100 --warmup 10
