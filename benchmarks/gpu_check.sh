@@ -3,7 +3,7 @@
 #  (a) the test suite with its training tests on cuda (NORMLAB_TEST_DEVICE=cuda),
 #  (b) benchmarks/speed.py on cuda for bn, gn, ln with --precision bf16 and fp16: training and
 #      evaluation images/s, warm-up + compile time, GPU memory,
-#  (c) the wall time of a whole `normlab run` (3 models x 20 epochs, data loading, compilation and
+#  (c) the wall time of a whole `normlab run` (extra flags in GPU_CHECK_RUN_FLAGS, e.g. "--compile graphs") (3 models x 20 epochs, data loading, compilation and
 #      the report included) on a full-size folder (the real subset repeated 5 times: real timings,
 #      meaningless accuracy),
 #  (f) two pairs of 1-epoch runs, with and without --deterministic: what repeats bit for bit,
@@ -47,9 +47,9 @@ timeout 90 python3 benchmarks/profile_step.py '{"norm": "bn"}' --device "$DEV" -
 [ "$DEV" = cuda ] && timeout 90 python3 benchmarks/profile_step.py '{"norm": "bn"}' --device "$DEV" --compile --mode reduce-overhead --no-profile 2>&1
 
 python3 "$SUB/../cifar10_subset.py" "$SUB" "$WORK/full" --train 10000 --test 2000 --repeat "$REPEAT" >/dev/null
-step "(c) whole normlab run, 3 models x $EPOCHS epochs, full-size data, cold start"
+step "(c) whole normlab run, 3 models x $EPOCHS epochs, full-size data, cold start ${GPU_CHECK_RUN_FLAGS:-}"
 start=$(date +%s.%N)
-TORCHINDUCTOR_CACHE_DIR="$WORK/inductor_cold" timeout 180 $NORMLAB run --data-dir "$WORK/full" --device "$DEV" --epochs "$EPOCHS" --out "$WORK/run_full" 2>&1
+TORCHINDUCTOR_CACHE_DIR="$WORK/inductor_cold" timeout 180 $NORMLAB run --data-dir "$WORK/full" --device "$DEV" --epochs "$EPOCHS" --out "$WORK/run_full" ${GPU_CHECK_RUN_FLAGS:-} 2>&1
 echo "wall seconds of normlab run (c): $(python3 -c "import time; print(round(time.time() - $start, 1))")"
 python3 - "$WORK/run_full" <<'PY'
 import json, sys, pathlib

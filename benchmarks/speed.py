@@ -138,7 +138,7 @@ def main() -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="normlab's precision; auto = normlab's choice for the device (default: auto)")
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile normlab's network (default: auto = on CUDA)")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off", "graphs"], help="torch.compile normlab's network; graphs: replayed as CUDA graphs (default: auto = on CUDA)")
     p.add_argument("--layout", default="auto", choices=["auto", "cl", "nchw"], help="force a memory layout (default: normlab's choice)")
     p.add_argument("--config", default="{}", help='Config fields as JSON for the network and normlab\'s trainer, e.g. \'{"act": "relu"}\' (default: {})')
     p.add_argument("--rounds", type=int, default=1, help="measure every variant this many times, in turn, and report the "

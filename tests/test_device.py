@@ -56,6 +56,9 @@ def test_layout_per_norm_and_device():
 def test_compile_only_where_it_pays():
     assert use_compile("auto", "cuda") and not use_compile("auto", "cpu")
     assert use_compile("on", "cpu") and not use_compile("off", "cuda")
+    assert use_compile("graphs", "cpu") and use_compile("graphs", "cuda")
+    cpu = dev.setup(Runtime("cpu", compile="graphs"), "bn")
+    assert cpu.compile and not cpu.graphs and "cuda_graphs" not in cpu.record()  # CUDA graphs on CUDA only: plain compile here
     model = torch.nn.Linear(2, 2)
     assert Placement(torch.device("cpu"), "fp32", False, compile=False).compiled(model) is model
 
@@ -176,3 +179,4 @@ def test_plain_cuda_is_set_as_the_current_gpu_with_its_index(monkeypatch):
         assert calls[-1] == torch.device("cuda", 1) and calls[-1].index == 1 and place.device == torch.device("cuda", 1)
     dev.setup(dev.Runtime("cuda:0"), "bn")
     assert calls[-1] == torch.device("cuda", 0)
+    assert dev.setup(dev.Runtime("cuda", compile="graphs"), "bn").graphs and not dev.setup(dev.Runtime("cuda"), "bn").graphs

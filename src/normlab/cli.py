@@ -53,7 +53,8 @@ def add_runtime_flags(p: argparse.ArgumentParser) -> None:
                    help="bf16/fp16 autocast or fp32; auto = what the hardware runs natively: bf16 on GPUs of capability 8.0 "
                         "and later and on CPUs with AVX512-BF16 or AMX, fp16 (with loss scaling) on older GPUs, fp32 on other CPUs (default: auto)")
     p.add_argument("--compile", default=d.compile, choices=COMPILE,
-                   help="torch.compile the network: fewer kernel launches on a GPU, slower on a CPU (default: auto = on CUDA only)")
+                   help="torch.compile the network: fewer kernel launches on a GPU, slower on a CPU; graphs: compiled and replayed "
+                        "as CUDA graphs (not yet measured; CUDA only, plain compile elsewhere) (default: auto = on CUDA only)")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic cuDNN algorithms on a GPU (slower); CPU runs repeat bit for bit without it")
 

@@ -21,7 +21,7 @@ from normlab.norms import get_norm
 
 DEVICES = ("auto", "cpu", "cuda")  # and cuda:N for one GPU of several
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-COMPILE = ("auto", "on", "off")
+COMPILE = ("auto", "on", "off", "graphs")  # graphs: compiled, and replayed as CUDA graphs (mode reduce-overhead)
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Runtime:
     device: str = "auto"     # auto | cpu | cuda
     threads: int = 0         # CPU threads for torch (0 = all cores)
     precision: str = "auto"  # auto | bf16 | fp16 | fp32 (auto: what the hardware does natively)
-    compile: str = "auto"    # auto | on | off: torch.compile the network (auto: on CUDA only; slower on a CPU)
+    compile: str = "auto"    # auto | on | off | graphs: torch.compile the network (auto: on CUDA only; slower on a CPU)
     deterministic: bool = False  # deterministic GPU algorithms (cuDNN's default backward ones are not)
     progress: bool = True    # a progress bar per epoch on a terminal
 
@@ -39,7 +39,7 @@ class Runtime:
         if self.device not in DEVICES and not (self.device.startswith("cuda:") and self.device[5:].isdigit()):
             raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N (got {self.device!r})")
         if self.compile not in COMPILE:
-            raise ConfigError(f"--compile must be auto, on or off (got {self.compile!r})")
+            raise ConfigError(f"--compile must be auto, on, off or graphs (got {self.compile!r})")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of: {', '.join(PRECISIONS)} (got {self.precision!r})")
         if self.threads < 0:
@@ -145,6 +145,7 @@ class Placement:
     precision: str       # bf16 | fp16 | fp32
     channels_last: bool
     compile: bool = False
+    graphs: bool = False  # the compiled network replayed as CUDA graphs (torch.compile mode reduce-overhead; CUDA only)
 
     def autocast(self):
         """Mixed precision for the forward pass (a no-op in fp32)."""
@@ -165,7 +166,9 @@ class Placement:
         """The callable that runs ``model``: ``torch.compile``d (fewer kernel launches) or the model itself.
 
         The model keeps its own state_dict keys either way; the compiled wrapper only runs it."""
-        return torch.compile(model, dynamic=False) if self.compile else model
+        if not self.compile:
+            return model
+        return torch.compile(model, dynamic=False, mode="reduce-overhead" if self.graphs else None)
 
     def reset_peak_memory(self) -> None:
         if self.device.type == "cuda":
@@ -174,7 +177,7 @@ class Placement:
     def record(self) -> dict:
         """What results.json says of the device: name, precision, layout, and on CUDA its capability and peak memory."""
         out = {"device": device_name(self.device), "precision": self.precision, "channels_last": self.channels_last,
-               "compile": self.compile}
+               "compile": self.compile, **({"cuda_graphs": True} if self.graphs else {})}
         if self.device.type == "cuda":
             out["cuda_capability"] = ".".join(map(str, torch.cuda.get_device_capability(self.device)))
             out["gpu_peak_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
@@ -208,13 +211,13 @@ def setup(runtime: Runtime, norm: str) -> Placement:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
     return Placement(device, pick_precision(device, runtime.precision), use_channels_last(norm, device),
-                     use_compile(runtime.compile, device.type))
+                     use_compile(runtime.compile, device.type), runtime.compile == "graphs" and device.type == "cuda")
 
 
 def use_compile(asked: str, device_type: str) -> bool:
     """torch.compile where it pays: on CUDA, where a step is launch-bound (~450 small kernels); not on a
     CPU, where it measured slower (docs/performance.md)."""
-    return asked == "on" or (asked == "auto" and device_type == "cuda")
+    return asked in ("on", "graphs") or (asked == "auto" and device_type == "cuda")
 
 
 def peak_rss_mib() -> float | None:

@@ -141,6 +141,8 @@ def train_step(model, opt, x: torch.Tensor, y: torch.Tensor, lr: float, label_sm
     """One optimizer step on the batch (x, y); returns the loss and the logits, both still on the device."""
     for g in opt.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
+    if place.graphs:  # a new iteration: the last one's graph outputs (already read) may be overwritten
+        torch.compiler.cudagraph_mark_step_begin()
     with place.autocast():
         logits = model(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
