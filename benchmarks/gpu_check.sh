@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# The GPU check (issue 14): on a machine with a CUDA GPU, from the repository root, in under 8 minutes:
-#  (a) the test suite with its training tests on cuda (NORMLAB_TEST_DEVICE=cuda),
-#  (b) benchmarks/speed.py on cuda for bn, gn, ln with --precision bf16 and fp16: training and
-#      evaluation images/s, warm-up + compile time, GPU memory,
-#  (c) the wall time of a whole `normlab run` (extra flags in GPU_CHECK_RUN_FLAGS, e.g. "--compile graphs") (3 models x 20 epochs, data loading, compilation and
-#      the report included) on a full-size folder (the real subset repeated 5 times: real timings,
-#      meaningless accuracy),
+# The GPU check (issue 14): on a machine with a CUDA GPU, from the repository root, in one device call
+# (run(command="bash benchmarks/gpu_check.sh", carry=[".gpu"], timeout_s=540), after benchmarks/gpu_prepare.sh
+# here). Its steps, in the order they run, so that what matters most comes back if the call is cut:
+#  (e) benchmarks/profile_step.py, one bn step: kernels per step, kernel time against wall time; eager,
+#      compiled, and compiled with CUDA graphs (mode reduce-overhead),
+#  (c) the wall time of a whole `normlab run` (3 models x 20 epochs, data loading, compilation and the
+#      report included; extra flags in GPU_CHECK_RUN_FLAGS, e.g. "--compile graphs") on a full-size folder
+#      (the real subset repeated 5 times: real timings, meaningless accuracy), with each model's
+#      compile_seconds and first and median epoch,
+#  (d) `normlab run` on the real 10,000/2,000 subset (bf16; GPU_CHECK_ACC_PRECISIONS), compared with the
+#      same run on a CPU (benchmarks/gpu_check_cpu_reference.json, made with the command in its "command"),
 #  (f) two pairs of 1-epoch runs, with and without --deterministic: what repeats bit for bit,
-#  (e) benchmarks/profile_step.py: one step's kernels, kernel time and wall time, eager and compiled,
-#  (d) `normlab run` on the real 10,000/2,000 subset in bf16 and fp16, compared with the same run
-#      on a CPU (benchmarks/gpu_check_cpu_reference.json, made with the command in its "command").
-# The full output goes to the log (the device tool returns its last 12,000 characters inline).
-# Order: (e) first (where a step's time goes), (c), (d), (b), then (a) in the time left; the whole log and the run folders' small
-# files go to $OUT when it is set (the device tool). Prepare .gpu/ here with benchmarks/gpu_prepare.sh; the GPU machine's own PyTorch is used and the
-# package runs from src/. The same plumbing on a CPU, small:
+#  (b) benchmarks/speed.py for bn, gn, ln in bf16 and fp16 (and the layouts not chosen: gn, ln
+#      channels_last, bn NCHW, in bf16): training and evaluation images/s, warm-up + compile, GPU memory,
+#  (a) in the time left, the test suite with its training tests on cuda (NORMLAB_TEST_DEVICE=cuda).
+# The whole output goes to $OUT/gpu_check.log when $OUT is set (the device tool), with the run folders'
+# small files; the GPU machine's own PyTorch is used and the package runs from src/. The same plumbing
+# on a CPU, small:
 #   GPU_CHECK_DEVICE=cpu GPU_CHECK_EPOCHS=1 GPU_CHECK_REPEAT=1 GPU_CHECK_PRECISIONS=fp32 GPU_CHECK_ACC_PRECISIONS=fp32 bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -86,6 +89,10 @@ PY
 step "(b) speed.py on $DEV, $PRECISIONS"
 for prec in $PRECISIONS; do
     timeout 100 python3 benchmarks/speed.py --data-dir "$WORK/full" --device "$DEV" --precision "$prec" --no-classic --batches 100 --warmup 10
+    if [ "$prec" = "${PRECISIONS%% *}" ]; then  # the layouts not chosen, measured once: gn, ln channels_last; bn NCHW
+        timeout 80 python3 benchmarks/speed.py --data-dir "$WORK/full" --device "$DEV" --precision "$prec" --no-classic --batches 100 --warmup 10 --norms gn,ln --layout cl
+        timeout 50 python3 benchmarks/speed.py --data-dir "$WORK/full" --device "$DEV" --precision "$prec" --no-classic --batches 100 --warmup 10 --norms bn --layout nchw
+    fi
 done
 
 if [ "$DEV" = cuda ]; then
