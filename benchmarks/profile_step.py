@@ -36,8 +36,8 @@ def main() -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
     p.add_argument("--no-profile", action="store_true", help="print the step time only")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (inductor) before timing")
-    p.add_argument("--mode", default=None, help="with --compile: a torch.compile mode other than normlab's, e.g. "
-                   "reduce-overhead (CUDA graphs of the compiled forward and backward)")
+    p.add_argument("--mode", default=None, help="with --compile: a torch.compile mode other than the default; "
+                   "reduce-overhead is normlab's --compile graphs (CUDA graphs of the compiled forward and backward)")
     p.add_argument("--batch-size", type=int, default=0, help="images per step (default: the Config's)")
     p.add_argument("--rows", type=int, default=15, help="profile rows (default: 15)")
     args = p.parse_args()
@@ -54,7 +54,11 @@ def main() -> None:
     model = place.place(Net.from_config(cfg))
     opt = make_optimizer(model, cfg)
     if args.compile:  # as the product compiles (device.Placement.compiled), or in another mode to compare
-        net = torch.compile(model, dynamic=False, mode=args.mode) if args.mode else dataclasses.replace(place, compile=True).compiled(model)
+        if args.mode in (None, "reduce-overhead"):  # the product's own paths: --compile on, --compile graphs
+            place = dataclasses.replace(place, compile=True, graphs=args.mode == "reduce-overhead" and dev.type == "cuda")
+            net = place.compiled(model)
+        else:
+            net = torch.compile(model, dynamic=False, mode=args.mode)
     else:
         net = model
     x = torch.randn(cfg.batch_size, 3, 32, 32, device=dev)
