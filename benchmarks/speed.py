@@ -187,23 +187,22 @@ def main() -> None:
             print(f"{r['what']:<12} {r['precision']} {r['layout']:<13} train {ips:7.0f} img/s  {r['epoch_s']:6.1f} s/epoch{ev}  "
                   f"peak RSS {r['peak_rss_mib']:6.0f} MiB{extra}", flush=True)
         rounds.append(results)
-    if args.rounds > 1:  # the medians; the ratios per round, each from neighbouring measurements
+    names = list(rounds[0])
+    median_ips = {what: statistics.median(r[what]["train_images_per_s"] for r in rounds) for what in names}
+    if args.rounds > 1:
         print(f"median of {args.rounds} rounds:")
-        for what in rounds[0]:
-            ips = statistics.median(r[what]["train_images_per_s"] for r in rounds)
-            print(f"{what:<12} train {ips:7.0f} img/s  {EPOCH / ips:6.1f} s/epoch")
-    if "classic bn" in results:
-        for what in results:
+        for what in names:
+            print(f"{what:<12} train {median_ips[what]:7.0f} img/s  {EPOCH / median_ips[what]:6.1f} s/epoch")
+    if "classic bn" in median_ips:  # the ratio of each round, from neighbouring measurements, then their median
+        for what in names:
             if what != "classic bn":
                 per_round = [r[what]["train_images_per_s"] / r["classic bn"]["train_images_per_s"] for r in rounds]
                 each = f" (rounds: {', '.join(f'{x:.2f}' for x in per_round)})" if args.rounds > 1 else ""
                 print(f"ratio {what} / classic bn: {statistics.median(per_round):.2f}x{each}")
-    results = {what: {"epoch_s": statistics.median(r[what]["epoch_s"] for r in rounds)} for what in results}
-    if "normlab bn" in results:
+    if "normlab bn" in median_ips:
         for what in ("normlab gn", "normlab ln"):
-            if what in results:
-                print(f"ratio {what} s/epoch / normlab bn s/epoch: {results[what]['epoch_s'] / results['normlab bn']['epoch_s']:.2f}")
-
+            if what in median_ips:
+                print(f"ratio {what} s/epoch / normlab bn s/epoch: {median_ips['normlab bn'] / median_ips[what]:.2f}")
 
 if __name__ == "__main__":
     main()

@@ -275,12 +275,14 @@ def test_a_typed_default_that_a_norm_replaces_is_said(capsys):
     the command line says so instead of dropping the flag silently. Other values and other norms: no note."""
     from normlab.cli import build_parser, note_replaced_defaults
 
-    def note(argv, norms):
-        note_replaced_defaults(argv, build_parser().parse_args(argv), norms)
+    def note(argv):
+        note_replaced_defaults(argv, build_parser().parse_args(argv))
         return capsys.readouterr().out
 
-    assert "none trains at lr 0.1" in note(["train", "--norm", "none", "--lr", "0.2"], ["none"])
-    assert "none trains at lr 0.1" in note(["run", "--norms", "bn,none", "--lr=0.2"], ["bn", "none"])
-    assert note(["train", "--norm", "none", "--lr", "0.3"], ["none"]) == ""  # a value that is kept
-    assert note(["train", "--norm", "bn", "--lr", "0.2"], ["bn"]) == ""
-    assert note(["train", "--norm", "none"], ["none"]) == ""  # nothing typed: nothing to say
+    assert "none trains at lr 0.1" in note(["train", "--norm", "none", "--lr", "0.2"])
+    assert "none trains at lr 0.1" in note(["run", "--norms", "bn,none", "--lr=0.2"])
+    assert "none trains at lr 0.1" in note(["sweep", "--norms", "none", "--lr", "0.2"])
+    assert note(["train", "--norm", "none", "--lr", "0.3"]) == ""  # a value that is kept
+    assert note(["train", "--norm", "bn", "--lr", "0.2"]) == ""
+    assert note(["run", "--norms", "bn,gn", "--lr", "0.2"]) == ""
+    assert note(["train", "--norm", "none"]) == ""  # nothing typed: nothing to say

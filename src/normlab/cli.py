@@ -66,12 +66,13 @@ def config_from(args: argparse.Namespace, **override) -> Config:
     return Config(**values).validate()
 
 
-def note_replaced_defaults(argv: list[str], args: argparse.Namespace, norms: list[str]) -> None:
+def note_replaced_defaults(argv: list[str], args: argparse.Namespace) -> None:
     """Say it where a flag typed at Config's default is replaced by a norm's own default (``--norm none --lr 0.2``
-    trains at none's 0.1): a Config cannot tell a typed default from an untouched one, but the command line can."""
+    trains at none's 0.1): a Config cannot tell a typed default from an untouched one, but the command line can.
+    The norms are those of ``--norms`` (run, sweep) or ``--norm`` (train)."""
     typed = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
     fields = {f.name: f for f in setting_fields()}
-    for norm in norms:
+    for norm in args.norms.split(",") if hasattr(args, "norms") else [args.norm]:
         for name, value in (NORMS[norm].defaults.items() if norm in NORMS else ()):
             f = fields[name]
             if flag_of(f) in typed and getattr(args, name, None) == f.default:
@@ -82,6 +83,14 @@ def note_replaced_defaults(argv: list[str], args: argparse.Namespace, norms: lis
 def runtime_from(args: argparse.Namespace) -> Runtime:
     return Runtime(device=args.device, threads=args.threads, precision=args.precision, compile=args.compile,
                    deterministic=args.deterministic).validate()
+
+
+def training_runtime(args: argparse.Namespace, argv: list[str]) -> Runtime:
+    """What train, run and sweep do first: the runtime, its threads set, and a note on any replaced typed default."""
+    runtime = runtime_from(args)
+    set_threads(runtime.threads)
+    note_replaced_defaults(argv, args)
+    return runtime
 
 
 def resume_command(argv: list[str], args: argparse.Namespace) -> str:
@@ -96,9 +105,7 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     from normlab import api
     from normlab.rundir import RunDir
 
-    cfg, runtime = config_from(args), runtime_from(args)
-    set_threads(runtime.threads)
-    note_replaced_defaults(argv, args, [cfg.norm])
+    cfg, runtime = config_from(args), training_runtime(args, argv)
     out = Path(args.resume or args.out or f"runs/{cfg.norm}")
     if args.resume is not None and RunDir(out).finished:
         print(f"{out}: finished earlier, nothing to resume")  # and nothing is rewritten
@@ -111,9 +118,7 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     from normlab import api
     from normlab.report import summary_table
 
-    runtime = runtime_from(args)
-    set_threads(runtime.threads)
-    note_replaced_defaults(argv, args, args.norms.split(","))
+    runtime = training_runtime(args, argv)
     result = api.run(config_from(args), args.data_dir, args.out, norms=args.norms.split(","), seeds=args.seeds, first_seed=args.seed,
                      resume=args.resume, jobs=args.jobs, runtime=runtime, report=not args.no_report,
                      resume_hint=resume_command(argv, args))
@@ -126,9 +131,7 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
 def cmd_sweep(args: argparse.Namespace, argv: list[str]) -> int:
     from normlab import api
 
-    runtime = runtime_from(args)
-    set_threads(runtime.threads)
-    note_replaced_defaults(argv, args, args.norms.split(","))
+    runtime = training_runtime(args, argv)
     result = api.sweep(config_from(args), args.data_dir, args.out, norms=args.norms.split(","), grid=args.grid, seeds=args.seeds,
                        first_seed=args.seed, resume=args.resume, jobs=args.jobs, runtime=runtime, ray=args.ray, ray_cpus=args.ray_cpus,
                        ray_gpus=args.ray_gpus, ray_retries=args.ray_retries, ray_scratch=args.ray_scratch, report=not args.no_report,

@@ -232,10 +232,10 @@ def _results_section(models: dict[str, list[Run]]) -> str:
               "changing; *clean* train accuracy is the final model's on the un-augmented training images. "
               "*Flip TTA* averages the logits of each test image and its mirror image; it is reported beside the plain "
               "test accuracy, not in its place. Seconds per epoch are training time only."]
-    compiled = {n: _col(rs, "compile_seconds") for n, rs in models.items()}
-    if any(v is not None for vs in compiled.values() for v in vs):
+    compiled = {n: vs for n, rs in models.items() if (vs := [v for v in _col(rs, "compile_seconds") if v is not None])}
+    if compiled:
         notes.append("The network was compiled (torch.compile): its first training step, compilation included, took "
-                     + ", ".join(f"{secs_cell([v for v in vs if v is not None])} s ({n})" for n, vs in compiled.items() if any(v is not None for v in vs))
+                     + ", ".join(f"{secs_cell(vs)} s ({n})" for n, vs in compiled.items())
                      + "; that time is part of the first epoch's seconds.")
     return "\n\n".join(parts + ["\n".join(f"- {n}" for n in notes)])
 
