@@ -303,7 +303,8 @@ def _candidates(image: torch.Tensor, pad: int) -> list[torch.Tensor]:
 def test_augment_keeps_shape_and_draws_per_image():
     image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
     batch = image.expand(64, 3, 32, 32).contiguous()  # one image 64 times
-    out = augment(batch, 4, True, torch.Generator().manual_seed(0))
+    draws = D.draw_epoch(64, 64, 4, True, torch.Generator().manual_seed(0))
+    out = augment(batch, 4, draws[1:3], draws[3].bool())
     assert out.shape == batch.shape and out.dtype == torch.uint8
     distinct = {tuple(o.flatten().tolist()) for o in out}
     assert len(distinct) > 20  # crops and flips differ within one batch
@@ -315,15 +316,54 @@ def test_augment_keeps_shape_and_draws_per_image():
 
 def test_augment_same_seed_same_result():
     batch = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
-    a = augment(batch, 4, True, torch.Generator().manual_seed(7))
-    b = augment(batch, 4, True, torch.Generator().manual_seed(7))
-    c = augment(batch, 4, True, torch.Generator().manual_seed(8))
-    assert torch.equal(a, b) and not torch.equal(a, c)
+
+    def aug(seed):
+        draws = D.draw_epoch(16, 16, 4, True, torch.Generator().manual_seed(seed))
+        return augment(batch, 4, draws[1:3], draws[3].bool())
+
+    assert torch.equal(aug(7), aug(7)) and not torch.equal(aug(7), aug(8))
 
 
 def test_augment_off_is_identity():
     batch = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    assert torch.equal(augment(batch, 0, False, torch.Generator().manual_seed(0)), batch)
+    assert torch.equal(augment(batch, 0, None, None), batch)
+
+
+@pytest.mark.parametrize("pad, random_flips", [(2, True), (4, False), (0, True), (0, False)])
+def test_epoch_draws_are_the_per_step_stream(pad, random_flips):
+    """Drawn at once, an epoch's draws are those a draw per step would give, in the same order (so results
+    do not depend on it), and leave the generator where per-step draws would."""
+    n, bs = 50, 16
+    g = torch.Generator().manual_seed(3)
+    ref = [torch.randperm(n, generator=g)]
+    dy, dx, fl = [], [], []
+    for i in range(0, n, bs):
+        b = min(bs, n - i)
+        if pad:
+            dy.append(torch.randint(0, 2 * pad + 1, (b,), generator=g))
+            dx.append(torch.randint(0, 2 * pad + 1, (b,), generator=g))
+        if random_flips:
+            fl.append(torch.rand(b, generator=g) < 0.5)
+    ref += [torch.cat(r).long() for r in (dy, dx, fl) if r]
+    g2 = torch.Generator().manual_seed(3)
+    draws = D.draw_epoch(n, bs, pad, random_flips, g2)
+    assert draws.shape == (1 + 2 * bool(pad) + random_flips, n) and draws.dtype == torch.int64
+    assert all(torch.equal(a, b) for a, b in zip(draws, ref, strict=True))
+    assert torch.equal(g.get_state(), g2.get_state())
+    if pad:
+        assert 0 <= int(draws[1:3].min()) and int(draws[1:3].max()) <= 2 * pad and len(draws[1:3].unique()) > 1
+
+
+def test_batches_crop_and_flip_as_drawn():
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    batches = D.Batches(images, torch.arange(40), 16, True, 2, True, False, torch.Generator().manual_seed(1))
+    draws = D.draw_epoch(40, 16, 2, True, torch.Generator().manual_seed(1))
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    got = torch.cat([x for x, _ in batches])
+    for k, j in enumerate(draws[0].tolist()):
+        dy, dx, flip = draws[1:, k].tolist()
+        want = padded[j, :, dy : dy + 32, dx : dx + 32]
+        assert torch.equal(got[k], D.normalize((want.flip(2) if flip else want)[None], False)[0])
 
 
 def test_batches_cover_each_image_once():

@@ -235,24 +235,40 @@ def normalize(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def augment(images: torch.Tensor, pad: int, flip: bool, generator: torch.Generator, flips: torch.Tensor | None = None) -> torch.Tensor:
-    """Random crop (zero padding ``pad``) and horizontal flip, drawn per image, applied per batch.
+def draw_epoch(n: int, batch_size: int, pad: int, random_flips: bool, generator: torch.Generator) -> torch.Tensor:
+    """One epoch's random draws on the CPU generator, as one (k, n) int64 tensor: the shuffled order, then
+    each image's crop offsets (rows dy, dx; with ``pad``) and flip (0/1; with ``random_flips``).
 
-    ``flips`` (bool per image), if given, says which images to flip instead of a random draw."""
+    They are drawn batch by batch, in the order a draw per step would take them, so the stream (and
+    every result) is the one of a per-step draw; made at once, they reach a GPU in one copy an epoch,
+    not two or three small copies a step, and the step draws nothing."""
+    rows = [torch.randperm(n, generator=generator)]
+    dy, dx, flips = [], [], []
+    for i in range(0, n, batch_size):
+        b = min(batch_size, n - i)
+        if pad:
+            dy.append(torch.randint(0, 2 * pad + 1, (b,), generator=generator))
+            dx.append(torch.randint(0, 2 * pad + 1, (b,), generator=generator))
+        if random_flips:
+            flips.append((torch.rand(b, generator=generator) < 0.5).long())
+    rows += [torch.cat(r) for r in (dy, dx, flips) if r]
+    return torch.stack(rows)
+
+
+def augment(images: torch.Tensor, pad: int, offsets: torch.Tensor | None, flips: torch.Tensor | None) -> torch.Tensor:
+    """Random crop (zero padding ``pad``; ``offsets`` (2, B): each image's row and column offset in
+    [0, 2 * pad]) and horizontal flip (``flips``: which images, bool (B,)), applied to the batch at once."""
     b, c, h, w = images.shape
     if pad:
         padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
-        # Drawn on the CPU generator (the same stream on every device, and resumable anywhere), copied without a sync.
-        dy = to_device(torch.randint(0, 2 * pad + 1, (b,), generator=generator), images.device)
-        dx = to_device(torch.randint(0, 2 * pad + 1, (b,), generator=generator), images.device)
+        dy, dx = offsets
         rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]  # (B, 1, H, 1)
         cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]  # (B, 1, 1, W)
         batch = torch.arange(b, device=images.device)[:, None, None, None]
         chan = torch.arange(c, device=images.device)[None, :, None, None]
         images = padded[batch, chan, rows, cols]
-    if flip:
-        mask = flips if flips is not None else to_device(torch.rand(b, generator=generator) < 0.5, images.device)
-        images = torch.where(mask[:, None, None, None], images.flip(3), images)
+    if flips is not None:
+        images = torch.where(flips[:, None, None, None], images.flip(3), images)
     return images
 
 
@@ -281,17 +297,22 @@ class Batches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
-        if self.train:
-            order = to_device(torch.randperm(n, generator=self.generator), self.images.device)
-        else:
-            order = torch.arange(n, device=self.images.device)
+        if not self.train:
+            for i in range(0, n, self.batch_size):
+                yield normalize(self.images[i : i + self.batch_size], self.channels_last), self.labels[i : i + self.batch_size]
+            return
+        random_flips = self.flip and self.first_flips is None
+        draws = to_device(draw_epoch(n, self.batch_size, self.pad, random_flips, self.generator), self.images.device)
+        order, offsets = draws[0], draws[1:3] if self.pad else None
         odd = self.epoch % 2 == 1
-        if self.train:
-            self.epoch += 1
+        self.epoch += 1
         for i in range(0, n, self.batch_size):
             idx = order[i : i + self.batch_size]
-            x = self.images[idx]
-            if self.train:
-                flips = None if self.first_flips is None else self.first_flips[idx] ^ odd
-                x = augment(x, self.pad, self.flip, self.generator, flips)
+            if not self.flip:
+                flips = None
+            elif random_flips:
+                flips = draws[-1, i : i + self.batch_size].bool()
+            else:
+                flips = self.first_flips[idx] ^ odd
+            x = augment(self.images[idx], self.pad, None if offsets is None else offsets[:, i : i + self.batch_size], flips)
             yield normalize(x, self.channels_last), self.labels[idx]
