@@ -17,7 +17,8 @@ from normlab.config import Config
 from normlab.errors import ConfigError
 from normlab.norms import NORMS
 from normlab.plan import NEW, cell_folder, norm_options, parse_grid, plan_sweep, reads, sweep_cells
-from normlab.sweepdir import COLUMNS, MANIFEST, REPORT, TABLE, Manifest, SweepResult, log_x, read_manifest, sweep_figure
+from normlab.sweepdir import (COLUMNS, MANIFEST, REPORT, TABLE, Manifest, SweepResult, log_x, paired_differences, paired_table,
+                              read_manifest, sweep_figure)
 
 TRAIN_ARGS = ["--epochs", "1", "--batch-size", "50", "--threads", "1", "--device", DEVICE]
 GRID = ["--norms", "bn,gn", "--grid", "lr=0.05,0.1", "--grid", "groups=4,8", "--seeds", "2"]
@@ -143,6 +144,7 @@ def test_sweep_report_table_figures_and_command(swept):
     assert "| model | lr | groups | seeds |" in text
     assert "| Batch Normalization (bn) | 0.05 | 8 (not read) | 2/2 |" in text
     assert "Batch Normalization (bn) does not read groups: trained once at groups=8." in text
+    assert "## Paired differences" in text and "| Group Normalization (gn) | groups 8 vs 4 (lr=0.05) | 0, 1 |" in text
     for key in ("lr", "groups"):
         assert f"(figures/sweep_{key}.png)" in text and (swept / "figures" / f"sweep_{key}.png").stat().st_size > 5000
     command = text.split("```sh\n", 1)[1].split("\n", 1)[0]
@@ -189,6 +191,33 @@ def test_figure_log_axis_and_flat_band_for_a_norm_that_does_not_read_the_setting
     assert labels == ["bn", "gn (does not read norm_batch)"]
     flat = [line for line in ax.get_lines() if line.get_label().startswith("gn")][0]
     assert list(flat.get_ydata()) == [pytest.approx(50.5)] * 2  # a horizontal line at gn's mean over seeds
+
+
+def test_paired_differences_pair_each_value_with_the_first_seed_by_seed():
+    manifest = Manifest(Config(), ("bn", "gn"), parse_grid(["identity_init=False,True", "norm_batch=0,8"]), 3, 0)
+    acc = {  # (norm, identity_init, norm_batch) -> validation accuracy per seed
+        ("bn", False, 0): [0.80, 0.81, 0.79], ("bn", True, 0): [0.82, 0.83, 0.80],
+        ("bn", False, 8): [0.78, 0.79, 0.77], ("bn", True, 8): [0.77, 0.80, 0.77],
+        ("gn", False, None): [0.70, 0.72, 0.71], ("gn", True, None): [0.71, None, 0.70]}
+    rows = []
+    for norm, cell, seed, folder in manifest.models(Path("s")):
+        v = acc[(norm, cell["identity_init"], cell.get("norm_batch"))][seed]
+        rows.append({"norm": norm, "seed": seed, "status": "finished" if v is not None else "unfinished", "cell": cell,
+                     "val_acc": v, "test_acc": None})
+    by = {(d["norm"], d["setting"], d["other"]): d for d in paired_differences(manifest, rows)}
+    assert set(by) == {("bn", "identity_init", "norm_batch=0"), ("bn", "identity_init", "norm_batch=8"),
+                       ("bn", "norm_batch", "identity_init=False"), ("bn", "norm_batch", "identity_init=True"), ("gn", "identity_init", "")}
+    d = by[("bn", "identity_init", "norm_batch=0")]
+    assert d["seeds"] == [0, 1, 2] and d["diffs"] == pytest.approx([2, 2, 1]) and d["mean"] == pytest.approx(5 / 3)
+    assert d["spread"] == pytest.approx(0.57735, abs=1e-4)
+    assert by[("gn", "identity_init", "")]["seeds"] == [0, 2]  # seed 1 unfinished on one side: not paired
+    assert by[("bn", "norm_batch", "identity_init=True")]["diffs"] == pytest.approx([-5, -3, -3])
+    table = paired_table(manifest, rows).splitlines()
+    assert "validation acc difference" in table[0]
+    row = next(line for line in table if "identity_init True vs False (norm_batch=0)" in line)
+    assert "+2.00, +2.00, +1.00" in row and "+1.67" in row and row.rstrip(" |").endswith("yes")
+    row = next(line for line in table if "identity_init True vs False (norm_batch=8)" in line)
+    assert row.rstrip(" |").endswith("no")  # -1, +1, 0: no mean gain
 
 
 # ---------------------------------------------------------------- resume, refusal, failures

@@ -196,6 +196,47 @@ def results_table(manifest: Manifest, rows: list[dict[str, Any]]) -> str:
     return md_table(header, table, "l" + "r" * (len(keys) + len(accs) + 3) + "l" * per_model)
 
 
+def paired_differences(manifest: Manifest, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each swept value against the grid's first value of the same setting, seed by seed (same seed, same
+    norm, same other settings: paired), in points of the shown accuracy; one entry per norm, setting, value
+    and combination of the other swept settings, with the seeds both sides finished."""
+    shown = metric(rows)
+    done = {(r["norm"], _cell_label(r["cell"]), r["seed"]): 100 * r[shown]
+            for r in rows if shown and r["status"] == FINISHED and r[shown] is not None}
+    out = []
+    for key, values in manifest.grid.items():
+        for norm in manifest.norms:
+            if not reads(norm, key) or len(values) < 2:
+                continue
+            others = {_cell_label({k: v for k, v in c.items() if k != key}): c for c in sweep_cells(norm, manifest.grid)}
+            for other, cell in others.items():
+                base = _cell_label({**cell, key: values[0]})
+                for v in values[1:]:
+                    arm = _cell_label({**cell, key: v})
+                    seeds = [s for s in range(manifest.first_seed, manifest.first_seed + manifest.seeds)
+                             if (norm, base, s) in done and (norm, arm, s) in done]
+                    diffs = [done[(norm, arm, s)] - done[(norm, base, s)] for s in seeds]
+                    out.append({"norm": norm, "setting": key, "value": v, "baseline": values[0], "other": other,
+                                "seeds": seeds, "diffs": diffs, "mean": statistics.mean(diffs) if diffs else None,
+                                "spread": statistics.stdev(diffs) if len(diffs) > 1 else None})
+    return out
+
+
+def paired_table(manifest: Manifest, rows: list[dict[str, Any]]) -> str:
+    """The markdown table of ``paired_differences``, with issue 17's rule: a change is kept only if its mean gain
+    exceeds the spread (sample standard deviation) of the paired differences."""
+    what = {"test_acc": "test", "val_acc": "validation"}.get(metric(rows) or "", "")
+    table = []
+    for d in paired_differences(manifest, rows):
+        gain = "–" if d["spread"] is None else "yes" if d["mean"] > d["spread"] else "no"
+        table.append([f"{NORMS[d['norm']].label} ({d['norm']})", f"{d['setting']} {format_value(d['value'])} vs {format_value(d['baseline'])}"
+                      + (f" ({d['other']})" if d["other"] else ""), ", ".join(str(s) for s in d["seeds"]) or "–",
+                      ", ".join(f"{x:+.2f}" for x in d["diffs"]) or "–", "–" if d["mean"] is None else f"{d['mean']:+.2f}",
+                      "–" if d["spread"] is None else f"{d['spread']:.2f}", gain])
+    header = ["model", "change", "paired seeds", f"{what} acc difference per seed (points)", "mean", "spread (std)", "mean gain > spread"]
+    return md_table(header, table, "llllrrl")
+
+
 # ---------------------------------------------------------------- figures
 def log_x(values: Sequence[Any]) -> bool:
     """A log axis where the values are positive numbers spanning at least LOG_SPAN times (2, 4, ... 128; 1e-3 ... 1e-1)."""
@@ -253,6 +294,10 @@ class SweepResult:
 
     def table(self) -> str:
         return results_table(self.manifest, self.rows)
+
+    def paired(self) -> str:
+        """Each swept value against the first, seed by seed: the markdown table (``paired_differences`` as data)."""
+        return paired_table(self.manifest, self.rows)
 
     def plot(self, setting: str | None = None):
         """Accuracy against ``setting`` (default: the first swept one)."""
@@ -312,6 +357,12 @@ def _write_report(parent: Path, manifest: Manifest, rows: list[dict[str, Any]]) 
     if len(devices(rows)) == 1:
         notes.append(f"Every model ran on {devices(rows)[0]}.")
     parts.append("\n".join(f"- {n}" for n in notes))
+    if manifest.seeds > 1 and any(len(vs) > 1 for vs in manifest.grid.values()):
+        parts += ["## Paired differences",
+                  "Each value of a swept setting against its first value, seed by seed (same seed and other settings): the "
+                  "paired difference removes most of the seed-to-seed noise. A change is worth keeping only if its mean gain "
+                  "exceeds the spread (sample standard deviation) of its paired differences.",
+                  paired_table(manifest, rows)]
     unfinished = [r["folder"] for r in rows if r["status"] != FINISHED]
     if unfinished:
         parts.append(f"**Not finished ({len(unfinished)}):** {', '.join(f'`{f}`' for f in unfinished)}. "
