@@ -3,7 +3,7 @@
 # (run(command="bash benchmarks/gpu_check.sh", carry=[".gpu"], timeout_s=540), after benchmarks/gpu_prepare.sh
 # here). Its steps, in the order they run, so that what matters most comes back if the call is cut:
 #  (e) benchmarks/profile_step.py, one bn step: kernels per step, kernel time against wall time; eager,
-#      compiled, and compiled with CUDA graphs (mode reduce-overhead),
+#      compiled, and compiled with CUDA graphs (mode reduce-overhead); one ln step, eager,
 #  (c) the wall time of a whole `normlab run` (3 models x 20 epochs, data loading, compilation and the
 #      report included; extra flags in GPU_CHECK_RUN_FLAGS, e.g. "--compile graphs") on a full-size folder
 #      (the real subset repeated 5 times: real timings, meaningless accuracy), with each model's
@@ -46,6 +46,8 @@ print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else '
 
 step "(e) where a step's time goes on $DEV: bn, batch 128, eager and compiled (kernels per step, kernel time against wall time)"
 timeout 60 python3 benchmarks/profile_step.py '{"norm": "bn"}' --device "$DEV" --rows 12 2>&1
+# ln took twice bn's time per epoch on the H100 (2.52 against 1.19 s, fp16, 2026-11-27) and gn did not: its one-group GroupNorm kernels?
+timeout 45 python3 benchmarks/profile_step.py '{"norm": "ln"}' --device "$DEV" --rows 12 2>&1
 timeout 90 python3 benchmarks/profile_step.py '{"norm": "bn"}' --device "$DEV" --compile --rows 12 2>&1
 [ "$DEV" = cuda ] && timeout 90 python3 benchmarks/profile_step.py '{"norm": "bn"}' --device "$DEV" --compile --mode reduce-overhead --no-profile 2>&1
 
