@@ -29,7 +29,7 @@ from normlab.models import PARAM_BUDGET, count_params
 from normlab.norms import DEFAULT_NORMS, NORMS
 from normlab.plan import execute, parse_grid, plan_models, plan_sweep
 from normlab.result import Prediction, RunResult, TrainResult
-from normlab.rundir import RunDir, find_runs, load_model
+from normlab.rundir import RunDir, find_runs, load_model, median_epoch_seconds
 from normlab.loop import Diverged, Trainer, evaluate as evaluate_model, infer
 
 if TYPE_CHECKING:
@@ -204,7 +204,7 @@ def _train(cfg: Config, data_dir: Path, rd: RunDir, resume: bool, runtime: Runti
         "train_acc_running": rows[-1]["train_acc"] if rows else None,
         "train_acc_clean": evaluate_model(final, trainer.train_x, trainer.train_y, place)[0],
         "val_acc": rows[-1]["val_acc"] if rows else None,
-        "seconds_per_epoch": sum(r["seconds"] for r in rows) / max(1, len(rows)),
+        "seconds_per_epoch": median_epoch_seconds(rd.read_metrics()),  # as a report reads it back (rundir.load_run)
         "compile_seconds": trainer.compile_seconds,  # None unless compiled: the first step, compilation included (in epoch 1's seconds)
         "torch": torch.__version__, "data_dir": str(Path(data_dir).resolve()),
     }

@@ -79,7 +79,7 @@ def limit_flags(runs: list[Run]) -> list[str]:
 def summary_table(parent: Path) -> str:
     """Fixed-width text table, one row per model; mean ± std over seeds where there are several."""
     models, _ = find_runs(Path(parent))
-    header = ["model", "seeds", "params", "epochs", "train acc (running, augmented)", "train acc (clean)", "test acc", "s/epoch", "limits"]
+    header = ["model", "seeds", "params", "epochs", "train acc (running, augmented)", "train acc (clean)", "test acc", "s/epoch (median)", "limits"]
     rows = [[norm, str(len(runs)), f"{runs[0].results['params']:,}", str(runs[0].results["epochs"]),
              acc_cell(_col(runs, "train_acc_running")), acc_cell(_col(runs, "train_acc_clean")),
              acc_cell(_col(runs, "test_acc")), secs_cell(_col(runs, "seconds_per_epoch")),
@@ -204,7 +204,7 @@ def _header(models: dict[str, list[Run]], run_dir: Path, is_parent: bool, data_d
 def results_table(models: dict[str, list[Run]]) -> str:
     """The markdown table of the results, one row per model (mean ± std over seeds where there are several)."""
     header = ["model", "norm layer", "params", "epochs", "train acc (running, augmented)", "train acc (clean)",
-              "**test acc**", "test acc, flip TTA", "s/epoch", "device", "within limits"]
+              "**test acc**", "test acc, flip TTA", "s/epoch (median)", "device", "within limits"]
     rows = [[f"{NORMS[n].label} ({n})", NORMS[n].describe(**rs[0].config.to_dict()), f"{rs[0].results['params']:,}", rs[0].results["epochs"],
              acc_cell(_col(rs, "train_acc_running")), acc_cell(_col(rs, "train_acc_clean")),
              f"**{acc_cell(_col(rs, 'test_acc'))}**", acc_cell(_col(rs, "test_acc_flip_tta")),
@@ -222,7 +222,7 @@ def _results_section(models: dict[str, list[Run]]) -> str:
                       pct(r.results.get("val_acc")), pct(r.results.get("test_acc")), pct(r.results.get("test_acc_flip_tta")),
                       _secs(r.results["seconds_per_epoch"])] for n, rs in models.items() for r in rs]
         parts += ["Per seed:" if n_seeds > 1 else "With the validation split:",
-                  md_table(["model", "seed", "train (running)", "train (clean)", "validation", "test", "test, flip TTA", "s/epoch"],
+                  md_table(["model", "seed", "train (running)", "train (clean)", "validation", "test", "test, flip TTA", "s/epoch (median)"],
                            seed_rows, "lrrrrrrr")]
     notes = [f"Limits of the assignment: fewer than {PARAM_BUDGET:,} trainable parameters, at most {MAX_EPOCHS} epochs, "
              f"test accuracy of at least {TARGET_ACC:.0%}; anything outside them is marked ⚠️."]
@@ -231,7 +231,7 @@ def _results_section(models: dict[str, list[Run]]) -> str:
     notes += ["*Running* train accuracy is measured on the augmented batches of the last epoch while the weights were still "
               "changing; *clean* train accuracy is the final model's on the un-augmented training images. "
               "*Flip TTA* averages the logits of each test image and its mirror image; it is reported beside the plain "
-              "test accuracy, not in its place. Seconds per epoch are training time only."]
+              "test accuracy, not in its place. Seconds per epoch are training time only, the median over the epochs (a slow stretch of a shared machine, or a GPU's compilation in the first epoch, does not move it)."]
     compiled = {n: vs for n, rs in models.items() if (vs := [v for v in _col(rs, "compile_seconds") if v is not None])}
     if compiled:
         notes.append("The network was compiled (torch.compile): its first training step, compilation included, took "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,13 @@ MODEL_FORMAT = "normlab-model"
 
 
 # ---------------------------------------------------------------- writing
+def median_epoch_seconds(rows: list[dict[str, Any]]) -> float | None:
+    """The seconds per epoch a run reports: the median over its epochs (metrics.csv's ``seconds``), the typical epoch,
+    which a burst of other work on the machine, or a GPU's compilation in epoch 1 (``compile_seconds``), does not move."""
+    secs = [r["seconds"] for r in rows if r.get("seconds") is not None]
+    return statistics.median(secs) if secs else None
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """``write`` a temporary file beside ``path``, then rename it over ``path``."""
     tmp = path.with_name(path.name + ".tmp")
@@ -273,7 +281,10 @@ def load_run(folder: Path, resume_hint: str) -> Run:
         if not (folder / PREDICTIONS).is_file():
             raise ReportError(f"{folder} has a test accuracy but no {PREDICTIONS}: the run folder is incomplete; copy all of it again")
         labels, preds, probs = rd.read_predictions()
-    return Run(folder, config, results, rd.read_metrics(), labels, preds, probs)
+    metrics = rd.read_metrics()
+    # the median epoch also for runs whose results.json (before the seventh session, 2026-11-27) holds the mean
+    results["seconds_per_epoch"] = median_epoch_seconds(metrics)
+    return Run(folder, config, results, metrics, labels, preds, probs)
 
 
 def model_folder(parent: Path, norm: str, seed: int, n_seeds: int) -> Path:
