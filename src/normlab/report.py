@@ -231,7 +231,7 @@ def _results_section(models: dict[str, list[Run]]) -> str:
     notes += ["*Running* train accuracy is measured on the augmented batches of the last epoch while the weights were still "
               "changing; *clean* train accuracy is the final model's on the un-augmented training images. "
               "*Flip TTA* averages the logits of each test image and its mirror image; it is reported beside the plain "
-              "test accuracy, not in its place. Seconds per epoch are training time only, the median over the epochs (a slow stretch of a shared machine, or a GPU's compilation in the first epoch, does not move it)."]
+              "test accuracy, not in its place. Seconds per epoch are training time only, the median over the epochs (a slow stretch of a shared machine, or a slow first epoch, does not move it)."]
     compiled = {n: vs for n, rs in models.items() if (vs := [v for v in _col(rs, "compile_seconds") if v is not None])}
     if compiled:
         notes.append("The network was compiled (torch.compile): its first training step, compilation included, took "
