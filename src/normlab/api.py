@@ -204,7 +204,7 @@ def _train(cfg: Config, data_dir: Path, rd: RunDir, resume: bool, runtime: Runti
         "train_acc_running": rows[-1]["train_acc"] if rows else None,
         "train_acc_clean": evaluate_model(final, trainer.train_x, trainer.train_y, place)[0],
         "val_acc": rows[-1]["val_acc"] if rows else None,
-        "seconds_per_epoch": median_epoch_seconds(rd.read_metrics()),  # as a report reads it back (rundir.load_run)
+        "seconds_per_epoch": median_epoch_seconds(rd.read_metrics()),  # as RunDir.read_results reads it back
         "compile_seconds": trainer.compile_seconds,  # None unless compiled: the first step, compilation included (in epoch 1's seconds)
         "torch": torch.__version__, "data_dir": str(Path(data_dir).resolve()),
     }

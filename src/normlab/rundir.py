@@ -192,8 +192,13 @@ class RunDir:
     def write_results(self, results: dict[str, Any]) -> None:
         atomic_write_text(self.path / RESULTS, json.dumps(results, indent=2) + "\n")
 
-    def read_results(self) -> dict[str, Any]:
-        return _read_json(self.path / RESULTS)
+    def read_results(self, metrics: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """results.json, its seconds per epoch taken from ``metrics`` (read here if not given) as their median: the
+        value normlab writes, and the median also for folders whose results.json (before 2026-11-27's seventh session)
+        holds the mean."""
+        results = _read_json(self.path / RESULTS)
+        results["seconds_per_epoch"] = median_epoch_seconds(self.read_metrics() if metrics is None else metrics)
+        return results
 
     def write_data(self, record: dict[str, Any]) -> None:
         atomic_write_text(self.path / DATA, json.dumps(record, indent=2) + "\n")
@@ -271,7 +276,8 @@ def load_run(folder: Path, resume_hint: str) -> Run:
     for name in (CONFIG, METRICS):
         if not (folder / name).is_file():
             raise ReportError(f"{folder} has {RESULTS} but no {name}: the run folder is incomplete; copy all of it again")
-    results = rd.read_results()
+    metrics = rd.read_metrics()
+    results = rd.read_results(metrics)
     try:
         config = Config.from_dict(_read_json(folder / CONFIG))
     except TypeError as e:
@@ -281,9 +287,6 @@ def load_run(folder: Path, resume_hint: str) -> Run:
         if not (folder / PREDICTIONS).is_file():
             raise ReportError(f"{folder} has a test accuracy but no {PREDICTIONS}: the run folder is incomplete; copy all of it again")
         labels, preds, probs = rd.read_predictions()
-    metrics = rd.read_metrics()
-    # the median epoch also for runs whose results.json (before the seventh session, 2026-11-27) holds the mean
-    results["seconds_per_epoch"] = median_epoch_seconds(metrics)
     return Run(folder, config, results, metrics, labels, preds, probs)
 
 

@@ -24,7 +24,7 @@ from normlab.errors import ReportError, UsageError
 from normlab.norms import DEFAULT_NORMS, NORMS
 from normlab.plan import NOT_SWEPT, Grid, cell_folder, parse_grid, reads, sweep_cells
 from normlab.report import acc_cell, md_table, secs_cell
-from normlab.rundir import CONFIG, FIGURES, RunDir, atomic_write, atomic_write_text, csv_cell, median_epoch_seconds
+from normlab.rundir import CONFIG, FIGURES, RunDir, atomic_write, atomic_write_text, csv_cell
 
 MANIFEST = "sweep.json"   # written before anything trains: the grid, norms, seeds and base settings
 TABLE = "sweep.csv"       # one row per cell and seed, from the run folders
@@ -122,9 +122,7 @@ def collect(parent: Path, manifest: Manifest) -> list[dict[str, Any]]:
         status = FINISHED if rd.finished else UNFINISHED if rd.is_run() else NOT_STARTED
         results: dict[str, Any] = {}
         if status == FINISHED:
-            # seconds per epoch from metrics.csv: the median also for models whose results.json (before 2026-11-27's
-            # seventh session) holds the mean
-            results = {**rd.read_results(), "seconds_per_epoch": median_epoch_seconds(rd.read_metrics())}
+            results = rd.read_results()
             try:
                 cfg = Config.load(folder / CONFIG)
             except (OSError, ValueError, TypeError) as e:
