@@ -38,6 +38,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the network (inductor) before timing")
     p.add_argument("--mode", default=None, help="with --compile: a torch.compile mode other than the default; "
                    "reduce-overhead is normlab's --compile graphs (CUDA graphs of the compiled forward and backward)")
+    p.add_argument("--backend", default=None, help="with --compile: a torch.compile backend other than inductor, e.g. cudagraphs "
+                   "(AOT autograd's graphs replayed as CUDA graphs, eager kernels, no code generation)")
     p.add_argument("--batch-size", type=int, default=0, help="images per step (default: the Config's)")
     p.add_argument("--rows", type=int, default=15, help="profile rows (default: 15)")
     args = p.parse_args()
@@ -54,7 +56,10 @@ def main() -> None:
     model = place.place(Net.from_config(cfg))
     opt = make_optimizer(model, cfg)
     if args.compile:  # as the product compiles (device.Placement.compiled), or in another mode to compare
-        if args.mode in (None, "reduce-overhead"):  # the product's own paths: --compile on, --compile graphs
+        if args.backend:  # graphs: each step marked as a new iteration, as the product's CUDA graphs are
+            place = dataclasses.replace(place, graphs=args.backend == "cudagraphs" and dev.type == "cuda")
+            net = torch.compile(model, dynamic=False, backend=args.backend)
+        elif args.mode in (None, "reduce-overhead"):  # the product's own paths: --compile on, --compile graphs
             place = dataclasses.replace(place, compile=True, graphs=args.mode == "reduce-overhead" and dev.type == "cuda")
             net = place.compiled(model)
         else:
@@ -68,8 +73,12 @@ def main() -> None:
     def step() -> None:
         train_step(net, opt, x, y, cfg.lr, cfg.label_smoothing, place, scaler)  # the product's own step
 
+    place.synchronize()
+    t0 = time.perf_counter()
     for _ in range(5):
         step()
+    place.synchronize()
+    warmup = time.perf_counter() - t0  # compilation (and CUDA graph recording) included
     best = float("inf")
     for _ in range(3):
         place.synchronize()
@@ -79,8 +88,9 @@ def main() -> None:
         place.synchronize()
         best = min(best, (time.perf_counter() - t0) / args.steps)
     ips = cfg.batch_size / best
-    print(f"{args.settings}{(' compiled ' + (args.mode or 'default')) if args.compile else ''} {place.precision} {place.layout} {torch.get_num_threads()} threads: "
-          f"{best * 1000:.1f} ms/step, {ips:.0f} img/s, {50_000 / ips:.1f} s per 50,000 images", flush=True)
+    how = f" compiled {args.backend or args.mode or 'default'}" if args.compile else ""
+    print(f"{args.settings}{how} {place.precision} {place.layout} {torch.get_num_threads()} threads: "
+          f"{best * 1000:.1f} ms/step, {ips:.0f} img/s, {50_000 / ips:.1f} s per 50,000 images; first 5 steps {warmup:.1f} s", flush=True)
     if not args.no_profile:
         cuda = dev.type == "cuda"  # on a GPU: the kernels' own time too, and how many launches a step makes
         with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:

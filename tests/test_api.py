@@ -229,7 +229,8 @@ def test_predict_of_a_test_image_matches_its_predictions_csv(trained, data_dir, 
     _, _, probs = RunDir(cwd / result.path).read_predictions()
     for i, p in enumerate(predictions):
         assert np.array_equal(p.image, images[i].numpy())
-        assert list(p.probs.values()) == pytest.approx(probs[i].tolist(), abs=1e-4)
+        # bf16 on a GPU: another batch size, other kernels (5e-4 apart on an H100, 2026-11-28)
+        assert list(p.probs.values()) == pytest.approx(probs[i].tolist(), abs=1e-4 if not torch.cuda.is_available() else 2e-3)
     assert repr(predictions[0]).startswith(f"Prediction('{paths[0]}': ")
     with pytest.raises(UsageError, match="no image to predict"):
         normlab.predict(model, [tmp_path / "nothing"], warn=messages.append)

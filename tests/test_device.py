@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DEVICE, make_cifar
+from conftest import DEVICE, EXACT, make_cifar
 from normlab import device as dev
 from normlab.cli import build_parser, main, runtime_from
 from normlab.device import Placement, Runtime, native_precision, use_compile, worker_devices
 from normlab.norms import NORMS
 from normlab.rundir import CHECKPOINT, DATA, RESULTS
 
-TRAIN = ["--epochs", "2", "--batch-size", "50", "--threads", "1", "--device", DEVICE]
+TRAIN = ["--epochs", "2", "--batch-size", "50", "--threads", "1", "--device", DEVICE, *EXACT]
 
 
 @pytest.mark.parametrize("device_type, capability, cpu_bf16, expected", [
@@ -179,4 +179,5 @@ def test_plain_cuda_is_set_as_the_current_gpu_with_its_index(monkeypatch):
         assert calls[-1] == torch.device("cuda", 1) and calls[-1].index == 1 and place.device == torch.device("cuda", 1)
     dev.setup(dev.Runtime("cuda:0"), "bn")
     assert calls[-1] == torch.device("cuda", 0)
-    assert dev.setup(dev.Runtime("cuda", compile="graphs"), "bn").graphs and not dev.setup(dev.Runtime("cuda"), "bn").graphs
+    assert dev.setup(dev.Runtime("cuda", compile="graphs"), "bn").graphs and dev.setup(dev.Runtime("cuda"), "bn").graphs
+    assert not dev.setup(dev.Runtime("cuda", compile="on"), "bn").graphs and not dev.setup(dev.Runtime("cuda", compile="off"), "bn").compile

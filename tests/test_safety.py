@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DEVICE, make_cifar
+from conftest import DEVICE, EXACT, make_cifar
 from normlab.cli import main
 from normlab.rundir import CHECKPOINT, CONFIG, MODEL, RESULTS
 
-TRAIN = ["--epochs", "1", "--batch-size", "100", "--threads", "1", "--device", DEVICE]
+TRAIN = ["--epochs", "1", "--batch-size", "100", "--threads", "1", "--device", DEVICE, *EXACT]
 
 
 class Payload:

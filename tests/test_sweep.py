@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import normlab
-from conftest import DEVICE, make_cifar
+from conftest import DEVICE, EXACT, make_cifar
 from normlab.cli import build_parser, config_from, main
 from normlab.config import Config
 from normlab.errors import ConfigError
@@ -20,7 +20,7 @@ from normlab.plan import NEW, cell_folder, norm_options, parse_grid, plan_sweep,
 from normlab.sweepdir import (COLUMNS, MANIFEST, REPORT, TABLE, Manifest, SweepResult, log_x, paired_differences, paired_table,
                               read_manifest, sweep_figure)
 
-TRAIN_ARGS = ["--epochs", "1", "--batch-size", "50", "--threads", "1", "--device", DEVICE]
+TRAIN_ARGS = ["--epochs", "1", "--batch-size", "50", "--threads", "1", "--device", DEVICE, *EXACT]
 GRID = ["--norms", "bn,gn", "--grid", "lr=0.05,0.1", "--grid", "groups=4,8", "--seeds", "2"]
 
 

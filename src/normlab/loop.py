@@ -197,8 +197,8 @@ def infer(model, images: torch.Tensor, place: Placement, batch_size: int = 1000,
     out = []
     for i in range(0, len(images), batch_size):
         x = D.normalize(images[i : i + batch_size], place.channels_last)
-        with place.autocast():
-            logits = model(x).float()
+        with place.autocast():  # copies: a CUDA graph's output is overwritten by its next replay (fp32 .float() is no copy)
+            logits = model(x).to(torch.float32, copy=True)
             if flip:
                 logits = (logits + model(x.flip(3)).float()) / 2
         out.append(logits)
