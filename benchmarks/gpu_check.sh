@@ -7,16 +7,19 @@
 # (GPU_CHECK_STEPS picks some, in this order; default "c d a e b"):
 #  (c) the wall time of a whole `normlab run` (3 models x 20 epochs, data loading, compilation and the
 #      report included) on a full-size folder (the real subset repeated 5 times: real timings, meaningless
-#      accuracy), cold compile cache, twice: the 3 models at once on the one GPU (--jobs 3), then one after
-#      another (the default); each model's compile_seconds and first and median epoch. Extra flags for
-#      both in GPU_CHECK_RUN_FLAGS,
-#  (d) `normlab run` on the real 10,000/2,000 subset (bf16; GPU_CHECK_ACC_PRECISIONS), compared with the
-#      same run on a CPU (benchmarks/gpu_check_cpu_reference.json, made with the command in its "command"),
-#      then what repeats: two pairs of 1-epoch runs, with and without --deterministic,
+#      accuracy), cold compile cache, three ways: the whole step captured as one CUDA graph (--compile
+#      capture: no compilation), one model after another, then the 3 models at once on the one GPU (--jobs 3),
+#      then the default (the compiled network replayed as CUDA graphs: 190 s one after another on
+#      2026-11-28) with --jobs 3; each model's compile_seconds and first and median epoch. Extra flags in
+#      GPU_CHECK_RUN_FLAGS,
+#  (d) `normlab run` on the real 10,000/2,000 subset (bf16; GPU_CHECK_ACC_PRECISIONS), --compile capture and
+#      the default, compared with the same run on a CPU (benchmarks/gpu_check_cpu_reference.json, made with
+#      the command in its "command"), then what repeats: two pairs of 1-epoch runs, with and without
+#      --deterministic,
 #  (a) the test suite with its training tests on cuda (NORMLAB_TEST_DEVICE=cuda), eager,
-#  (e) benchmarks/profile_step.py, one step: compiled with CUDA graphs (the default) for bn and ln, and bn
-#      through the cudagraphs backend (eager kernels, no code generation: the compilation's cost against
-#      the kernels' speed), each with its first 5 steps' time (compilation included),
+#  (e) benchmarks/profile_step.py, one step: captured whole (--capture) for bn and ln, compiled with CUDA
+#      graphs (the default) for bn and ln, and bn through the cudagraphs backend (eager kernels, no code
+#      generation), each with its first 5 steps' time (compilation included),
 #  (b) benchmarks/speed.py for bn, gn, ln in fp16 and bf16: training and evaluation images/s, warm-up +
 #      compile, GPU memory.
 # The whole output goes to $OUT/gpu_check.log when $OUT is set (the device tool), with the run folders'
@@ -69,19 +72,23 @@ PY
 }
 
 if wants c; then
-    step "(c) whole normlab run, 3 models x $EPOCHS epochs at once on one GPU (--jobs 3), full-size data, cold start ${GPU_CHECK_RUN_FLAGS:-}"
+    step "(c) whole normlab run, 3 models x $EPOCHS epochs one after another, the whole step captured (--compile capture), full-size data ${GPU_CHECK_RUN_FLAGS:-}"
+    whole_run run_capture --compile capture
+    step "(c) whole normlab run, 3 models x $EPOCHS epochs at once on one GPU, captured (--compile capture --jobs 3), full-size data ${GPU_CHECK_RUN_FLAGS:-}"
+    whole_run run_capture_jobs3 --compile capture --jobs 3
+    step "(c) whole normlab run, 3 models x $EPOCHS epochs at once on one GPU (--jobs 3), the default compilation, cold start ${GPU_CHECK_RUN_FLAGS:-}"
     whole_run run_jobs3 --jobs 3
-    step "(c) whole normlab run, 3 models x $EPOCHS epochs one after another (the default), full-size data, cold start ${GPU_CHECK_RUN_FLAGS:-}"
-    whole_run run_full
 fi
 
 if wants d; then
-    step "(d) accuracy on the real subset: $DEV $ACC_PRECISIONS (default compilation: CUDA graphs) against the CPU reference"
+    step "(d) accuracy on the real subset: $DEV $ACC_PRECISIONS, --compile capture and the default (CUDA graphs), against the CPU reference"
     for prec in $ACC_PRECISIONS; do
-        rm -rf "$WORK/sub_$prec"
-        timeout 120 $NORMLAB run --data-dir "$SUB" --device "$DEV" --precision "$prec" --epochs "$EPOCHS" --out "$WORK/sub_$prec" --no-report 2>&1
+        for how in capture auto; do
+            rm -rf "$WORK/sub_${prec}_$how"
+            timeout 120 $NORMLAB run --data-dir "$SUB" --device "$DEV" --precision "$prec" --compile "$how" --epochs "$EPOCHS" --out "$WORK/sub_${prec}_$how" --no-report 2>&1
+        done
     done
-    python3 benchmarks/compare_runs.py benchmarks/gpu_check_cpu_reference.json $(for prec in $ACC_PRECISIONS; do echo "$WORK/sub_$prec"; done)
+    python3 benchmarks/compare_runs.py benchmarks/gpu_check_cpu_reference.json "$WORK"/sub_*
     step "(d) what repeats: two 1-epoch bn runs with --deterministic (eager), and two without, compared weight for weight"
     for mode in det det2 fast fast2; do
         flag=$([ "${mode#det}" != "$mode" ] && echo --deterministic)
@@ -111,7 +118,9 @@ if wants a && [ "$DEV" = cuda ]; then
 fi
 
 if wants e; then
-    step "(e) where a step's time goes on $DEV, batch 128: CUDA graphs (the default), and the cudagraphs backend"
+    step "(e) where a step's time goes on $DEV, batch 128: captured whole, CUDA graphs (the default), and the cudagraphs backend"
+    timeout 60 python3 benchmarks/profile_step.py '{"norm": "bn"}' --device "$DEV" --capture --rows 8 2>&1
+    timeout 60 python3 benchmarks/profile_step.py '{"norm": "ln"}' --device "$DEV" --capture --no-profile 2>&1
     timeout 90 python3 benchmarks/profile_step.py '{"norm": "bn"}' --device "$DEV" --compile --mode reduce-overhead --no-profile 2>&1 | grep -v "^W1\|^  "
     timeout 90 python3 benchmarks/profile_step.py '{"norm": "ln"}' --device "$DEV" --compile --mode reduce-overhead --no-profile 2>&1 | grep -v "^W1\|^  "
     timeout 90 python3 benchmarks/profile_step.py '{"norm": "bn"}' --device "$DEV" --compile --backend cudagraphs --rows 8 2>&1 | grep -v "^W1\|^  "

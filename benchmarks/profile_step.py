@@ -20,6 +20,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from normlab.capture import GraphedStep, settle
 from normlab.config import Config
 from normlab.models import Net
 from normlab.device import PRECISIONS, Runtime, setup
@@ -40,6 +41,8 @@ def main() -> None:
                    "reduce-overhead is normlab's --compile graphs (CUDA graphs of the compiled forward and backward)")
     p.add_argument("--backend", default=None, help="with --compile: a torch.compile backend other than inductor, e.g. cudagraphs "
                    "(AOT autograd's graphs replayed as CUDA graphs, eager kernels, no code generation)")
+    p.add_argument("--capture", action="store_true", help="the whole step captured as one CUDA graph and replayed "
+                   "(normlab's --compile capture, capture.GraphedStep; the plain step on a CPU)")
     p.add_argument("--batch-size", type=int, default=0, help="images per step (default: the Config's)")
     p.add_argument("--rows", type=int, default=15, help="profile rows (default: 15)")
     args = p.parse_args()
@@ -70,8 +73,17 @@ def main() -> None:
     x = x.contiguous(memory_format=torch.channels_last) if cl else x
     y = torch.randint(0, 10, (cfg.batch_size,), device=dev)
 
+    graphed = None
+    if args.capture:  # the product's --compile capture: its placement and its GraphedStep
+        place, note = settle(dataclasses.replace(place, capture=dev.type == "cuda"), cfg)
+        graphed = GraphedStep(model, opt, cfg.label_smoothing, place) if place.capture else None
+        print(note or "", end="\n" if note else "")
+
     def step() -> None:
-        train_step(net, opt, x, y, cfg.lr, cfg.label_smoothing, place, scaler)  # the product's own step
+        if graphed is not None:
+            graphed(x, y, cfg.lr)
+        else:
+            train_step(net, opt, x, y, cfg.lr, cfg.label_smoothing, place, scaler)  # the product's own step
 
     place.synchronize()
     t0 = time.perf_counter()
@@ -88,7 +100,7 @@ def main() -> None:
         place.synchronize()
         best = min(best, (time.perf_counter() - t0) / args.steps)
     ips = cfg.batch_size / best
-    how = f" compiled {args.backend or args.mode or 'default'}" if args.compile else ""
+    how = f" compiled {args.backend or args.mode or 'default'}" if args.compile else " captured" if graphed is not None else ""
     print(f"{args.settings}{how} {place.precision} {place.layout} {torch.get_num_threads()} threads: "
           f"{best * 1000:.1f} ms/step, {ips:.0f} img/s, {50_000 / ips:.1f} s per 50,000 images; first 5 steps {warmup:.1f} s", flush=True)
     if not args.no_profile:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from normlab import data as D
+from normlab.capture import settle
 from normlab.config import MAX_EPOCHS, Config, parse_widths, setting_fields
 from normlab.device import Runtime, device_name, peak_rss_mib, set_threads, setup
 from normlab.errors import ConfigError, TrainingError, UsageError
@@ -156,7 +157,9 @@ def _check_data(rd: RunDir, data_dir: Path, recorded: dict[str, Any] | None, fin
 
 def _train(cfg: Config, data_dir: Path, rd: RunDir, resume: bool, runtime: Runtime, log: Log, started: float,
            recorded: dict[str, Any] | None) -> dict[str, Any]:
-    place = setup(runtime, cfg.norm)
+    place, note = settle(setup(runtime, cfg.norm), cfg)
+    if note:
+        log(note)
     place.reset_peak_memory()
     images, labels = D.load_split(data_dir, train=True)
     fingerprint = D.fingerprint(images, labels)

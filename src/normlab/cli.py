@@ -54,7 +54,8 @@ def add_runtime_flags(p: argparse.ArgumentParser) -> None:
                         "and later and on CPUs with AVX512-BF16 or AMX, fp16 (with loss scaling) on older GPUs, fp32 on other CPUs (default: auto)")
     p.add_argument("--compile", default=d.compile, choices=COMPILE,
                    help="torch.compile the network: fewer kernel launches on a GPU, slower on a CPU; graphs: compiled and replayed "
-                        "as CUDA graphs (CUDA only, plain compile elsewhere) (default: auto = graphs on CUDA, off on a CPU)")
+                        "as CUDA graphs (CUDA only, plain compile elsewhere); capture: the whole training step recorded once as one "
+                        "CUDA graph and replayed, not compiled (CUDA, bf16/fp32; not yet measured) (default: auto = graphs on CUDA, off on a CPU)")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic cuDNN algorithms on a GPU (slower); CPU runs repeat bit for bit without it")
 

@@ -21,7 +21,8 @@ from normlab.norms import get_norm
 
 DEVICES = ("auto", "cpu", "cuda")  # and cuda:N for one GPU of several
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-COMPILE = ("auto", "on", "off", "graphs")  # graphs: compiled, and replayed as CUDA graphs (mode reduce-overhead); auto: graphs on CUDA, off on a CPU
+COMPILE = ("auto", "on", "off", "graphs", "capture")  # graphs: compiled, and replayed as CUDA graphs (mode reduce-overhead);
+# capture: the whole training step recorded as one CUDA graph, not compiled (capture.py); auto: graphs on CUDA, off on a CPU
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class Runtime:
         if self.device not in DEVICES and not (self.device.startswith("cuda:") and self.device[5:].isdigit()):
             raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N (got {self.device!r})")
         if self.compile not in COMPILE:
-            raise ConfigError(f"--compile must be auto, on, off or graphs (got {self.compile!r})")
+            raise ConfigError(f"--compile must be auto, on, off, graphs or capture (got {self.compile!r})")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of: {', '.join(PRECISIONS)} (got {self.precision!r})")
         if self.threads < 0:
@@ -146,12 +147,14 @@ class Placement:
     channels_last: bool
     compile: bool = False
     graphs: bool = False  # the compiled network replayed as CUDA graphs (torch.compile mode reduce-overhead; CUDA only)
+    capture: bool = False  # the whole training step recorded as one CUDA graph and replayed (capture.py; CUDA only)
 
     def autocast(self):
         """Mixed precision for the forward pass (a no-op in fp32)."""
         if self.precision == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16,
+                              cache_enabled=not self.capture)  # a captured graph keeps no cast weights between steps
 
     def grad_scaler(self) -> torch.amp.GradScaler:
         """Loss scaling for fp16 (its gradients underflow without it); disabled, a no-op, otherwise."""
@@ -177,7 +180,8 @@ class Placement:
     def record(self) -> dict:
         """What results.json says of the device: name, precision, layout, and on CUDA its capability and peak memory."""
         out = {"device": device_name(self.device), "precision": self.precision, "channels_last": self.channels_last,
-               "compile": self.compile, **({"cuda_graphs": True} if self.graphs else {})}
+               "compile": self.compile, **({"cuda_graphs": True} if self.graphs else {}),
+               **({"captured_step": True} if self.capture else {})}
         if self.device.type == "cuda":
             out["cuda_capability"] = ".".join(map(str, torch.cuda.get_device_capability(self.device)))
             out["gpu_peak_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
@@ -211,7 +215,8 @@ def setup(runtime: Runtime, norm: str) -> Placement:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
     return Placement(device, pick_precision(device, runtime.precision), use_channels_last(norm, device),
-                     use_compile(runtime.compile, device.type), use_graphs(runtime.compile, device.type))
+                     use_compile(runtime.compile, device.type), use_graphs(runtime.compile, device.type),
+                     runtime.compile == "capture" and device.type == "cuda")
 
 
 def use_compile(asked: str, device_type: str) -> bool:

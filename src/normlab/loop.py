@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from normlab import data as D
+from normlab.capture import GraphedStep, plain_groups
 from normlab.config import Config
 from normlab.device import Placement
 from normlab.errors import TrainingError
@@ -139,8 +140,12 @@ class Lookahead:
 def train_step(model, opt, x: torch.Tensor, y: torch.Tensor, lr: float, label_smoothing: float, place: Placement,
                scaler: torch.amp.GradScaler) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on the batch (x, y); returns the loss and the logits, both still on the device."""
-    for g in opt.param_groups:
-        g["lr"] = lr * g.get("lr_scale", 1.0)
+    for g in opt.param_groups:  # a captured step's learning rates are device tensors (capture.py): filled in place
+        lr_g = lr * g.get("lr_scale", 1.0)
+        if isinstance(g["lr"], torch.Tensor):
+            g["lr"].fill_(lr_g)
+        else:
+            g["lr"] = lr_g
     if place.graphs:  # a new iteration: the last one's graph outputs (already read) may be overwritten
         torch.compiler.cudagraph_mark_step_begin()
     with place.autocast():
@@ -155,14 +160,15 @@ def train_step(model, opt, x: torch.Tensor, y: torch.Tensor, lr: float, label_sm
 
 def train_epoch(model, opt, batches, cfg: Config, step: int, total: int, place: Placement, scaler: torch.amp.GradScaler,
                 desc: str = "", ema=None, progress: bool = True, lookahead: Lookahead | None = None,
-                eager: torch.nn.Module | None = None, time_first: bool = False) -> dict[str, Any]:
+                eager: torch.nn.Module | None = None, time_first: bool = False, graphed=None) -> dict[str, Any]:
     """One pass over ``batches`` (then ``lookahead`` and ``ema``, if given, after each step); returns loss/accuracy
     means, the first non-finite batch (or -1) and the new step count.
 
     ``eager``: where ``model`` is compiled, the plain module it wraps, which takes the batches of another size
     (the last, partial one of an epoch): one eager step instead of a second compilation for that shape.
     ``time_first``: also return ``first_step_seconds``, the first step's wall time (a compiled network's
-    compilation happens there), with a synchronization after it."""
+    compilation happens there), with a synchronization after it.
+    ``graphed``: a ``capture.GraphedStep`` that takes the full batches (the partial one goes through ``train_step``)."""
     import time
 
     t0 = time.perf_counter()
@@ -171,8 +177,12 @@ def train_epoch(model, opt, batches, cfg: Config, step: int, total: int, place: 
     dev = batches.labels.device
     loss_sum, correct, bad = torch.zeros((), device=dev), torch.zeros((), device=dev, dtype=torch.long), torch.tensor(-1, device=dev)
     for i, (x, y) in enumerate(tqdm(batches, desc=desc, leave=False, disable=None if progress else True, unit="batch")):
-        net = model if eager is None or len(y) == batches.batch_size else eager
-        loss, logits = train_step(net, opt, x, y, lr_at(step, total, cfg.lr, cfg.warmup), cfg.label_smoothing, place, scaler)
+        lr = lr_at(step, total, cfg.lr, cfg.warmup)
+        if graphed is not None and len(y) == batches.batch_size:
+            loss, logits = graphed(x, y, lr)
+        else:
+            net = model if eager is None or len(y) == batches.batch_size else eager
+            loss, logits = train_step(net, opt, x, y, lr, cfg.label_smoothing, place, scaler)
         if time_first and i == 0:
             place.synchronize()
             first_step_seconds = time.perf_counter() - t0
@@ -234,6 +244,8 @@ class Trainer:
         self.model = place.place(net)
         self.net = place.compiled(self.model)  # what the training steps call; self.model keeps the state_dict keys
         self.opt = make_optimizer(self.model, cfg)
+        # --compile capture: the whole step of each full batch as one CUDA graph (the caller settled that it can be)
+        self.graphed = GraphedStep(self.model, self.opt, cfg.label_smoothing, place) if place.capture else None
         self.ema = make_ema(self.model, cfg.ema)
         self.lookahead = Lookahead(self.model, cfg.lookahead) if cfg.lookahead else None
         self.scaler = place.grad_scaler()
@@ -270,7 +282,7 @@ class Trainer:
         r = train_epoch(self.net, self.opt, self.batches, cfg, self.step, self.total, self.place, self.scaler,
                         desc=f"{cfg.norm} epoch {epoch}/{cfg.epochs}", ema=self.ema, progress=self.progress,
                         lookahead=self.lookahead, eager=self.model if self.net is not self.model else None,
-                        time_first=self.net is not self.model and self.compile_seconds is None)
+                        time_first=self.net is not self.model and self.compile_seconds is None, graphed=self.graphed)
         if r["first_step_seconds"] is not None:
             self.compile_seconds = r["first_step_seconds"]
         if self.lookahead is not None and epoch == cfg.epochs:
@@ -294,7 +306,7 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain tensors, numbers, strings, lists and dicts only: loadable with ``torch.load(weights_only=True)``."""
-        state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "generator": self.generator.get_state(),
+        state = {"model": self.model.state_dict(), "optimizer": plain_groups(self.opt.state_dict()), "generator": self.generator.get_state(),
                  "torch_rng": torch.get_rng_state(), "metrics": self.metrics, "step": self.step, "epoch": self.epoch}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()

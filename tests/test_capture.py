@@ -1,0 +1,113 @@
+"""--compile capture (capture.py): the whole training step recorded once as a CUDA graph and replayed.
+
+A CPU has no CUDA graphs, so these tests stand a recording in for the capture that has its semantics: the step
+is recorded without changing anything, and each replay runs it again into the same output tensors. Against
+that, a captured run must train exactly as the same run that never captures (its warm-up path throughout);
+what only a GPU shows (that the recording is whole) is step (c) of benchmarks/gpu_check.sh."""
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from normlab import capture as C
+from normlab import data as D
+from normlab import loop as T
+from normlab.cli import main
+from normlab.config import Config
+from normlab.device import Placement, Runtime, setup
+from normlab.rundir import CHECKPOINT
+
+
+def recording(body):
+    """A stand-in for capture.cuda_capture: the step recorded without taking effect; replays run it again."""
+    step = body.__self__  # the GraphedStep
+    saved = copy.deepcopy(step.model.state_dict()), copy.deepcopy(step.opt.state_dict())
+    loss, logits = (t.detach().clone() for t in body())
+    step.model.load_state_dict(saved[0])
+    step.opt.load_state_dict(saved[1])
+    C.use_device_lr(step.opt)  # as it stood when recorded
+
+    def replay():
+        new_loss, new_logits = body()
+        loss.copy_(new_loss.detach())
+        logits.copy_(new_logits.detach())
+
+    return replay, (loss, logits)
+
+
+def trainer(cifar_dir, place, epochs=2, **settings):
+    images, labels = D.load_split(cifar_dir, train=True)
+    cfg = Config(norm="bn", batch_size=30, epochs=epochs, **settings)  # 200 images: 6 full batches and 20 left
+    return T.Trainer(cfg, place, images, labels, progress=False)
+
+
+CPU = Placement(torch.device("cpu"), "fp32", False)
+
+
+@pytest.mark.parametrize("settings", [{}, {"ema": 0.9, "lookahead": 0.5}, {"norm_bias_lr": 3.0}])
+def test_a_captured_run_trains_as_the_same_run_never_captured(cifar_dir, monkeypatch, settings):
+    """Warm-up steps, then one recording and replays (the partial batch eager) = every step eager, bit for bit."""
+    captured = trainer(cifar_dir, dataclasses.replace(CPU, capture=True), **settings)
+    captured.graphed.capture = recording
+    rows = [captured.run_epoch() for _ in range(2)]
+    assert captured.graphed.replay is not None and captured.graphed.warm == C.WARMUP_STEPS
+
+    monkeypatch.setattr(C, "WARMUP_STEPS", 10**9)  # never records: the eager path of the same step throughout
+    eager = trainer(cifar_dir, dataclasses.replace(CPU, capture=True), **settings)
+    eager.graphed.capture = None
+    ref = [eager.run_epoch() for _ in range(2)]
+    assert eager.graphed.replay is None
+    for a, b in zip(rows, ref):
+        assert {k: v for k, v in a.items() if "seconds" not in k} == {k: v for k, v in b.items() if "seconds" not in k}
+    for k, v in eager.model.state_dict().items():
+        assert torch.equal(captured.model.state_dict()[k], v), k
+
+
+def test_a_captured_step_follows_the_schedule(cifar_dir):
+    """Each replay reads the learning rate that the step sets in the device tensors."""
+    t = trainer(cifar_dir, dataclasses.replace(CPU, capture=True), norm_bias_lr=2.0)
+    t.graphed.capture = recording
+    x, y = torch.randn(30, 3, 32, 32), torch.randint(0, 10, (30,))
+    for lr in (0.1, 0.2, 0.05, 0.3, 0.0):
+        t.graphed(x, y, lr)
+        assert [g["lr"].item() for g in t.opt.param_groups] == pytest.approx([lr, lr, 2 * lr])
+    T.train_step(t.model, t.opt, x[:10], y[:10], 0.07, 0.0, t.place, t.scaler)  # a partial batch, eager: the same tensors
+    assert all(isinstance(g["lr"], torch.Tensor) for g in t.opt.param_groups)
+    assert [g["lr"].item() for g in t.opt.param_groups] == pytest.approx([0.07, 0.07, 0.14])
+    before = [p.detach().clone() for p in t.model.parameters()]
+    t.graphed(x, y, 0.0)  # a replay at lr 0 moves nothing (the momentum buffers are applied at lr 0 too)
+    assert all(torch.equal(a, b) for a, b in zip(before, t.model.parameters()))
+
+
+def test_a_checkpoint_of_a_captured_run_is_plain(cifar_dir):
+    """Learning rates saved as numbers, no fused/foreach choice: it resumes on any device and path."""
+    t = trainer(cifar_dir, dataclasses.replace(CPU, capture=True), epochs=1)
+    t.graphed.capture = recording
+    t.run_epoch()
+    groups = t.state_dict()["optimizer"]["param_groups"]
+    assert all(type(g["lr"]) is float and g["fused"] is None and g["foreach"] is None for g in groups)
+    assert all(isinstance(g["lr"], torch.Tensor) and g["fused"] for g in t.opt.param_groups)  # the live ones untouched
+    plain = trainer(cifar_dir, CPU, epochs=2)
+    plain.load_state_dict(t.state_dict())
+    plain.run_epoch()
+
+
+def test_capture_is_cuda_only_and_settles_what_it_cannot_capture():
+    assert not setup(Runtime("cpu", compile="capture"), "bn").capture  # a CPU: the plain eager step
+    place = dataclasses.replace(CPU, device=torch.device("cpu"), capture=True)
+    assert C.settle(place, Config()) == (place, None)
+    for precision, cfg, why in (("fp16", Config(), "fp16's loss scaler"), ("bf16", Config(muon_lr=0.02), "Muon")):
+        settled, note = C.settle(dataclasses.replace(place, precision=precision), cfg)
+        assert not settled.capture and settled.compile and settled.graphs and why in note
+
+
+def test_train_with_compile_capture_on_a_cpu_is_the_plain_run(cifar_dir, tmp_path):
+    args = ["train", "--data-dir", str(cifar_dir), "--norm", "bn", "--epochs", "1", "--batch-size", "50", "--threads", "1",
+            "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "a"), "--compile", "capture"]) == 0
+    assert main([*args, "--out", str(tmp_path / "b"), "--compile", "off"]) == 0
+    for f in ("predictions.csv",):
+        assert (tmp_path / "a" / f).read_text() == (tmp_path / "b" / f).read_text()
+    assert "captured_step" not in json.loads((tmp_path / "a" / "results.json").read_text())
