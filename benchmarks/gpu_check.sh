@@ -2,21 +2,21 @@
 # The GPU check (issue 14): on a machine with a CUDA GPU, from the repository root, in one device call
 # (run(command="bash benchmarks/gpu_check.sh", carry=[".gpu"], timeout_s=540), after benchmarks/gpu_prepare.sh
 # here), then, on the still-warm machine, what the first call had no time for:
-# run(command='GPU_CHECK_STEPS="e b" bash benchmarks/gpu_check.sh', carry=[".gpu"], timeout_s=240).
+# run(command='GPU_CHECK_STEPS="j e b" bash benchmarks/gpu_check.sh', carry=[".gpu"], timeout_s=240) (the steps not reached).
 # Its steps, in the order they run, so that what matters most comes back if the call is cut
-# (GPU_CHECK_STEPS picks some, in this order; default "c d a e b"):
+# (GPU_CHECK_STEPS picks some, in this order; default "c d a j e b"):
 #  (c) the wall time of a whole `normlab run` (3 models x 20 epochs, data loading, compilation and the
 #      report included) on a full-size folder (the real subset repeated 5 times: real timings, meaningless
-#      accuracy), cold compile cache, three ways: the whole step captured as one CUDA graph (--compile
-#      capture: no compilation), one model after another, then the 3 models at once on the one GPU (--jobs 3),
-#      then the default (the compiled network replayed as CUDA graphs: 190 s one after another on
-#      2026-11-28) with --jobs 3; each model's compile_seconds and first and median epoch. Extra flags in
-#      GPU_CHECK_RUN_FLAGS,
+#      accuracy), the whole step captured as one CUDA graph (--compile capture: no compilation), one model
+#      after another, then the 3 models at once on the one GPU (--jobs 3); each model's compile_seconds and
+#      first and median epoch. Extra flags in GPU_CHECK_RUN_FLAGS,
 #  (d) `normlab run` on the real 10,000/2,000 subset (bf16; GPU_CHECK_ACC_PRECISIONS), --compile capture and
 #      the default, compared with the same run on a CPU (benchmarks/gpu_check_cpu_reference.json, made with
 #      the command in its "command"), then what repeats: two pairs of 1-epoch runs, with and without
 #      --deterministic,
 #  (a) the test suite with its training tests on cuda (NORMLAB_TEST_DEVICE=cuda), eager,
+#  (j) as (c), the default (the compiled network replayed as CUDA graphs: about 190 s one model after
+#      another on 2026-11-28) with --jobs 3, cold compile cache,
 #  (e) benchmarks/profile_step.py, one step: captured whole (--capture) for bn and ln, compiled with CUDA
 #      graphs (the default) for bn and ln, and bn through the cudagraphs backend (eager kernels, no code
 #      generation), each with its first 5 steps' time (compilation included),
@@ -36,7 +36,7 @@ EPOCHS=${GPU_CHECK_EPOCHS:-20}
 REPEAT=${GPU_CHECK_REPEAT:-5}             # 5 x 10,000 = the full 50,000-image shape
 PRECISIONS=${GPU_CHECK_PRECISIONS:-"fp16 bf16"}        # (b), speed (bf16 bn and gn measured 2026-11-28)
 ACC_PRECISIONS=${GPU_CHECK_ACC_PRECISIONS:-"bf16"}     # (d), accuracy: fp16 matched the CPU on 2026-11-27 (docs/performance.md)
-STEPS=${GPU_CHECK_STEPS:-"c d a e b"}
+STEPS=${GPU_CHECK_STEPS:-"c d a j e b"}
 WORK=${GPU_CHECK_WORK:-/tmp/normlab_gpu_check}
 SUB=.gpu/sub
 mkdir -p "$WORK"
@@ -59,7 +59,7 @@ whole_run() {  # $1: name, then normlab run's extra flags; a cold compile cache 
     local name=$1; shift
     rm -rf "$WORK/$name" "$WORK/inductor_$name"
     local start=$(date +%s.%N)
-    TORCHINDUCTOR_CACHE_DIR="$WORK/inductor_$name" timeout "${GPU_CHECK_RUN_S:-200}" $NORMLAB run --data-dir "$WORK/full" --device "$DEV" --epochs "$EPOCHS" --out "$WORK/$name" "$@" ${GPU_CHECK_RUN_FLAGS:-} 2>&1
+    TORCHINDUCTOR_CACHE_DIR="$WORK/inductor_$name" timeout "${GPU_CHECK_RUN_S:-150}" $NORMLAB run --data-dir "$WORK/full" --device "$DEV" --epochs "$EPOCHS" --out "$WORK/$name" "$@" ${GPU_CHECK_RUN_FLAGS:-} 2>&1
     echo "wall seconds of normlab run $* (c): $(python3 -c "import time; print(round(time.time() - $start, 1))")"
     python3 - "$WORK/$name" <<'PY'
 import csv, json, statistics, sys, pathlib
@@ -76,8 +76,6 @@ if wants c; then
     whole_run run_capture --compile capture
     step "(c) whole normlab run, 3 models x $EPOCHS epochs at once on one GPU, captured (--compile capture --jobs 3), full-size data ${GPU_CHECK_RUN_FLAGS:-}"
     whole_run run_capture_jobs3 --compile capture --jobs 3
-    step "(c) whole normlab run, 3 models x $EPOCHS epochs at once on one GPU (--jobs 3), the default compilation, cold start ${GPU_CHECK_RUN_FLAGS:-}"
-    whole_run run_jobs3 --jobs 3
 fi
 
 if wants d; then
@@ -115,6 +113,11 @@ if wants a && [ "$DEV" = cuda ]; then
     XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
     NORMLAB_TEST_DEVICE=cuda TORCH_COMPILE_DISABLE=1 timeout "${GPU_CHECK_TEST_S:-120}" python3 -m pytest -q $XDIST -p no:cacheprovider tests 2>&1 \
         | grep -vE "PytestBenchmarkWarning|warner\(|^\s*$" | tail -40
+fi
+
+if wants j; then
+    step "(j) whole normlab run, 3 models x $EPOCHS epochs at once on one GPU (--jobs 3), the default compilation, cold start ${GPU_CHECK_RUN_FLAGS:-}"
+    whole_run run_jobs3 --jobs 3
 fi
 
 if wants e; then
