@@ -40,11 +40,12 @@ def worker_normlab(args) -> dict:
     from normlab import data as D
     from normlab.config import Config
     from normlab.models import Net
+    from normlab.capture import GraphedStep, settle
     from normlab.device import Runtime, setup
     from normlab.loop import infer, make_ema, make_optimizer, train_epoch
 
     cfg = dataclasses.replace(Config(norm=args.norm, batch_size=args.batch_size), **json.loads(args.config)).validate()
-    place = setup(Runtime(args.device, precision=args.precision, compile=args.compile), cfg.norm)  # normlab's own choice of precision and layout
+    place, _ = settle(setup(Runtime(args.device, precision=args.precision, compile=args.compile), cfg.norm), cfg)  # normlab's own choice of precision and layout
     if args.layout != "auto":
         place = dataclasses.replace(place, channels_last=args.layout == "cl")
     dev, cl = place.device, place.channels_last
@@ -54,6 +55,7 @@ def worker_normlab(args) -> dict:
     ema = make_ema(model, cfg.ema)
     scaler = place.grad_scaler()
     net = place.compiled(model)  # as the trainer runs it: torch.compile'd on CUDA by default
+    graphed = GraphedStep(model, opt, cfg.label_smoothing, place) if place.capture else None  # --compile capture
     images, labels = D.load_split(args.data_dir, train=True)
     images, labels = images.to(dev), labels.to(dev)
     gen = torch.Generator().manual_seed(0)
@@ -63,11 +65,11 @@ def worker_normlab(args) -> dict:
     place.reset_peak_memory()
     t0 = time.perf_counter()
     eager = model if net is not model else None  # the last, partial batch of a --full epoch: eager, as the trainer runs it
-    train_epoch(net, opt, warm, cfg, 0, 10_000, place, scaler, ema=ema, progress=False, eager=eager)  # compiles, if compiled
+    train_epoch(net, opt, warm, cfg, 0, 10_000, place, scaler, ema=ema, progress=False, eager=eager, graphed=graphed)  # compiles, if compiled
     place.synchronize()
     warm_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    train_epoch(net, opt, timed, cfg, 0, 10_000, place, scaler, ema=ema, progress=False, eager=eager)
+    train_epoch(net, opt, timed, cfg, 0, 10_000, place, scaler, ema=ema, progress=False, eager=eager, graphed=graphed)
     place.synchronize()
     train_s = time.perf_counter() - t0
     test, _ = D.load_split(args.data_dir, train=False)
@@ -138,7 +140,9 @@ def main() -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="normlab's precision; auto = normlab's choice for the device (default: auto)")
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off", "graphs"], help="torch.compile normlab's network; graphs: replayed as CUDA graphs (default: auto = on CUDA)")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off", "graphs", "capture"],
+                   help="as normlab's --compile: on, graphs (replayed as CUDA graphs), capture (the whole step as one CUDA graph) "
+                        "or off (default: auto = graphs on CUDA, off on a CPU)")
     p.add_argument("--layout", default="auto", choices=["auto", "cl", "nchw"], help="force a memory layout (default: normlab's choice)")
     p.add_argument("--config", default="{}", help='Config fields as JSON for the network and normlab\'s trainer, e.g. \'{"act": "relu"}\' (default: {})')
     p.add_argument("--rounds", type=int, default=1, help="measure every variant this many times, in turn, and report the "
