@@ -17,6 +17,7 @@ from normlab import loop as T
 from normlab.cli import main
 from normlab.config import Config
 from normlab.device import Placement, Runtime, setup
+from normlab.errors import TrainingError
 from normlab.rundir import CHECKPOINT
 
 
@@ -111,3 +112,15 @@ def test_train_with_compile_capture_on_a_cpu_is_the_plain_run(cifar_dir, tmp_pat
     for f in ("predictions.csv",):
         assert (tmp_path / "a" / f).read_text() == (tmp_path / "b" / f).read_text()
     assert "captured_step" not in json.loads((tmp_path / "a" / "results.json").read_text())
+
+
+def test_a_step_that_cannot_be_recorded_is_one_clear_error(cifar_dir):
+    t = trainer(cifar_dir, dataclasses.replace(CPU, capture=True), epochs=1)
+
+    def refuses(body):
+        raise RuntimeError("operation not permitted when stream is capturing\nCUDA kernel errors might be ...")
+
+    t.graphed.capture = refuses
+    with pytest.raises(TrainingError, match=r"could not record .* \(operation not permitted when stream is capturing\); "
+                                            r"train it with --compile graphs"):
+        t.run_epoch()

@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from normlab.errors import TrainingError
+
 WARMUP_STEPS = 3  # eager steps before the capture, as in PyTorch's recipe
 
 
@@ -109,7 +111,12 @@ class GraphedStep:
             return out
         if self.replay is None:
             self.x, self.y = x.clone(), y.clone()  # the graph's fixed inputs, from now on overwritten in place
-            self.replay, self.out = self.capture(self._body)
+            try:
+                self.replay, self.out = self.capture(self._body)
+            except RuntimeError as e:  # an op that cannot be recorded: one line, and the way on
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise TrainingError(f"--compile capture could not record this training step as a CUDA graph ({first}); "
+                                    f"train it with --compile graphs (a run in progress resumes with --resume RUN --compile graphs)") from None
         else:
             self.x.copy_(x)
             self.y.copy_(y)
