@@ -20,11 +20,11 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from normlab.capture import GraphedStep, settle
+from normlab.capture import settle
 from normlab.config import Config
 from normlab.models import Net
 from normlab.device import PRECISIONS, Runtime, setup
-from normlab.loop import make_optimizer, train_step
+from normlab.loop import graphed_step, make_optimizer, set_lr, train_step
 
 
 def main() -> None:
@@ -76,12 +76,14 @@ def main() -> None:
     graphed = None
     if args.capture:  # the product's --compile capture: its placement and its GraphedStep
         place, note = settle(dataclasses.replace(place, capture=dev.type == "cuda"), cfg)
-        graphed = GraphedStep(model, opt, cfg.label_smoothing, place) if place.capture else None
-        print(note or "", end="\n" if note else "")
+        graphed = graphed_step(model, opt, cfg, place, scaler) if place.capture else None
+        if note:
+            print(note)
 
     def step() -> None:
         if graphed is not None:
-            graphed(x, y, cfg.lr)
+            set_lr(opt, cfg.lr)
+            graphed(x, y)
         else:
             train_step(net, opt, x, y, cfg.lr, cfg.label_smoothing, place, scaler)  # the product's own step
 

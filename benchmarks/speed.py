@@ -40,9 +40,9 @@ def worker_normlab(args) -> dict:
     from normlab import data as D
     from normlab.config import Config
     from normlab.models import Net
-    from normlab.capture import GraphedStep, settle
+    from normlab.capture import settle
     from normlab.device import Runtime, setup
-    from normlab.loop import infer, make_ema, make_optimizer, train_epoch
+    from normlab.loop import graphed_step, infer, make_ema, make_optimizer, train_epoch
 
     cfg = dataclasses.replace(Config(norm=args.norm, batch_size=args.batch_size), **json.loads(args.config)).validate()
     place, _ = settle(setup(Runtime(args.device, precision=args.precision, compile=args.compile), cfg.norm), cfg)  # normlab's own choice of precision and layout
@@ -55,7 +55,7 @@ def worker_normlab(args) -> dict:
     ema = make_ema(model, cfg.ema)
     scaler = place.grad_scaler()
     net = place.compiled(model)  # as the trainer runs it: torch.compile'd on CUDA by default
-    graphed = GraphedStep(model, opt, cfg.label_smoothing, place) if place.capture else None  # --compile capture
+    graphed = graphed_step(model, opt, cfg, place, scaler) if place.capture else None  # --compile capture
     images, labels = D.load_split(args.data_dir, train=True)
     images, labels = images.to(dev), labels.to(dev)
     gen = torch.Generator().manual_seed(0)

@@ -21,21 +21,30 @@ from normlab.errors import TrainingError
 from normlab.rundir import CHECKPOINT
 
 
-def recording(body):
-    """A stand-in for capture.cuda_capture: the step recorded without taking effect; replays run it again."""
-    step = body.__self__  # the GraphedStep
-    saved = copy.deepcopy(step.model.state_dict()), copy.deepcopy(step.opt.state_dict())
-    loss, logits = (t.detach().clone() for t in body())
-    step.model.load_state_dict(saved[0])
-    step.opt.load_state_dict(saved[1])
-    C.use_device_lr(step.opt)  # as it stood when recorded
+def recording(t):
+    """A stand-in for capture.cuda_capture in trainer ``t``: the step recorded without taking effect; replays run it again."""
 
-    def replay():
-        new_loss, new_logits = body()
-        loss.copy_(new_loss.detach())
-        logits.copy_(new_logits.detach())
+    def capture(body):
+        saved = copy.deepcopy(t.model.state_dict()), copy.deepcopy(t.opt.state_dict())
+        loss, logits = (v.detach().clone() for v in body())
+        t.model.load_state_dict(saved[0])
+        t.opt.load_state_dict(saved[1])
+        C.use_device_lr(t.opt)  # as it stood when recorded
 
-    return replay, (loss, logits)
+        def replay():
+            new_loss, new_logits = body()
+            loss.copy_(new_loss.detach())
+            logits.copy_(new_logits.detach())
+
+        return replay, (loss, logits)
+
+    return capture
+
+
+def graphed(t, x, y, lr):
+    """A full batch's step in trainer ``t``, as train_epoch takes it."""
+    T.set_lr(t.opt, lr)
+    return t.graphed(x, y)
 
 
 def trainer(cifar_dir, place, epochs=2, **settings):
@@ -51,7 +60,7 @@ CPU = Placement(torch.device("cpu"), "fp32", False)
 def test_a_captured_run_trains_as_the_same_run_never_captured(cifar_dir, monkeypatch, settings):
     """Warm-up steps, then one recording and replays (the partial batch eager) = every step eager, bit for bit."""
     captured = trainer(cifar_dir, dataclasses.replace(CPU, capture=True), **settings)
-    captured.graphed.capture = recording
+    captured.graphed.capture = recording(captured)
     rows = [captured.run_epoch() for _ in range(2)]
     assert captured.graphed.replay is not None and captured.graphed.warm == C.WARMUP_STEPS
 
@@ -69,23 +78,23 @@ def test_a_captured_run_trains_as_the_same_run_never_captured(cifar_dir, monkeyp
 def test_a_captured_step_follows_the_schedule(cifar_dir):
     """Each replay reads the learning rate that the step sets in the device tensors."""
     t = trainer(cifar_dir, dataclasses.replace(CPU, capture=True), norm_bias_lr=2.0)
-    t.graphed.capture = recording
+    t.graphed.capture = recording(t)
     x, y = torch.randn(30, 3, 32, 32), torch.randint(0, 10, (30,))
     for lr in (0.1, 0.2, 0.05, 0.3, 0.0):
-        t.graphed(x, y, lr)
+        graphed(t, x, y, lr)
         assert [g["lr"].item() for g in t.opt.param_groups] == pytest.approx([lr, lr, 2 * lr])
     T.train_step(t.model, t.opt, x[:10], y[:10], 0.07, 0.0, t.place, t.scaler)  # a partial batch, eager: the same tensors
     assert all(isinstance(g["lr"], torch.Tensor) for g in t.opt.param_groups)
     assert [g["lr"].item() for g in t.opt.param_groups] == pytest.approx([0.07, 0.07, 0.14])
     before = [p.detach().clone() for p in t.model.parameters()]
-    t.graphed(x, y, 0.0)  # a replay at lr 0 moves nothing (the momentum buffers are applied at lr 0 too)
+    graphed(t, x, y, 0.0)  # a replay at lr 0 moves nothing (the momentum buffers are applied at lr 0 too)
     assert all(torch.equal(a, b) for a, b in zip(before, t.model.parameters()))
 
 
 def test_a_checkpoint_of_a_captured_run_is_plain(cifar_dir):
     """Learning rates saved as numbers, no fused/foreach choice: it resumes on any device and path."""
     t = trainer(cifar_dir, dataclasses.replace(CPU, capture=True), epochs=1)
-    t.graphed.capture = recording
+    t.graphed.capture = recording(t)
     t.run_epoch()
     groups = t.state_dict()["optimizer"]["param_groups"]
     assert all(type(g["lr"]) is float and g["fused"] is None and g["foreach"] is None for g in groups)

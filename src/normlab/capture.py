@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from normlab.errors import TrainingError
 
@@ -44,7 +43,7 @@ def settle(place, cfg) -> tuple[object, str | None]:
 
 def use_device_lr(opt: torch.optim.Optimizer) -> None:
     """Each param group's learning rate as a device tensor that the (fused) SGD step reads: a replayed step takes
-    the schedule's new value from there. ``train_step`` fills it in place."""
+    the schedule's new value from there. ``loop.set_lr`` fills it in place."""
     for g in opt.param_groups:
         device = g["params"][0].device
         lr = g["lr"]
@@ -71,33 +70,23 @@ def cuda_capture(body: Callable[[], tuple[torch.Tensor, torch.Tensor]]):
 
 
 class GraphedStep:
-    """``step(x, y, lr)`` for full batches: eager warm-up steps, then one capture, then replays. Returns the loss
-    and logits (the graph's own output tensors, overwritten by the next step: read them before)."""
+    """``step(x, y)`` for full batches, at the learning rates ``loop.set_lr`` put into ``opt``: ``update(x, y)``
+    (``loop.update_on_batch``: forward, loss, backward, optimizer step) as eager warm-up steps, then recorded
+    once, then replayed. Returns the loss and logits (for a replay the graph's own output tensors, overwritten
+    by the next step: read them before)."""
 
-    def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, label_smoothing: float, place,
-                 capture: Callable = cuda_capture):
-        self.model, self.opt, self.label_smoothing, self.place = model, opt, label_smoothing, place
-        self.capture = capture
+    def __init__(self, update: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                 opt: torch.optim.Optimizer, capture: Callable = cuda_capture):
+        self.update, self.opt, self.capture = update, opt, capture
         self.warm = 0
         self.replay = None
 
     def _body(self) -> tuple[torch.Tensor, torch.Tensor]:
-        self.opt.zero_grad(set_to_none=True)  # the backward then writes the gradients, never adds to them
-        with self.place.autocast():
-            logits = self.model(self.x)
-            loss = F.cross_entropy(logits.float(), self.y, label_smoothing=self.label_smoothing)
-        loss.backward()
-        self.opt.step()
-        return loss, logits
+        return self.update(self.x, self.y)
 
-    def _set_lr(self, lr: float) -> None:
-        for g in self.opt.param_groups:
-            g["lr"].fill_(lr * g.get("lr_scale", 1.0))
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.replay is None and self.warm == 0:  # here, not when made: a resumed run's optimizer is loaded in between
             use_device_lr(self.opt)
-        self._set_lr(lr)
         if self.replay is None and self.warm < WARMUP_STEPS:  # eager, on a side stream where there is one
             self.warm += 1
             self.x, self.y = x, y

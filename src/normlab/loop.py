@@ -7,6 +7,8 @@ smoothing, weight decay on conv weights only; the precision and layout come from
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Any
 
 import torch
@@ -137,25 +139,44 @@ class Lookahead:
         self.pull(1.0)  # the network takes the slow weights
 
 
-def train_step(model, opt, x: torch.Tensor, y: torch.Tensor, lr: float, label_smoothing: float, place: Placement,
-               scaler: torch.amp.GradScaler) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on the batch (x, y); returns the loss and the logits, both still on the device."""
-    for g in opt.param_groups:  # a captured step's learning rates are device tensors (capture.py): filled in place
+def set_lr(opt, lr: float) -> None:
+    """The schedule's learning rate into each param group, times the group's ``lr_scale``. A captured step's
+    learning rates are device tensors (capture.py): filled in place, where the replayed graph reads them."""
+    for g in opt.param_groups:
         lr_g = lr * g.get("lr_scale", 1.0)
         if isinstance(g["lr"], torch.Tensor):
             g["lr"].fill_(lr_g)
         else:
             g["lr"] = lr_g
-    if place.graphs:  # a new iteration: the last one's graph outputs (already read) may be overwritten
-        torch.compiler.cudagraph_mark_step_begin()
+
+
+def update_on_batch(model, opt, x: torch.Tensor, y: torch.Tensor, label_smoothing: float, place: Placement,
+                    scaler: torch.amp.GradScaler) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, loss, backward and optimizer step on the batch (x, y) at the learning rates already set: what
+    ``train_step`` runs, and what ``--compile capture`` records as one CUDA graph. Returns the loss and the logits."""
+    opt.zero_grad(set_to_none=True)  # the backward then writes the gradients, never adds to them
     with place.autocast():
         logits = model(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
-    opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()  # with fp32 or bf16 the scaler is disabled: plain backward and step
     scaler.step(opt)
     scaler.update()
     return loss, logits
+
+
+def train_step(model, opt, x: torch.Tensor, y: torch.Tensor, lr: float, label_smoothing: float, place: Placement,
+               scaler: torch.amp.GradScaler) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on the batch (x, y); returns the loss and the logits, both still on the device."""
+    set_lr(opt, lr)
+    if place.graphs:  # a new iteration: the last one's graph outputs (already read) may be overwritten
+        torch.compiler.cudagraph_mark_step_begin()
+    return update_on_batch(model, opt, x, y, label_smoothing, place, scaler)
+
+
+def graphed_step(model, opt, cfg: Config, place: Placement, scaler: torch.amp.GradScaler) -> GraphedStep:
+    """``--compile capture``'s step of ``model``: ``update_on_batch`` recorded as one CUDA graph."""
+    return GraphedStep(functools.partial(update_on_batch, model, opt, label_smoothing=cfg.label_smoothing, place=place,
+                                         scaler=scaler), opt)
 
 
 def train_epoch(model, opt, batches, cfg: Config, step: int, total: int, place: Placement, scaler: torch.amp.GradScaler,
@@ -179,7 +200,8 @@ def train_epoch(model, opt, batches, cfg: Config, step: int, total: int, place: 
     for i, (x, y) in enumerate(tqdm(batches, desc=desc, leave=False, disable=None if progress else True, unit="batch")):
         lr = lr_at(step, total, cfg.lr, cfg.warmup)
         if graphed is not None and len(y) == batches.batch_size:
-            loss, logits = graphed(x, y, lr)
+            set_lr(opt, lr)
+            loss, logits = graphed(x, y)
         else:
             net = model if eager is None or len(y) == batches.batch_size else eager
             loss, logits = train_step(net, opt, x, y, lr, cfg.label_smoothing, place, scaler)
@@ -244,11 +266,11 @@ class Trainer:
         self.model = place.place(net)
         self.net = place.compiled(self.model)  # what the training steps call; self.model keeps the state_dict keys
         self.opt = make_optimizer(self.model, cfg)
-        # --compile capture: the whole step of each full batch as one CUDA graph (the caller settled that it can be)
-        self.graphed = GraphedStep(self.model, self.opt, cfg.label_smoothing, place) if place.capture else None
         self.ema = make_ema(self.model, cfg.ema)
         self.lookahead = Lookahead(self.model, cfg.lookahead) if cfg.lookahead else None
         self.scaler = place.grad_scaler()
+        # --compile capture: the whole step of each full batch as one CUDA graph (the caller settled that it can be)
+        self.graphed = graphed_step(self.model, self.opt, cfg, place, self.scaler) if place.capture else None
         dev = place.device
         self.train_x, self.train_y = train_x.to(dev), train_y.to(dev)
         empty_x, empty_y = torch.zeros(0, 3, 32, 32, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
