@@ -27,6 +27,12 @@ from normlab.device import PRECISIONS, Runtime, setup
 from normlab.loop import graphed_step, make_optimizer, set_lr, train_step
 
 
+# ATen ops that only describe or allocate a tensor (no kernel runs); the others are counted as launches.
+SHAPE_ONLY = {"aten::" + n for n in ("empty", "empty_strided", "view", "as_strided", "reshape", "_reshape_alias", "t",
+                                      "transpose", "expand", "detach", "resize_", "set_", "alias", "unsqueeze", "squeeze",
+                                      "permute", "_unsafe_view", "lift_fresh", "result_type", "slice", "select")}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("settings", nargs="?", default="{}", help="Config fields as JSON (default: {})")
@@ -113,6 +119,10 @@ def main() -> None:
             place.synchronize()
         table = prof.key_averages()
         print(table.table(sort_by="self_cpu_time_total", row_limit=args.rows))
+        ops = [e for e in prof.events() if e.name.startswith("aten::") and e.name not in SHAPE_ONLY
+               and not any(c.name.startswith("aten::") for c in e.cpu_children)]
+        print(f"{len(ops) / 10:.0f} ATen ops per step that do work (innermost, views and allocations left out): "
+              "each one kernel launch of an eager step on a GPU", flush=True)
         if cuda:
             print(table.table(sort_by="self_device_time_total", row_limit=args.rows))
             kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]

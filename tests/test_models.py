@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from normlab.config import Config, ConfigError
-from normlab.models import LAYER_ORDER, PARAM_BUDGET, ConvBlock, Net, PoolBlock, count_params, whiten_
+from normlab.models import LAYER_ORDER, PARAM_BUDGET, ConvBlock, Net, PoolBlock, WSConv2d, count_params, whiten_
 from normlab.norms import DEFAULT_NORMS, NORMS, GhostBatchNorm2d, ScaledAffine2d, make_norm
 
 ALL_NORMS = list(NORMS)  # every norm of the registry
@@ -19,6 +19,26 @@ def norm_layers(model: Net) -> list[nn.Module]:
 def test_norms_are_the_five_and_the_default_run_the_three():
     assert ALL_NORMS == ["bn", "gn", "ln", "in", "none"]
     assert DEFAULT_NORMS == ("bn", "gn", "ln")
+
+
+def test_weight_standardized_conv_is_the_formula_written_out():
+    # each filter standardized over its (in, k, k) weights: (w - mean) / sqrt(biased var + 1e-5), forward and backward
+    torch.manual_seed(0)
+    conv = WSConv2d(6, 5, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.mul_(torch.linspace(0.1, 10, 5)[:, None, None, None]).add_(torch.arange(5.0)[:, None, None, None])
+    x = torch.randn(2, 6, 8, 8)
+    w = conv.weight.detach().clone().requires_grad_(True)
+    var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, unbiased=False)
+    expected = nn.functional.conv2d(x, (w - mean) / torch.sqrt(var + 1e-5), padding=1)
+    out = conv(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    (expected * g).sum().backward()
+    torch.testing.assert_close(conv.weight.grad, w.grad, rtol=1e-4, atol=1e-5)
+    std = nn.functional.layer_norm(conv.weight, conv.weight.shape[1:], eps=1e-5)  # the filters the conv uses
+    torch.testing.assert_close(std.mean(dim=(1, 2, 3)), torch.zeros(5), atol=1e-6, rtol=0)
 
 
 def test_parameter_counts():
