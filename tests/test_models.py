@@ -21,14 +21,18 @@ def test_norms_are_the_five_and_the_default_run_the_three():
     assert DEFAULT_NORMS == ("bn", "gn", "ln")
 
 
-def test_weight_standardized_conv_is_the_formula_written_out():
-    # each filter standardized over its (in, k, k) weights: (w - mean) / sqrt(biased var + 1e-5), forward and backward
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_weight_standardized_conv_is_the_formula_written_out(channels_last):
+    # each filter standardized over its (in, k, k) weights: (w - mean) / sqrt(biased var + 1e-5), forward and backward,
+    # also for channels_last filters (a channels_last model), which are standardized in their own memory order
     torch.manual_seed(0)
     conv = WSConv2d(6, 5, 3, padding=1, bias=False)
+    if channels_last:
+        conv = conv.to(memory_format=torch.channels_last)
     with torch.no_grad():
         conv.weight.mul_(torch.linspace(0.1, 10, 5)[:, None, None, None]).add_(torch.arange(5.0)[:, None, None, None])
     x = torch.randn(2, 6, 8, 8)
-    w = conv.weight.detach().clone().requires_grad_(True)
+    w = conv.weight.detach().contiguous().requires_grad_(True)
     var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, unbiased=False)
     expected = nn.functional.conv2d(x, (w - mean) / torch.sqrt(var + 1e-5), padding=1)
     out = conv(x)

@@ -41,8 +41,14 @@ class WSConv2d(nn.Conv2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = F.layer_norm(self.weight, self.weight.shape[1:], eps=1e-5)
-        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+        w = self.weight
+        # channels_last filters (a channels_last model) are the same memory as a contiguous (out, k, k, in) tensor:
+        # standardized in that order, no copy either way (layer_norm would otherwise make them contiguous, and the
+        # conv turn them back, forward and backward)
+        cl = not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
+        w = w.permute(0, 2, 3, 1) if cl else w
+        w = F.layer_norm(w, w.shape[1:], eps=1e-5)
+        return F.conv2d(x, w.permute(0, 3, 1, 2) if cl else w, self.bias, self.stride, self.padding)
 
 
 def make_conv(cin: int, cout: int, kernel: int, weight_std: bool) -> nn.Conv2d:
