@@ -33,6 +33,18 @@ SHAPE_ONLY = {"aten::" + n for n in ("empty", "empty_strided", "view", "as_strid
                                       "permute", "_unsafe_view", "lift_fresh", "result_type", "slice", "select")}
 
 
+def does_work(event) -> bool:
+    return event.name.startswith("aten::") and event.name not in SHAPE_ONLY
+
+
+def innermost_work(event) -> bool:
+    """An op that does work itself: none of the ops below it does (a convolution that only allocates counts)."""
+    def below(e) -> bool:
+        return any(does_work(c) or below(c) for c in e.cpu_children)
+
+    return does_work(event) and not below(event)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("settings", nargs="?", default="{}", help="Config fields as JSON (default: {})")
@@ -119,10 +131,9 @@ def main() -> None:
             place.synchronize()
         table = prof.key_averages()
         print(table.table(sort_by="self_cpu_time_total", row_limit=args.rows))
-        ops = [e for e in prof.events() if e.name.startswith("aten::") and e.name not in SHAPE_ONLY
-               and not any(c.name.startswith("aten::") for c in e.cpu_children)]
-        print(f"{len(ops) / 10:.0f} ATen ops per step that do work (innermost, views and allocations left out): "
-              "each one kernel launch of an eager step on a GPU", flush=True)
+        print(f"{sum(map(innermost_work, prof.events())) / 10:.0f} ATen ops per step that do work (innermost: none of "
+              "the ops they call does work; views and allocations left out): about one kernel launch each in an eager "
+              "step on a GPU", flush=True)
         if cuda:
             print(table.table(sort_by="self_device_time_total", row_limit=args.rows))
             kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
