@@ -243,6 +243,34 @@ def test_muon_steps_the_conv_filters_and_sgd_the_rest():
         assert not torch.equal(pa, pb), name
 
 
+def test_muon_with_its_learning_rate_on_the_device_takes_the_same_steps():
+    """What --compile capture records (capture.use_device_lr: every group's learning rate a device tensor, SGD fused)
+    steps SGDMuon's filters as the plain float learning rate does, step after step of the schedule (each step from
+    the same weights and buffers: Newton-Schulz in bf16 turns a last-bit difference into a visible one later)."""
+    from normlab.capture import use_device_lr
+
+    torch.manual_seed(0)
+    a, b = Net("bn"), Net("bn")
+    b.load_state_dict(a.state_dict())
+    cfg = Config(norm="bn", muon_lr=0.05)
+    opt_a, opt_b = T.make_optimizer(a, cfg), T.make_optimizer(b, cfg)
+    use_device_lr(opt_b)
+    place = Placement(torch.device("cpu"), "fp32", False)
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8)
+    for lr in (0.1, 0.2, 0.05):
+        before = [p.detach().clone() for p in a.parameters()]
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            T.train_step(model, opt, x, y, lr, 0.0, place, place.grad_scaler())
+        for (name, pa), pb, p0 in zip(a.named_parameters(), b.parameters(), before):
+            assert torch.allclose(pa, pb, atol=1e-7, rtol=0) and not torch.equal(pa, p0), name
+        b.load_state_dict(a.state_dict())
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            for k, v in opt_a.state[pa].items():
+                opt_b.state[pb][k].copy_(v)
+    assert isinstance(opt_b.param_groups[-1]["lr"], torch.Tensor) and opt_b.param_groups[-1]["muon"]
+    assert "muon_buffer" in opt_b.state[opt_b.param_groups[-1]["params"][0]]
+
+
 def test_a_compiled_network_leaves_the_last_partial_batch_to_the_plain_module(cifar_dir):
     """train_epoch(eager=...): full batches go to the (compiled) network, the epoch's last, smaller batch to the
     plain module it wraps, so that no second shape is ever compiled (Trainer passes its model when compiled)."""

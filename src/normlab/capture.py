@@ -7,7 +7,7 @@ On an H100 a bn step issued ~440 kernels for 1.75 ms of kernel time against 9.6 
 replayed step needs, PyTorch's "whole-network capture" recipe: a few eager warm-up steps on a side stream
 (cuDNN's algorithm search, the momentum buffers), then inputs and learning rates in fixed device tensors
 that each step overwrites (SGD fused, reading its learning rate from the device), and autocast without its
-weight-cast cache. fp16 (whose loss scaler reads the device at every step) and SGDMuon are not captured.
+weight-cast cache (SGDMuon's Muon step too). fp16, whose loss scaler reads the device at every step, is not captured.
 """
 from __future__ import annotations
 
@@ -24,8 +24,6 @@ def capturable(precision: str, cfg) -> str | None:
     """Why a configuration cannot be captured (None if it can)."""
     if precision == "fp16":
         return "fp16's loss scaler reads the device at every step"
-    if cfg.muon_lr:
-        return "the Muon optimizer is not captured"
     return None
 
 

@@ -69,11 +69,18 @@ class SGDMuon(torch.optim.SGD):
             for p in g["params"]:
                 if p.grad is None:
                     continue
-                buf = self.state[p].setdefault("muon_buffer", torch.zeros_like(p.grad))
+                state = self.state[p]
+                if "muon_buffer" not in state:
+                    state["muon_buffer"] = torch.zeros_like(p.grad)
+                buf = state["muon_buffer"]
                 buf.lerp_(p.grad, 1 - g["momentum"])
                 update = p.grad.lerp(buf, g["momentum"]).reshape(p.shape[0], -1)  # Nesterov
-                ortho = _zeropower_via_newtonschulz(update, (3.4445, -4.775, 2.0315), 5, 1e-7)
-                p.add_(ortho.reshape(p.shape).to(p.dtype), alpha=-g["lr"] * max(1.0, update.shape[0] / update.shape[1]) ** 0.5)
+                ortho = _zeropower_via_newtonschulz(update, (3.4445, -4.775, 2.0315), 5, 1e-7).reshape(p.shape).to(p.dtype)
+                scale = max(1.0, update.shape[0] / update.shape[1]) ** 0.5
+                if isinstance(g["lr"], torch.Tensor):  # a captured step's learning rate, read from the device (capture.py)
+                    p.sub_(ortho * (g["lr"] * scale))
+                else:
+                    p.add_(ortho, alpha=-g["lr"] * scale)
 
 
 MUON_MOMENTUM = 0.95  # torch.optim.Muon's default
