@@ -17,7 +17,7 @@
 #  (a) the test suite with its training tests on cuda (NORMLAB_TEST_DEVICE=cuda), eager,
 #  (j) as (c), the default (the compiled network replayed as CUDA graphs: about 190 s one model after
 #      another on 2026-11-28) with --jobs 3, cold compile cache,
-#  (e) benchmarks/profile_step.py, one step: captured whole (--capture) for bn and ln, compiled with CUDA
+#  (e) benchmarks/profile_step.py, one step: captured whole (--capture) for bn, ln and bn with Muon, compiled with CUDA
 #      graphs (the default) for bn and ln, and bn through the cudagraphs backend (eager kernels, no code
 #      generation), each with its first 5 steps' time (compilation included),
 #  (b) benchmarks/speed.py for bn, gn, ln in fp16 and bf16: training and evaluation images/s, warm-up +
@@ -124,6 +124,7 @@ if wants e; then
     step "(e) where a step's time goes on $DEV, batch 128: captured whole, CUDA graphs (the default), and the cudagraphs backend"
     timeout 60 python3 benchmarks/profile_step.py '{"norm": "bn"}' --device "$DEV" --capture --rows 8 2>&1
     timeout 60 python3 benchmarks/profile_step.py '{"norm": "ln"}' --device "$DEV" --capture --no-profile 2>&1
+    timeout 60 python3 benchmarks/profile_step.py '{"norm": "bn", "muon_lr": 0.05}' --device "$DEV" --capture --no-profile 2>&1  # Muon captured (never yet on a GPU)
     timeout 90 python3 benchmarks/profile_step.py '{"norm": "bn"}' --device "$DEV" --compile --mode reduce-overhead --no-profile 2>&1 | grep -v "^W1\|^  "
     timeout 90 python3 benchmarks/profile_step.py '{"norm": "ln"}' --device "$DEV" --compile --mode reduce-overhead --no-profile 2>&1 | grep -v "^W1\|^  "
     timeout 90 python3 benchmarks/profile_step.py '{"norm": "bn"}' --device "$DEV" --compile --backend cudagraphs --rows 8 2>&1 | grep -v "^W1\|^  "
