@@ -59,7 +59,7 @@ class Config:
     momentum: float = _s(0.9, "momentum (Nesterov)", "SGD Nesterov momentum")
     muon_lr: float = _s(0.0, "Muon's peak learning rate for the conv filters (0 = SGD)",
                         "train the conv filters (C1-C9, c3, c6; not C10) with Muon at this peak learning rate, on the same "
-                        "one-cycle shape (momentum 0.95, Nesterov, no decay); 0 = SGD for all; not yet validated here (issue 17)")
+                        "one-cycle shape (momentum 0.95, Nesterov, no decay); 0 = SGD for all; +0.67 points for bn at 20 epochs, not yet a default (docs/experiments.md §17)")
     norm_bias_lr: float = _s(1.0, "learning-rate factor of the norms' biases",
                              "the norms' biases train at this multiple of the learning rate (airbench: 64); "
                              "not yet validated here (issue 17)")
