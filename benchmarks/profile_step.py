@@ -93,7 +93,7 @@ def main() -> None:
 
     graphed = None
     if args.capture:  # the product's --compile capture: its placement and its GraphedStep
-        place, note = settle(dataclasses.replace(place, capture=dev.type == "cuda"), cfg)
+        place, note = settle(dataclasses.replace(place, capture=dev.type == "cuda"))
         graphed = graphed_step(model, opt, cfg, place, scaler) if place.capture else None
         if note:
             print(note)

@@ -45,7 +45,7 @@ def worker_normlab(args) -> dict:
     from normlab.loop import graphed_step, infer, make_ema, make_optimizer, train_epoch
 
     cfg = dataclasses.replace(Config(norm=args.norm, batch_size=args.batch_size), **json.loads(args.config)).validate()
-    place, _ = settle(setup(Runtime(args.device, precision=args.precision, compile=args.compile), cfg.norm), cfg)  # normlab's own choice of precision and layout
+    place, _ = settle(setup(Runtime(args.device, precision=args.precision, compile=args.compile), cfg.norm))  # normlab's own choice of precision and layout
     if args.layout != "auto":
         place = dataclasses.replace(place, channels_last=args.layout == "cl")
     dev, cl = place.device, place.channels_last

@@ -107,10 +107,10 @@ def test_a_checkpoint_of_a_captured_run_is_plain(cifar_dir):
 def test_capture_is_cuda_only_and_settles_what_it_cannot_capture():
     assert not setup(Runtime("cpu", compile="capture"), "bn").capture  # a CPU: the plain eager step
     place = dataclasses.replace(CPU, device=torch.device("cpu"), capture=True)
-    assert C.settle(place, Config()) == (place, None)
-    settled, note = C.settle(dataclasses.replace(place, precision="fp16"), Config())
+    assert C.settle(place) == (place, None)
+    settled, note = C.settle(dataclasses.replace(place, precision="fp16"))
     assert not settled.capture and settled.compile and settled.graphs and "fp16's loss scaler" in note
-    assert C.settle(dataclasses.replace(place, precision="bf16"), Config(muon_lr=0.02)) == (dataclasses.replace(place, precision="bf16"), None)
+    assert C.settle(dataclasses.replace(place, precision="bf16")) == (dataclasses.replace(place, precision="bf16"), None)
 
 
 def test_train_with_compile_capture_on_a_cpu_is_the_plain_run(cifar_dir, tmp_path):

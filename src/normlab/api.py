@@ -157,7 +157,7 @@ def _check_data(rd: RunDir, data_dir: Path, recorded: dict[str, Any] | None, fin
 
 def _train(cfg: Config, data_dir: Path, rd: RunDir, resume: bool, runtime: Runtime, log: Log, started: float,
            recorded: dict[str, Any] | None) -> dict[str, Any]:
-    place, note = settle(setup(runtime, cfg.norm), cfg)
+    place, note = settle(setup(runtime, cfg.norm))
     if note:
         log(note)
     place.reset_peak_memory()

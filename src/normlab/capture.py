@@ -20,17 +20,17 @@ from normlab.errors import TrainingError
 WARMUP_STEPS = 3  # eager steps before the capture, as in PyTorch's recipe
 
 
-def capturable(precision: str, cfg) -> str | None:
-    """Why a configuration cannot be captured (None if it can)."""
+def capturable(precision: str) -> str | None:
+    """Why a run in this precision cannot be captured (None if it can): every setting of Config can."""
     if precision == "fp16":
         return "fp16's loss scaler reads the device at every step"
     return None
 
 
-def settle(place, cfg) -> tuple[object, str | None]:
-    """The placement a run of ``cfg`` gets: ``place``, or, where ``--compile capture`` cannot capture this
-    configuration, the compiled network with CUDA graphs instead, and a line that says so."""
-    why = capturable(place.precision, cfg) if place.capture else None
+def settle(place) -> tuple[object, str | None]:
+    """The placement a run gets: ``place``, or, where ``--compile capture`` cannot capture its precision, the
+    compiled network with CUDA graphs instead, and a line that says so."""
+    why = capturable(place.precision) if place.capture else None
     if why is None:
         return place, None
     import dataclasses
