@@ -41,7 +41,7 @@ def main() -> None:
     tr, va = D.stratified_split(labels, 5000, cfg.seed)
     torch.manual_seed(cfg.seed)
     model = place.place(Net.from_config(cfg))
-    opt = make_optimizer(model, cfg)
+    opt = make_optimizer(model, cfg, place.precision)
     gen = torch.Generator().manual_seed(cfg.seed)
     batches = D.Batches(images[tr].to(dev), labels[tr].to(dev), cfg.batch_size, True, cfg.crop_pad, cfg.flip, cl, gen, cfg.alt_flip)
     losses, step, t0 = [], 0, time.perf_counter()

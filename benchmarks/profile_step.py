@@ -75,7 +75,7 @@ def main() -> None:
     scaler = place.grad_scaler()
     torch.manual_seed(0)
     model = place.place(Net.from_config(cfg))
-    opt = make_optimizer(model, cfg)
+    opt = make_optimizer(model, cfg, place.precision)
     if args.compile:  # as the product compiles (device.Placement.compiled), or in another mode to compare
         if args.backend:  # graphs: each step marked as a new iteration, as the product's CUDA graphs are
             place = dataclasses.replace(place, graphs=args.backend == "cudagraphs" and dev.type == "cuda")

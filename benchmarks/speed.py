@@ -51,7 +51,7 @@ def worker_normlab(args) -> dict:
     dev, cl = place.device, place.channels_last
     torch.manual_seed(0)
     model = place.place(Net.from_config(cfg))
-    opt = make_optimizer(model, cfg)
+    opt = make_optimizer(model, cfg, place.precision)
     ema = make_ema(model, cfg.ema)
     scaler = place.grad_scaler()
     net = place.compiled(model)  # as the trainer runs it: torch.compile'd on CUDA by default

@@ -243,6 +243,29 @@ def test_muon_steps_the_conv_filters_and_sgd_the_rest():
         assert not torch.equal(pa, pb), name
 
 
+def test_muon_orthogonalizes_as_torch_does_in_bf16_and_in_fp32_where_the_run_is_fp32():
+    """loop.orthogonalize is torch.optim.Muon's Newton-Schulz iteration, bit for bit in bf16 (wide and tall
+    matrices), and leaves its input alone; in fp32 it lands on the same near-orthogonal matrix within bf16's
+    rounding. make_optimizer runs it in bf16 only where the run is bf16 (elsewhere bf16 would be emulated)."""
+    from torch.optim._muon import _zeropower_via_newtonschulz
+
+    torch.manual_seed(0)
+    for shape in ((16, 27), (32, 288), (40, 12)):
+        g = torch.randn(shape)
+        g0 = g.clone()
+        bf16 = T.orthogonalize(g)
+        assert torch.equal(g, g0) and bf16.dtype == torch.bfloat16
+        assert torch.equal(bf16, _zeropower_via_newtonschulz(g, (3.4445, -4.775, 2.0315), 5, 1e-7))
+        fp32 = T.orthogonalize(g, torch.float32)
+        assert fp32.dtype == torch.float32 and (fp32 - bf16.float()).abs().max() < 0.05
+        for m in (bf16.float(), fp32):  # about U V^T: every singular value near 1, none near 0
+            s = torch.linalg.svdvals(m)
+            assert len(s) == min(shape) and s.min() > 0.5 and s.max() < 1.3, s
+    model, cfg = Net("bn"), Config(norm="bn", muon_lr=0.05)
+    assert {p: T.make_optimizer(model, cfg, p).ns_dtype for p in ("bf16", "fp16", "fp32")} == {
+        "bf16": torch.bfloat16, "fp16": torch.float32, "fp32": torch.float32}
+
+
 def test_muon_with_its_learning_rate_on_the_device_takes_the_same_steps():
     """What --compile capture records (capture.use_device_lr: every group's learning rate a device tensor, SGD fused)
     steps SGDMuon's filters as the plain float learning rate does, step after step of the schedule (each step from
