@@ -166,11 +166,11 @@ def test_pool_first_runs_the_norm_on_pooled_maps(norm):
 
 
 def test_old_configs_describe_the_old_network():
-    """config.json files written before these options existed pooled after the ReLU and flipped at random."""
+    """config.json files written before these options existed pooled after the ReLU, flipped at random and trained with SGD."""
     old = Config.from_dict({"norm": "bn"})
-    assert old.pool_first is False and old.act == "relu" and old.alt_flip is False
+    assert old.pool_first is False and old.act == "relu" and old.alt_flip is False and old.muon_lr == 0
     new = Config.from_dict(Config().to_dict())
-    assert new.pool_first is True and new.alt_flip is True
+    assert new.pool_first is True and new.alt_flip is True and new.muon_lr == 0.05
 
 
 def test_unknown_activation():

@@ -48,9 +48,11 @@ def test_lr_schedule_one_cycle():
 
 def test_weight_decay_on_conv_weights_only():
     model = Net("bn")
-    decay, no_decay = T.make_optimizer(model, Config()).param_groups
+    decay, no_decay = T.make_optimizer(model, Config(muon_lr=0)).param_groups
     assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0
     assert all(p.ndim == 4 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    decay, no_decay, muon = T.make_optimizer(model, Config()).param_groups  # the default: Muon for the filters but C10's
+    assert decay["params"] == [model.C10.weight] and decay["weight_decay"] == 5e-4 and muon["weight_decay"] == 0
 
 
 @pytest.mark.parametrize("norm", ALL_NORMS)
@@ -58,10 +60,10 @@ def test_norm_biases_train_at_their_own_learning_rate(norm):
     """--norm-bias-lr: the norms' biases (every bias but C10's) in a third group at that multiple of the
     schedule's lr; at the default 1 the optimizer keeps its two groups (old checkpoints still load)."""
     model = Net(norm)
-    assert len(T.make_optimizer(model, Config(norm=norm)).param_groups) == 2
+    assert len(T.make_optimizer(model, Config(norm=norm, muon_lr=0)).param_groups) == 2
     biases = T.norm_biases(model)
     assert len(biases) == 10 and all(b is not model.C10.bias for b in biases)  # C1-C5, C7-C9, and P1, P2 (c3, c6)
-    opt = T.make_optimizer(model, Config(norm=norm, norm_bias_lr=64.0))
+    opt = T.make_optimizer(model, Config(norm=norm, norm_bias_lr=64.0, muon_lr=0))
     decay, rest, fast = opt.param_groups
     assert {id(p) for p in fast["params"]} == {id(b) for b in biases} and fast["weight_decay"] == 0
     assert any(p is model.C10.bias for p in rest["params"]) and len(decay["params"]) + len(rest["params"]) + len(fast["params"]) == len(list(model.parameters()))
@@ -219,7 +221,7 @@ def test_muon_steps_the_conv_filters_and_sgd_the_rest():
     a = Net("gn")
     b = Net("gn")
     b.load_state_dict(a.state_dict())
-    opt_a, opt_b = T.make_optimizer(a, Config(norm="gn")), T.make_optimizer(b, Config(norm="gn", muon_lr=0.05))
+    opt_a, opt_b = T.make_optimizer(a, Config(norm="gn", muon_lr=0)), T.make_optimizer(b, Config(norm="gn"))
     assert type(opt_a) is torch.optim.SGD and type(opt_b) is T.SGDMuon
     muon = opt_b.param_groups[-1]
     assert muon["muon"] and len(muon["params"]) == 10 and all(p.ndim == 4 for p in muon["params"])

@@ -1,8 +1,9 @@
 """The loop: optimizer, schedule, one step, one epoch, infer and evaluate, and ``Trainer`` that
 holds one model in training. It writes no files (``api.py`` and ``rundir.py`` do).
 
-SGD with Nesterov momentum, a one-cycle learning rate (a plain function of the step), label
-smoothing, weight decay on conv weights only; the precision and layout come from a
+Muon for the conv filters (``--muon-lr``, the default) and SGD with Nesterov momentum for the rest, or
+SGD for all; a one-cycle learning rate (a plain function of the step), label smoothing, weight decay on
+SGD's conv weights only; the precision and layout come from a
 ``device.Placement`` (bf16 or fp16 autocast, fp16 with loss scaling, or fp32).
 """
 from __future__ import annotations
