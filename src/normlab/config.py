@@ -37,7 +37,7 @@ class Config:
                          "(ghost batch norm; the last group may be smaller); 0 = the whole batch")
     bn_momentum: float = _s(0.1, "batch norm's running-statistics momentum",
                             "batch norm only: weight of each batch in the running statistics (PyTorch's convention; "
-                            "airbench's 0.6 is 0.4 here); not yet validated here (issue 17)")
+                            "airbench's 0.6 is 0.4 here); 0.4 with Lookahead lost on validation (docs/experiments.md §16)")
     weight_std: bool = _s(True, "weight-standardized convs", "plain convs instead of weight-standardized ones", "--no-weight-std")
     act: str = _s("gelu", "activation", "activation after every norm: relu | gelu (gelu won on validation)")
     pool_first: bool = _s(True, "c3, c6: max-pool before norm and activation",
@@ -47,10 +47,10 @@ class Config:
     whiten: str = _s("off", "C1 starts as a patch-whitening filter bank",
                      "off | frozen | train: start C1 (a plain conv then) from the eigenvectors of the training images' 3x3 "
                      "patch covariance, +/- pairs scaled by 1/sqrt(eigenvalue), as airbench does; frozen or trained on; "
-                     "not yet validated here (issue 17)")
+                     "both lost on validation (docs/experiments.md §16)")
     identity_init: bool = _s(False, "3x3 convs start as the identity",
                              "start each 3x3 conv's first min(in, out) filters as the identity (Dirac), as airbench does; "
-                             "not yet validated here (issue 17)")
+                             "with Muon it lost on validation (docs/experiments.md §16, §18)")
     epochs: int = _s(20, "epochs", f"passes over the training images; more than {MAX_EPOCHS} is flagged as outside the assignment")
     batch_size: int = _s(128, "batch size", "images per optimizer step")
     lr: float = _s(0.2, "peak learning rate (one-cycle)", "peak learning rate of the one-cycle schedule; no normalization (--norm none) "
@@ -63,12 +63,12 @@ class Config:
                         "session); on validation 0.05 beat SGD by +0.67 points (bn) and +0.35 (gn), and beat 0.1; docs/experiments.md §17-18")
     norm_bias_lr: float = _s(1.0, "learning-rate factor of the norms' biases",
                              "the norms' biases train at this multiple of the learning rate (airbench: 64); "
-                             "not yet validated here (issue 17)")
+                             "64 lost on validation, 16 within noise (docs/experiments.md §16)")
     weight_decay: float = _s(5e-4, "weight decay (conv weights)", "L2 on conv weights only (not on norms or biases)")
     lookahead: float = _s(0.0, "Lookahead (final decay; 0 = off)",
                           "every 5 steps a slow copy of the weights moves towards the network and the network jumps back to "
                           "it, by a decay rising as (step/total)^3 to this^5; the network ends as the slow copy (airbench: 0.95); "
-                          "0 = off; not yet validated here (issue 17)")
+                          "0 = off; 0.95 lost on validation (docs/experiments.md §16)")
     ema: float = _s(0.0, "moving average of the weights (decay; 0 = off)",
                     "per-step decay of an exponential moving average of the weights, used as the final model; 0 = off")
     label_smoothing: float = _s(0.1, "label smoothing", "cross-entropy target smoothing")
