@@ -188,6 +188,19 @@ def test_run_resume_refuses_a_finished_model_of_other_settings(runs, data_dir, c
     assert _snapshot(parent) == before
 
 
+def test_run_resume_refuses_an_unfinished_model_of_other_settings(runs, data_dir, tmp_path, capsys):
+    """--resume continues an unfinished model only if it was started with the settings asked for now: else one report
+    would mix models trained differently (an old run's SGD model beside Muon ones after the default changed)."""
+    parent = tmp_path / "parent"
+    (parent / "ln").mkdir(parents=True)
+    for name in ("config.json", CHECKPOINT, "metrics.csv"):
+        (parent / "ln" / name).write_bytes((runs[0] / "ln" / name).read_bytes())
+    before = _snapshot(parent)
+    argv = ["run", "--data-dir", str(data_dir), "--norms", "ln", *TRAIN_ARGS, "--lr", "0.1", "--out", str(parent), "--resume", "--no-report"]
+    fails(capsys, argv, f"{parent / 'ln'} was trained with other settings", "lr 0.2 (asked: 0.1)")
+    assert _snapshot(parent) == before
+
+
 def test_run_refuses_an_unfinished_model_without_resume(runs, data_dir, tmp_path, capsys):
     parent = tmp_path / "parent"
     (parent / "ln").mkdir(parents=True)

@@ -191,3 +191,21 @@ def test_a_compiled_runs_first_step_is_stated_apart(tmp_path):
     text = _results_section({"bn": [run("bn", 31.5)], "gn": [run("gn", 40.25)]})
     assert "first training step, compilation included, took 31.5 s (bn), 40.2 s (gn)" in text
     assert "compilation" not in _results_section({"bn": [run("bn", None)]})
+
+
+def test_the_settings_table_shows_seeds_that_differ(tmp_path):
+    """A norm whose seeds were trained with different settings (or on different devices) shows each value with its
+    seeds, not its first seed's value alone; settings all models share are shown once."""
+    from normlab.report import _header
+    from normlab.rundir import Run
+
+    def run(seed, muon_lr, precision):
+        results = {"device": "cpu", "precision": precision, "threads": 2, "torch": "2.14.1"}
+        return Run(tmp_path / f"seed{seed}", Config(norm="bn", seed=seed, muon_lr=muon_lr), results, [], None, None, None)
+
+    text = _header({"bn": [run(0, 0.05, "fp32"), run(1, 0.05, "fp32"), run(2, 0.0, "bf16")]}, tmp_path, True, tmp_path)
+    row = lambda label: next(line for line in text.splitlines() if line.startswith(f"| {label}"))
+    assert "0.05 (seed 0, seed 1), 0.0 (seed 2)" in row("Muon's peak learning rate")
+    assert "cpu, fp32, 2 threads (bn seed 0, bn seed 1), cpu, bf16, 2 threads (bn seed 2)" in row("device, precision")
+    assert row("torch").split("|")[2].strip() == "2.14.1"
+    assert row("batch size").split("|")[2].strip() == "128"

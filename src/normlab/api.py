@@ -193,7 +193,7 @@ def _train(cfg: Config, data_dir: Path, rd: RunDir, resume: bool, runtime: Runti
             row = trainer.run_epoch()
         except Diverged as e:
             kept = f"the last good epoch ({e.epoch - 1}) is kept in {rd}. " if e.epoch > 1 else "nothing was kept. "
-            raise TrainingError(f"{e}; {kept}Start again with a lower --lr" + (" and another --out" if e.epoch > 1 else "")) from None
+            raise TrainingError(f"{e}; {kept}Start again with a lower --lr (and --muon-lr)" + (" and another --out" if e.epoch > 1 else "")) from None
         rd.save_checkpoint(trainer.state_dict(), cfg)
         rd.write_metrics(trainer.metrics)
         v, t = (f"{row[k]:7.2%}" if row[k] is not None else f"{'-':>7}" for k in ("val_acc", "test_acc"))

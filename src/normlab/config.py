@@ -53,18 +53,21 @@ class Config:
                              "with Muon it lost on validation (docs/experiments.md §16, §18)")
     epochs: int = _s(20, "epochs", f"passes over the training images; more than {MAX_EPOCHS} is flagged as outside the assignment")
     batch_size: int = _s(128, "batch size", "images per optimizer step")
-    lr: float = _s(0.2, "peak learning rate (one-cycle)", "peak learning rate of the one-cycle schedule; no normalization (--norm none) "
-                   "trains at 0.1 when this is left at 0.2")
+    lr: float = _s(0.2, "peak learning rate (one-cycle)", "peak learning rate of the one-cycle schedule, for what SGD trains (with "
+                   "Muon, the default: the norms, the biases and C10; the conv filters follow --muon-lr); no normalization "
+                   "(--norm none) trains at 0.1 when this is left at 0.2")
     warmup: float = _s(0.2, "warm-up fraction", "fraction of all steps spent rising to the peak learning rate")
-    momentum: float = _s(0.9, "momentum (Nesterov)", "SGD Nesterov momentum")
+    momentum: float = _s(0.9, "momentum (Nesterov)", "SGD's Nesterov momentum (Muon's is 0.95)")
     muon_lr: float = _s(0.05, "Muon's peak learning rate for the conv filters (0 = SGD)",
                         "train the conv filters (C1-C9, c3, c6; not C10) with Muon at this peak learning rate, on the same "
                         "one-cycle shape (momentum 0.95, Nesterov, no decay); 0 = SGD for all (the default before the eleventh "
-                        "session); on validation 0.05 beat SGD by +0.67 points (bn) and +0.35 (gn), and beat 0.1; docs/experiments.md §17-18")
+                        "session); on validation 0.05 beat SGD by +0.67 points (bn) and +0.35 (gn), beat 0.1 (-0.52, 0.00) and 0.03 (-0.76, one "
+                        "seed); docs/experiments.md §17-19")
     norm_bias_lr: float = _s(1.0, "learning-rate factor of the norms' biases",
                              "the norms' biases train at this multiple of the learning rate (airbench: 64); "
                              "64 lost on validation, 16 within noise (docs/experiments.md §16)")
-    weight_decay: float = _s(5e-4, "weight decay (conv weights)", "L2 on conv weights only (not on norms or biases)")
+    weight_decay: float = _s(5e-4, "weight decay (conv weights SGD trains)", "L2 on the conv weights SGD trains (all of them with "
+                             "--muon-lr 0; with Muon, C10's alone), never on norms or biases")
     lookahead: float = _s(0.0, "Lookahead (final decay; 0 = off)",
                           "every 5 steps a slow copy of the weights moves towards the network and the network jumps back to "
                           "it, by a decay rising as (step/total)^3 to this^5; the network ends as the slow copy (airbench: 0.95); "

@@ -36,7 +36,8 @@ class Job:
 
 
 def check_same_settings(out: Path, cfg: Config) -> None:
-    """A finished model that a resumed plan skips must have been trained with the settings asked for now."""
+    """A model folder that a resumed plan skips or continues must hold a run of the settings asked for now: else one
+    report would mix models trained differently (e.g. an old run's SGD model beside new Muon ones)."""
     try:
         saved = Config.load(out / "config.json")
     except (OSError, ValueError, TypeError) as e:
@@ -74,6 +75,7 @@ def _job(cfg: Config, folder: Path, resume: bool, resume_hint: str) -> Job:
     if rd.has_checkpoint:
         if not resume:
             raise UsageError(f"{rd} holds an unfinished run; continue it with: {resume_hint}")
+        check_same_settings(rd.path, cfg)
         return Job(cfg, rd.path, RESUME)
     return Job(cfg, rd.path, NEW)
 

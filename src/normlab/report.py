@@ -176,6 +176,17 @@ def _command(models: dict[str, list[Run]], run_dir: Path, is_parent: bool) -> st
     return " ".join(parts + ["--out", str(run_dir)])
 
 
+def _by_seed(runs: list[Run], value, name=lambda r: f"seed {r.seed}") -> str:
+    """``value`` of the runs, once if they all share it, else each value with the seeds that have it (a report must
+    show a mix, e.g. a model resumed with other settings or on another device, not just its first seed's)."""
+    seeds: dict[str, list[str]] = {}
+    for r in runs:
+        seeds.setdefault(value(r), []).append(name(r))
+    if len(seeds) == 1:
+        return next(iter(seeds))
+    return ", ".join(f"{v} ({', '.join(s)})" for v, s in seeds.items())
+
+
 def _header(models: dict[str, list[Run]], run_dir: Path, is_parent: bool, data_dir: Path) -> str:
     runs = [r for rs in models.values() for r in rs]
     seeds = [r.seed for r in next(iter(models.values()))]
@@ -183,12 +194,13 @@ def _header(models: dict[str, list[Run]], run_dir: Path, is_parent: bool, data_d
     settings = [(f.metadata["label"], f.name) for f in setting_fields() if f.name not in ("norm", "seed")]
     rows = []
     for label, key in settings:
-        values = {n: getattr(rs[0].config, key) for n, rs in models.items()}
-        shown = {format_value(v) for v in values.values()}
+        values = {n: _by_seed(rs, lambda r: format_value(getattr(r.config, key))) for n, rs in models.items()}
+        shown = set(values.values())
         rows.append([label, shown.pop() if len(shown) == 1 else "; ".join(f"{n}: {v}" for n, v in values.items())])
-    r0 = runs[0].results
-    rows.append(["device, precision", f"{r0.get('device', '?')}, {r0.get('precision', '?')}, {r0.get('threads', '?')} threads"])
-    rows.append(["torch", r0.get("torch", "?")])
+    where = lambda r: f"{r.results.get('device', '?')}, {r.results.get('precision', '?')}, {r.results.get('threads', '?')} threads"
+    model = lambda r: f"{r.config.norm} seed {r.seed}"
+    rows.append(["device, precision", _by_seed(runs, where, model)])
+    rows.append(["torch", _by_seed(runs, lambda r: r.results.get("torch", "?"), model)])
     seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"{len(seeds)} seeds ({', '.join(map(str, seeds))})"
     return "\n\n".join([
         f"# normlab report: `{run_dir}`",
