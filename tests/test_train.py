@@ -245,6 +245,26 @@ def test_muon_steps_the_conv_filters_and_sgd_the_rest():
         assert not torch.equal(pa, pb), name
 
 
+def test_muon_step_calls_its_closure_and_returns_the_loss_as_torch_optimizers_do():
+    torch.manual_seed(0)
+    model = Net("bn")
+    opt = T.make_optimizer(model, Config(norm="bn"), precision="fp32")
+    x, y = torch.randn(4, 3, 32, 32), torch.arange(4)
+    filters = opt.param_groups[-1]["params"][0]
+    before = filters.detach().clone()
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor) and loss.item() > 0
+    assert not torch.equal(filters, before)  # the closure's gradients took a Muon step
+    assert opt.step() is None
+
+
 def test_muon_orthogonalizes_as_torch_does_in_bf16_and_in_fp32_where_the_run_is_fp32():
     """loop.orthogonalize is torch.optim.Muon's Newton-Schulz iteration, bit for bit in bf16 (wide and tall
     matrices), and leaves its input alone; in fp32 it lands on the same near-orthogonal matrix within bf16's

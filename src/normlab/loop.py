@@ -83,6 +83,10 @@ class SGDMuon(torch.optim.SGD):
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:  # as torch's optimizers: the closure recomputes the loss and its gradients first
+            with torch.enable_grad():
+                loss = closure()
         groups = self.param_groups
         self.param_groups = [g for g in groups if not g.get("muon")]
         try:
@@ -105,6 +109,7 @@ class SGDMuon(torch.optim.SGD):
                     p.sub_(ortho * (g["lr"] * scale))
                 else:
                     p.add_(ortho, alpha=-g["lr"] * scale)
+        return loss
 
 
 MUON_MOMENTUM = 0.95  # torch.optim.Muon's default
