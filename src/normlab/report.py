@@ -187,6 +187,10 @@ def _by_seed(runs: list[Run], value, name=lambda r: f"seed {r.seed}") -> str:
     return ", ".join(f"{v} ({', '.join(s)})" for v, s in seeds.items())
 
 
+def _device(r: Run) -> str:
+    return f"{r.results.get('device', '?')}, {r.results.get('precision', '?')}"
+
+
 def _header(models: dict[str, list[Run]], run_dir: Path, is_parent: bool, data_dir: Path) -> str:
     runs = [r for rs in models.values() for r in rs]
     seeds = [r.seed for r in next(iter(models.values()))]
@@ -197,7 +201,7 @@ def _header(models: dict[str, list[Run]], run_dir: Path, is_parent: bool, data_d
         values = {n: _by_seed(rs, lambda r: format_value(getattr(r.config, key))) for n, rs in models.items()}
         shown = set(values.values())
         rows.append([label, shown.pop() if len(shown) == 1 else "; ".join(f"{n}: {v}" for n, v in values.items())])
-    where = lambda r: f"{r.results.get('device', '?')}, {r.results.get('precision', '?')}, {r.results.get('threads', '?')} threads"
+    where = lambda r: f"{_device(r)}, {r.results.get('threads', '?')} threads"
     model = lambda r: f"{r.config.norm} seed {r.seed}"
     rows.append(["device, precision", _by_seed(runs, where, model)])
     rows.append(["torch", _by_seed(runs, lambda r: r.results.get("torch", "?"), model)])
@@ -220,7 +224,7 @@ def results_table(models: dict[str, list[Run]]) -> str:
     rows = [[f"{NORMS[n].label} ({n})", NORMS[n].describe(**rs[0].config.to_dict()), f"{rs[0].results['params']:,}", rs[0].results["epochs"],
              acc_cell(_col(rs, "train_acc_running")), acc_cell(_col(rs, "train_acc_clean")),
              f"**{acc_cell(_col(rs, 'test_acc'))}**", acc_cell(_col(rs, "test_acc_flip_tta")),
-             secs_cell(_col(rs, "seconds_per_epoch")), f"{rs[0].results.get('device', '?')}, {rs[0].results.get('precision', '?')}",
+             secs_cell(_col(rs, "seconds_per_epoch")), _by_seed(rs, _device),
              _flags_cell(rs)] for n, rs in models.items()]
     return md_table(header, rows, "llrrrrrrrll")
 
