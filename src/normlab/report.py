@@ -240,7 +240,7 @@ def _results_section(models: dict[str, list[Run]]) -> str:
         parts += ["Per seed:" if n_seeds > 1 else "With the validation split:",
                   md_table(["model", "seed", "train (running)", "train (clean)", "validation", "test", "test, flip TTA", "s/epoch (median)"],
                            seed_rows, "lrrrrrrr")]
-    notes = [f"Limits of the assignment: fewer than {PARAM_BUDGET:,} trainable parameters, at most {MAX_EPOCHS} epochs, "
+    notes = [f"Limits of the assignment: fewer than {PARAM_BUDGET:,} parameters (trainable or frozen, all counted), at most {MAX_EPOCHS} epochs, "
              f"test accuracy of at least {TARGET_ACC:.0%}; anything outside them is marked ⚠️."]
     if n_seeds > 1:
         notes.append(f"With several seeds: mean ± sample standard deviation over the {n_seeds} seeds; the per-seed values are above.")
@@ -330,7 +330,7 @@ def _summary_section(models) -> str:
     for norm, runs in models.items():
         cfg = runs[0].config
         params = runs[0].results["params"]
-        parts.append(f"<details>\n<summary>{NORMS[norm].label} ({norm}): {params:,} trainable parameters</summary>\n\n"
+        parts.append(f"<details>\n<summary>{NORMS[norm].label} ({norm}): {params:,} parameters</summary>\n\n"
                      f"```text\n{model_summary(cfg)}\n```\n\n</details>")
     return "\n\n".join(parts)
 
