@@ -10,6 +10,7 @@ from normlab import data as D
 from normlab import loop as T
 from normlab.cli import main
 from normlab.config import Config
+from normlab.errors import ConfigError
 from normlab.device import Placement
 from normlab.models import Net
 from normlab.norms import NORMS
@@ -349,3 +350,35 @@ def test_the_first_step_is_timed_only_when_asked(cifar_dir):
     assert T.train_epoch(model, opt, batches, cfg, 0, 4, place, place.grad_scaler())["first_step_seconds"] is None
     r = T.train_epoch(model, opt, batches, cfg, 2, 4, place, place.grad_scaler(), time_first=True)
     assert 0 < r["first_step_seconds"] < 60
+
+
+def test_muon_norm_takes_the_same_step_whatever_the_filters_scale():
+    """--muon-norm: before each Muon step every filter bank is scaled to norm sqrt(out). The network (a norm after
+    every conv, weight-standardized convs) computes the same whatever the filters' scale, so two networks whose
+    filters differ by a factor 5 take the same step and end equal; without --muon-norm they do not."""
+    for muon_norm in (True, False):
+        torch.manual_seed(0)
+        a, b = Net("gn"), Net("gn")
+        b.load_state_dict(a.state_dict())
+        cfg = Config(norm="gn", muon_norm=muon_norm)
+        opt_a, opt_b = T.make_optimizer(a, cfg, "fp32"), T.make_optimizer(b, cfg, "fp32")
+        filters_b = opt_b.param_groups[-1]["params"]
+        with torch.no_grad():
+            for p in filters_b:
+                p.mul_(5.0)
+        place = Placement(torch.device("cpu"), "fp32", False)
+        x, y = torch.randn(8, 3, 32, 32), torch.arange(8)
+        with torch.no_grad():
+            assert torch.allclose(a(x), b(x), atol=2e-3)  # blind to the filters' scale (but for weight std's eps)
+        for model, opt in ((a, opt_a), (b, opt_b)):  # one step: later ones differ by the momentum of the first gradients
+            T.train_step(model, opt, x, y, 0.1, 0.0, place, place.grad_scaler())
+        gap = max((pa - pb).abs().max().item() for pa, pb in zip(opt_a.param_groups[-1]["params"], filters_b))
+        assert gap < 1e-3 if muon_norm else gap > 1e-2, gap
+        if muon_norm:  # the step was taken from norm sqrt(out): the filters sit near it, not near 5 times it
+            for p in filters_b:
+                assert 0.8 < p.norm().item() / p.shape[0] ** 0.5 < 1.5
+
+
+def test_muon_norm_needs_muon():
+    with pytest.raises(ConfigError, match="--muon-norm"):
+        Config(muon_lr=0, muon_norm=True).validate()

@@ -63,6 +63,11 @@ class Config:
                         "one-cycle shape (momentum 0.95, Nesterov, no decay); 0 = SGD for all (the default before the eleventh "
                         "session); on validation 0.05 beat SGD by +0.67 points (bn) and +0.35 (gn), beat 0.1 (-0.52, 0.00) and 0.03 (-0.76, one "
                         "seed); docs/experiments.md §17-19")
+    muon_norm: bool = _s(False, "Muon's filters renormalized before each step",
+                         "before each Muon step scale each filter bank to norm sqrt(out channels), as airbench94_muon does: "
+                         "a norm after every conv (and weight standardization) makes the network blind to the filters' scale, "
+                         "so this changes only the step's size relative to the filters, which without it shrinks as the "
+                         "filters grow (about 20-fold over a run); it does change what --norm none computes; retune --muon-lr with it")
     norm_bias_lr: float = _s(1.0, "learning-rate factor of the norms' biases",
                              "the norms' biases train at this multiple of the learning rate (airbench: 64); "
                              "64 lost on validation, 16 within noise (docs/experiments.md §16)")
@@ -114,6 +119,8 @@ class Config:
             (0 < self.bn_momentum <= 1, f"--bn-momentum must be in (0, 1] (got {self.bn_momentum})"),
             (0 <= self.lookahead < 1, f"--lookahead must be in [0, 1), 0 = off (got {self.lookahead})"),
             (0 <= self.muon_lr <= 10, f"--muon-lr must be in [0, 10], 0 = off (got {self.muon_lr})"),
+            (self.muon_lr > 0 or not self.muon_norm,
+             "--muon-norm renormalizes the filters Muon trains, and --muon-lr 0 trains them with SGD: drop one of the two"),
             (0 < self.norm_bias_lr <= 1000, f"--norm-bias-lr must be in (0, 1000] (got {self.norm_bias_lr})"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1) (got {self.label_smoothing})"),
             (0 <= self.crop_pad <= 16, f"--crop-pad must be between 0 and 16 (got {self.crop_pad})"),
