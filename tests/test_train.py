@@ -10,7 +10,6 @@ from normlab import data as D
 from normlab import loop as T
 from normlab.cli import main
 from normlab.config import Config
-from normlab.errors import ConfigError
 from normlab.device import Placement
 from normlab.models import Net
 from normlab.norms import NORMS
@@ -222,7 +221,8 @@ def test_muon_steps_the_conv_filters_and_sgd_the_rest():
     a = Net("gn")
     b = Net("gn")
     b.load_state_dict(a.state_dict())
-    opt_a, opt_b = T.make_optimizer(a, Config(norm="gn", muon_lr=0)), T.make_optimizer(b, Config(norm="gn"))
+    opt_a = T.make_optimizer(a, Config(norm="gn", muon_lr=0))
+    opt_b = T.make_optimizer(b, Config(norm="gn", muon_lr=0.05, muon_norm=False))  # the step itself (renormalized: below)
     assert type(opt_a) is torch.optim.SGD and type(opt_b) is T.SGDMuon
     muon = opt_b.param_groups[-1]
     assert muon["muon"] and len(muon["params"]) == 10 and all(p.ndim == 4 for p in muon["params"])
@@ -379,6 +379,8 @@ def test_muon_norm_takes_the_same_step_whatever_the_filters_scale():
                 assert 0.8 < p.norm().item() / p.shape[0] ** 0.5 < 1.5
 
 
-def test_muon_norm_needs_muon():
-    with pytest.raises(ConfigError, match="--muon-norm"):
-        Config(muon_lr=0, muon_norm=True).validate()
+def test_muon_norm_is_ignored_without_muon():
+    """--muon-lr 0 (SGD for every filter) with the renormalization left on, its default: nothing to renormalize,
+    so it is accepted and SGD's two groups are all there is."""
+    cfg = Config(norm="gn", muon_lr=0).validate()
+    assert cfg.muon_norm and len(T.make_optimizer(Net("gn"), cfg).param_groups) == 2

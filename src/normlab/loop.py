@@ -76,8 +76,9 @@ class SGDMuon(torch.optim.SGD):
     Nesterov momentum, then each filter bank's update, viewed as (out, in*k*k), orthogonalized
     (``orthogonalize``, in ``ns_dtype``: bf16 as torch.optim.Muon, fp32 where the run is fp32) and scaled by
     sqrt(max(1, out / (in*k*k))) as torch.optim.Muon does by default. torch.optim.Muon itself takes 2-D
-    parameters only; conv filters are 4-D. A group with ``normalize`` (--muon-norm) first scales each filter bank to
-    norm sqrt(out), as airbench94_muon does, so that the step's size relative to the filters is the learning rate's.
+    parameters only; conv filters are 4-D. A group with ``normalize`` (the default; --no-muon-norm turns it off)
+    first scales each filter bank to norm sqrt(out), as airbench94_muon does, so that the step's size relative to
+    the filters is the learning rate's.
     """
 
     ns_dtype = torch.bfloat16  # make_optimizer sets the run's (fp32 unless the run is bf16)
@@ -102,7 +103,7 @@ class SGDMuon(torch.optim.SGD):
                 if "muon_buffer" not in state:
                     state["muon_buffer"] = torch.zeros_like(p.grad)
                 buf = state["muon_buffer"]
-                if g.get("normalize"):  # --muon-norm: the filters to norm sqrt(out), their function unchanged (scale-free)
+                if g.get("normalize"):  # renormalized (default): the filters to norm sqrt(out), their function unchanged (scale-free)
                     p.mul_(p.shape[0] ** 0.5 / p.norm())
                 buf.lerp_(p.grad, 1 - g["momentum"])
                 update = p.grad.lerp(buf, g["momentum"]).reshape(p.shape[0], -1)  # Nesterov
