@@ -61,8 +61,8 @@ class Config:
     muon_lr: float = _s(0.02, "Muon's peak learning rate for the conv filters (0 = SGD)",
                         "train the conv filters (C1-C9, c3, c6; not C10) with Muon at this peak learning rate, on the same "
                         "one-cycle shape (momentum 0.95, Nesterov, no decay); 0 = SGD for all (the default before the eleventh "
-                        "session); with the filters renormalized (the default) 0.02 beat 0.01 and 0.04 on validation, "
-                        "docs/experiments.md §22-23; without it 0.05 (the default of the eleventh to fifteenth sessions), §17-19")
+                        "session); with the filters renormalized (the default) 0.02 beat 0.04 and tied 0.01 on validation, "
+                        "docs/experiments.md §22-23; without it 0.05 (the default of the eleventh to fourteenth sessions), §17-19")
     muon_norm: bool = _s(True, "Muon's filters renormalized before each step",
                          "do not scale each filter bank to norm sqrt(out channels) before each Muon step (airbench94_muon "
                          "does; the default since the fifteenth session): a norm after every conv (and weight "
@@ -163,7 +163,7 @@ class Config:
         kwargs.setdefault("act", "relu")
         kwargs.setdefault("alt_flip", False)
         kwargs.setdefault("muon_lr", 0.0)  # and trained every filter with SGD;
-        kwargs.setdefault("muon_norm", False)  # those of the eleventh to fifteenth sessions used Muon unrenormalized
+        kwargs.setdefault("muon_norm", False)  # those of the eleventh to fourteenth sessions used Muon unrenormalized
         if "widths" in kwargs:
             kwargs["widths"] = tuple(kwargs["widths"])
         return cls(**kwargs)
