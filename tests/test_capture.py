@@ -76,8 +76,9 @@ def test_a_captured_run_trains_as_the_same_run_never_captured(cifar_dir, monkeyp
 
 
 def test_a_captured_step_follows_the_schedule(cifar_dir):
-    """Each replay reads the learning rate that the step sets in the device tensors (Muon's group, the default, too).
-    Muon's filters not renormalized here: a renormalization rescales them even at lr 0 (their function unchanged)."""
+    """Each replay reads the learning rate that the step sets in the device tensors (Muon's group too). Muon's
+    filters not renormalized here (the default renormalizes them; a captured run of the defaults is checked above):
+    a renormalization rescales them even at lr 0, their function unchanged."""
     t = trainer(cifar_dir, dataclasses.replace(CPU, capture=True), norm_bias_lr=2.0, muon_lr=0.05, muon_norm=False)
     t.graphed.capture = recording(t)
     x, y = torch.randn(30, 3, 32, 32), torch.randint(0, 10, (30,))

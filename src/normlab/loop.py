@@ -103,7 +103,7 @@ class SGDMuon(torch.optim.SGD):
                 if "muon_buffer" not in state:
                     state["muon_buffer"] = torch.zeros_like(p.grad)
                 buf = state["muon_buffer"]
-                if g.get("normalize"):  # renormalized (default): the filters to norm sqrt(out), their function unchanged (scale-free)
+                if g.get("normalize"):  # the filters to norm sqrt(out), their function unchanged (scale-free)
                     p.mul_(p.shape[0] ** 0.5 / p.norm())
                 buf.lerp_(p.grad, 1 - g["momentum"])
                 update = p.grad.lerp(buf, g["momentum"]).reshape(p.shape[0], -1)  # Nesterov
