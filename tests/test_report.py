@@ -2,7 +2,9 @@
 and error paths checked against hand-made cases."""
 import json
 import re
+import shlex
 import shutil
+from pathlib import Path
 
 import matplotlib.image
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 from conftest import make_cifar
 from torch import nn
 
-from normlab.cli import main
+from normlab.cli import build_parser, config_from, main
 from normlab.config import Config
 from normlab.models import Net, model_summary, receptive_field
 from normlab.norms import DEFAULT_NORMS, NORMS
@@ -73,6 +75,21 @@ def test_report_states_the_accuracies_of_results_json(report, run_parent):
         assert f"{r['params']:,}" in row
         assert "test acc < 70%" in row  # one epoch on noise is far below the assignment's floor
     assert "10 test images it got wrong with the highest predicted-class probability" in text
+
+
+def test_report_command_reads_the_same_data_and_settings_again(report, run_parent, data_dir):
+    """The report's "trains it again" line, parsed by normlab's own parser: the data folder the run read, its
+    folder, and every model's settings but norm and seed (run_parent's settings differ from the defaults)."""
+    text = report.read_text()
+    line = text.split("The command line that trains it again:\n\n```sh\n", 1)[1].split("\n```", 1)[0]
+    argv = shlex.split(line)
+    assert argv[:2] == ["normlab", "run"]
+    args = build_parser().parse_args(argv[1:])
+    assert Path(args.data_dir).resolve() == Path(data_dir).resolve()
+    assert Path(args.out) == run_parent
+    for norm in DEFAULT_NORMS:
+        saved = Config.load(run_parent / norm / "config.json")
+        assert config_from(args, norm=norm, seed=saved.seed) == saved
 
 
 def test_select_misclassified_takes_the_most_confident_mistakes():

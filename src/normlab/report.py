@@ -9,6 +9,7 @@ bn/seed0/ bn/seed1/ ... (several seeds). The figures themselves are drawn in ``f
 from __future__ import annotations
 
 import os
+import shlex
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -158,11 +159,12 @@ def _flags_cell(runs: list[Run]) -> str:
     return "yes" if runs[0].results.get("test_acc") is not None else "params and epochs yes; test set not read"
 
 
-def _command(models: dict[str, list[Run]], run_dir: Path, is_parent: bool) -> str:
-    """The normlab command line that trains this folder again (flags that differ from the defaults)."""
+def _command(models: dict[str, list[Run]], run_dir: Path, is_parent: bool, data_dir: Path) -> str:
+    """The normlab command line that trains this folder again: the data it read and the flags that differ from
+    the defaults."""
     first = next(iter(models.values()))[0]
     cfg = first.config
-    parts = ["normlab", "run" if is_parent else "train"]
+    parts = ["normlab", "run" if is_parent else "train", "--data-dir", shlex.quote(str(data_dir))]
     if not is_parent:
         parts += ["--norm", cfg.norm]
     elif tuple(models) != DEFAULT_NORMS:
@@ -173,7 +175,7 @@ def _command(models: dict[str, list[Run]], run_dir: Path, is_parent: bool) -> st
         parts += ["--seeds", str(len(seeds))]
     if seeds[0] != 0:
         parts += ["--seed", str(seeds[0])]
-    return " ".join(parts + ["--out", str(run_dir)])
+    return " ".join(parts + ["--out", shlex.quote(str(run_dir))])
 
 
 def _by_seed(runs: list[Run], value, name=lambda r: f"seed {r.seed}") -> str:
@@ -210,7 +212,7 @@ def _header(models: dict[str, list[Run]], run_dir: Path, is_parent: bool, data_d
         f"# normlab report: `{run_dir}`",
         f"{names} in one network (C1 C2 c3 P1 C3 C4 C5 c6 P2 C7 C8 C9 GAP C10) trained on CIFAR-10; {seed_text}.",
         md_table(["setting", "value"], rows, "ll"),
-        f"The command line that trains it again:\n\n```sh\n{_command(models, run_dir, is_parent)}\n```",
+        f"The command line that trains it again:\n\n```sh\n{_command(models, run_dir, is_parent, data_dir)}\n```",
         "Every table and figure below is computed from the files in this folder (`config.json`, `metrics.csv`, "
         f"`results.json`, `predictions.csv` of each model) and the CIFAR-10 images in `{data_dir}`; "
         f"rebuild it with `normlab report {run_dir}`.",
