@@ -149,7 +149,7 @@ def test_summary_table_has_one_row_per_model(run_parent):
 def test_single_train_folder(run_parent, data_dir):
     path = write_report(run_parent / "bn", data_dir)  # a normlab run's bn/ is a normlab train folder
     text = path.read_text()
-    assert "normlab train --norm bn" in text and "figures/misclassified_bn.png" in text
+    assert f"normlab train --data-dir {data_dir} --norm bn" in text and "figures/misclassified_bn.png" in text
     assert (path.parent / "figures" / "misclassified_bn.png").is_file()
 
 
