@@ -99,15 +99,15 @@ def test_plan_sweep_folders_and_one_model_per_ignored_setting(tmp_path):
     gn = next(j for j in jobs if j.out.name == "seed1" and j.out.parent.name == "groups=8")
     assert gn.cfg == Config(norm="gn", groups=8, seed=1, epochs=1)
     ln = next(j for j in jobs if j.out.parent.name == "ln")
-    assert ln.cfg.groups == 8 and ln.cfg.norm_batch == 0  # trained once, at the base values
+    assert ln.cfg.groups == 8 and ln.cfg.norm_batch == Config().norm_batch  # trained once, at the base values
     assert cell_folder(tmp_path, "bn", {"widths": (16, 32, 24)}, 3) == tmp_path / "bn" / "widths=16x32x24" / "seed3"
 
 
 def test_plan_sweep_validates_every_cell_before_anything_trains(tmp_path):
     with pytest.raises(ConfigError, match="gn with groups=5: --groups 5 must divide every width"):
         plan_sweep(Config(), ["bn", "gn"], parse_grid(["groups=4,5"]), 1, 0, tmp_path, False, "hint")
-    with pytest.raises(ConfigError, match="bn with norm_batch=256: --norm-batch 256 is larger than --batch-size 128"):
-        plan_sweep(Config(), ["bn", "gn"], parse_grid(["norm_batch=8,256"]), 1, 0, tmp_path, False, "hint")
+    with pytest.raises(ConfigError, match=r"bn with norm_batch=-1: --norm-batch must be 0 \(the whole batch\) or more"):
+        plan_sweep(Config(), ["bn", "gn"], parse_grid(["norm_batch=8,-1"]), 1, 0, tmp_path, False, "hint")
     with pytest.raises(ConfigError, match="unknown norm 'xn'"):
         plan_sweep(Config(), ["bn", "xn"], {}, 1, 0, tmp_path, False, "hint")
     assert not tmp_path.joinpath("bn").exists()

@@ -92,8 +92,10 @@ def _batch_norm(channels: int, norm_batch: int = 0, bn_momentum: float = 0.1, **
     return layer
 
 
-def _describe_batch_norm(norm_batch: int = 0, **_: Any) -> str:
-    return f"BatchNorm2d, statistics over groups of {norm_batch} images (ghost batches)" if norm_batch else "BatchNorm2d"
+def _describe_batch_norm(norm_batch: int = 0, batch_size: int = 0, **_: Any) -> str:
+    # Groups as large as the batch are the whole batch: plain batch norm, whatever --norm-batch says.
+    ghost = norm_batch and not (batch_size and norm_batch >= batch_size)
+    return f"BatchNorm2d, statistics over groups of {norm_batch} images (ghost batches)" if ghost else "BatchNorm2d"
 
 
 def _group_norm(channels: int, groups: int = 8, **_: Any) -> nn.Module:
