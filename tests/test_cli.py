@@ -136,6 +136,16 @@ def test_more_than_20_epochs_allowed_but_flagged(tmp_path, capsys):
     assert len(metrics_rows(out / "metrics.csv")) == 21
 
 
+@pytest.mark.parametrize("norm_batch, layer", [("16", "BatchNorm2d, statistics over groups of 16 images (ghost batches)"),
+                                               ("0", "BatchNorm2d)")])
+def test_train_header_names_the_layer_it_trains(tmp_path, capsys, norm_batch, layer):
+    data = make_cifar(tmp_path / "data", per_batch=10, test=10)  # 50 images: one step per epoch
+    rc = main(["train", "--data-dir", str(data), "--norm", "bn", "--norm-batch", norm_batch, "--epochs", "1",
+               "--batch-size", "50", "--threads", "1", "--no-test", "--out", str(tmp_path / "run")])
+    assert rc == 0
+    assert f"Batch Normalization (bn; {layer}" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------- finished work is never overwritten
 def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
     return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*")) if p.is_file()}

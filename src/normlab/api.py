@@ -184,7 +184,7 @@ def _train(cfg: Config, data_dir: Path, rd: RunDir, resume: bool, runtime: Runti
 
     n_params = count_params(trainer.model)
     limit = "" if cfg.epochs <= MAX_EPOCHS else f"  [{cfg.epochs} epochs: OUTSIDE the assignment's limit of {MAX_EPOCHS}]"
-    log(f"{NORMS[cfg.norm].label} ({cfg.norm}): {n_params:,} parameters, {len(trainer.train_y):,} training / {len(trainer.val_y):,} "
+    log(f"{NORMS[cfg.norm].label} ({cfg.norm}; {NORMS[cfg.norm].describe(**cfg.to_dict())}): {n_params:,} parameters, {len(trainer.train_y):,} training / {len(trainer.val_y):,} "
         f"validation images, {place.device.type}, {place.precision}, {place.layout}, {torch.get_num_threads()} threads{limit}")
     if trainer.epoch == 0:
         log(f"{'epoch':>5} {'lr':>7} {'loss':>7} {'train':>7} {'val':>7} {'test':>7} {'sec':>6}")
