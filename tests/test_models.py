@@ -175,7 +175,7 @@ def test_old_configs_describe_the_old_network():
     assert old.norm_batch == 0  # batch norm over the whole batch, before ghost batches of 32 became the default
     new = Config.from_dict(Config().to_dict())
     assert new.pool_first is True and new.alt_flip is True and new.muon_lr == 0.02 and new.muon_norm is True
-    assert new.norm_batch == 32
+    assert new.norm_batch == 0  # ghost batches of 32 were the default for one session, until section 27 of experiments.md
 
 
 def test_unknown_activation():

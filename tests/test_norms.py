@@ -238,25 +238,27 @@ def test_norm_batch_validation():
     with pytest.raises(ConfigError, match="--norm-batch must be 0"):
         Config(norm="bn", norm_batch=-1).validate()
     Config(norm="bn", norm_batch=256).validate()  # groups no smaller than the batch are the whole batch (below)
-    Config(norm="bn", batch_size=16).validate()  # so the default 32 takes any batch size
+    Config(norm="bn", norm_batch=32, batch_size=16).validate()  # so 32 takes any batch size
     Config(norm="gn", norm_batch=256).validate()  # the other norms ignore it, as batch norm ignores --groups
     with pytest.raises(ConfigError, match="--norm-batch must be 0"):
         Config(norm="gn", norm_batch=-1).validate()
 
 
 def test_report_names_the_ghost_batches():
-    assert "groups of 32 images" in NORMS["bn"].describe(**Config().to_dict())  # the default since §25
+    assert NORMS["bn"].describe(**Config().to_dict()) == "BatchNorm2d"  # the default: the whole batch (§27)
+    assert "groups of 32 images" in NORMS["bn"].describe(**Config(norm_batch=32).to_dict())
     assert "groups of 16 images" in NORMS["bn"].describe(**Config(norm_batch=16).to_dict())
-    assert NORMS["bn"].describe(**Config(norm_batch=0).to_dict()) == "BatchNorm2d"
-    assert NORMS["bn"].describe(**Config(batch_size=32).to_dict()) == "BatchNorm2d"  # one group: the whole batch
+    assert NORMS["bn"].describe(**Config(norm_batch=32, batch_size=32).to_dict()) == "BatchNorm2d"  # one group: the whole batch
 
 
-def test_the_default_batch_norm_takes_its_statistics_over_groups_of_32():
-    """The default (validation, docs/experiments.md §25); a batch of 32 or fewer is plain batch norm, bit for bit."""
-    model = Net.from_config(Config())
+def test_ghost_batches_of_32_and_a_batch_of_32_or_fewer_is_plain_batch_norm():
+    """The default is plain batch norm (docs/experiments.md §27); --norm-batch 32 puts a GhostBatchNorm2d in each
+    norm's place, and on a batch of 32 or fewer that is plain batch norm, bit for bit."""
+    assert all(type(m) is nn.BatchNorm2d for m in Net.from_config(Config()).modules() if isinstance(m, nn.BatchNorm2d))
+    model = Net.from_config(Config(norm_batch=32))
     ghosts = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert len(ghosts) == 10 and all(type(m) is GhostBatchNorm2d and m.norm_batch == 32 for m in ghosts)
-    plain = Net.from_config(Config(norm_batch=0))
+    plain = Net.from_config(Config())
     plain.load_state_dict(model.state_dict())
     torch.manual_seed(0)
     x = torch.randn(32, 3, 32, 32)

@@ -32,10 +32,11 @@ class Config:
     widths: tuple[int, int, int] = _s((16, 32, 24), "widths (C1–C2, c3–C5, c6–C9)",
                                       "channels of C1-C2, C3-C5, C7-C9 (16,32,24 beat 16,24,32 on validation)")
     groups: int = _s(8, "groups (group norm)", "group count of group norm (8 beat 4 on validation)")
-    norm_batch: int = _s(32, "images per batch-norm statistics (ghost batches; 0 = the whole batch)",
+    norm_batch: int = _s(0, "images per batch-norm statistics (ghost batches; 0 = the whole batch)",
                          "batch norm only: compute its training statistics over groups of this many images of each batch "
                          "(ghost batch norm; the last group may be smaller); 0, or a number no smaller than --batch-size, = "
-                         "the whole batch; 32 beat the whole batch on validation, three paired seeds (docs/experiments.md §25)")
+                         "the whole batch; 32 gained on three validation seeds but not on six, and lost on the test set "
+                         "(docs/experiments.md §25-27)")
     bn_momentum: float = _s(0.1, "batch norm's running-statistics momentum",
                             "batch norm only: weight of each batch in the running statistics (PyTorch's convention; "
                             "airbench's 0.6 is 0.4 here); 0.4 with Lookahead lost on validation (docs/experiments.md §16)")
