@@ -254,7 +254,8 @@ def test_report_names_the_ghost_batches():
 def test_ghost_batches_of_32_and_a_batch_of_32_or_fewer_is_plain_batch_norm():
     """The default is plain batch norm (docs/experiments.md §27); --norm-batch 32 puts a GhostBatchNorm2d in each
     norm's place, and on a batch of 32 or fewer that is plain batch norm, bit for bit."""
-    assert all(type(m) is nn.BatchNorm2d for m in Net.from_config(Config()).modules() if isinstance(m, nn.BatchNorm2d))
+    default = [m for m in Net.from_config(Config()).modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(default) == 10 and all(type(m) is nn.BatchNorm2d for m in default)
     model = Net.from_config(Config(norm_batch=32))
     ghosts = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert len(ghosts) == 10 and all(type(m) is GhostBatchNorm2d and m.norm_batch == 32 for m in ghosts)

@@ -35,7 +35,7 @@ class Config:
     norm_batch: int = _s(0, "images per batch-norm statistics (ghost batches; 0 = the whole batch)",
                          "batch norm only: compute its training statistics over groups of this many images of each batch "
                          "(ghost batch norm; the last group may be smaller); 0, or a number no smaller than --batch-size, = "
-                         "the whole batch; 32 gained on three validation seeds but not on six, and lost on the test set "
+                         "the whole batch; 32 gained on three validation seeds but not on five, and lost on the test set "
                          "(docs/experiments.md §25-27)")
     bn_momentum: float = _s(0.1, "batch norm's running-statistics momentum",
                             "batch norm only: weight of each batch in the running statistics (PyTorch's convention; "
