@@ -212,9 +212,11 @@ def test_lookahead_pulls_every_fifth_step_and_ends_on_the_slow_weights():
 
 
 
-def test_muon_steps_the_conv_filters_and_sgd_the_rest():
+@pytest.mark.parametrize("momentum", [None, 0.6])
+def test_muon_steps_the_conv_filters_and_sgd_the_rest(momentum):
     """--muon-lr: the filters of C1-C9, c3 and c6 move by Muon's orthogonalized Nesterov step at muon_lr's share of
-    the schedule; every other parameter (C10's filters included) takes exactly the step plain SGD takes."""
+    the schedule, with --muon-momentum's momentum (0.95 by default); every other parameter (C10's filters included)
+    takes exactly the step plain SGD takes."""
     from torch.optim._muon import _zeropower_via_newtonschulz
 
     torch.manual_seed(0)
@@ -222,7 +224,9 @@ def test_muon_steps_the_conv_filters_and_sgd_the_rest():
     b = Net("gn")
     b.load_state_dict(a.state_dict())
     opt_a = T.make_optimizer(a, Config(norm="gn", muon_lr=0))
-    opt_b = T.make_optimizer(b, Config(norm="gn", muon_lr=0.05, muon_norm=False))  # the step itself (renormalized: below)
+    m = {} if momentum is None else {"muon_momentum": momentum}
+    opt_b = T.make_optimizer(b, Config(norm="gn", muon_lr=0.05, muon_norm=False, **m))  # the step itself (renormalized: below)
+    m = 0.95 if momentum is None else momentum
     assert type(opt_a) is torch.optim.SGD and type(opt_b) is T.SGDMuon
     muon = opt_b.param_groups[-1]
     assert muon["muon"] and len(muon["params"]) == 10 and all(p.ndim == 4 for p in muon["params"])
@@ -239,7 +243,7 @@ def test_muon_steps_the_conv_filters_and_sgd_the_rest():
             assert torch.equal(pa, pb), name
             continue
         g = pb.grad
-        update = g.lerp(g * 0.05, 0.95).reshape(g.shape[0], -1)  # Nesterov on the first step: buffer = 0.05 g
+        update = g.lerp(g * (1 - m), m).reshape(g.shape[0], -1)  # Nesterov on the first step: buffer = (1 - m) g
         step = _zeropower_via_newtonschulz(update, (3.4445, -4.775, 2.0315), 5, 1e-7).reshape(g.shape).float()
         scale = max(1.0, update.shape[0] / update.shape[1]) ** 0.5
         assert torch.allclose(before[name] - pb.detach(), muon["lr"] * scale * step, atol=1e-6), name

@@ -59,10 +59,10 @@ class Config:
                    "Muon, the default: the norms, the biases and C10; the conv filters follow --muon-lr); no normalization "
                    "(--norm none) trains at 0.1 when this is left at 0.2")
     warmup: float = _s(0.2, "warm-up fraction", "fraction of all steps spent rising to the peak learning rate")
-    momentum: float = _s(0.9, "momentum (Nesterov)", "SGD's Nesterov momentum (Muon's is 0.95)")
+    momentum: float = _s(0.9, "momentum (Nesterov)", "SGD's Nesterov momentum (Muon's: --muon-momentum)")
     muon_lr: float = _s(0.02, "Muon's peak learning rate for the conv filters (0 = SGD)",
                         "train the conv filters (C1-C9, c3, c6; not C10) with Muon at this peak learning rate, on the same "
-                        "one-cycle shape (momentum 0.95, Nesterov, no decay); 0 = SGD for all (the default before the eleventh "
+                        "one-cycle shape (momentum --muon-momentum, Nesterov, no decay); 0 = SGD for all (the default before the eleventh "
                         "session); with the filters renormalized (the default) 0.02 beat 0.04 and tied 0.01 on validation, "
                         "docs/experiments.md §22-23; without it 0.05 (the default of the eleventh to fourteenth sessions), §17-19")
     muon_norm: bool = _s(True, "Muon's filters renormalized before each step",
@@ -72,6 +72,9 @@ class Config:
                          "step's size relative to the filters, which without it shrinks as the filters grow (about 20-fold "
                          "over a run); without it retune --muon-lr (0.05 then); ignored with --muon-lr 0",
                          "--no-muon-norm")
+    muon_momentum: float = _s(0.95, "Muon's momentum (Nesterov)",
+                              "Muon's Nesterov momentum for the conv filters (torch.optim.Muon's default 0.95; airbench94_muon "
+                              "uses 0.6); ignored with --muon-lr 0")
     norm_bias_lr: float = _s(1.0, "learning-rate factor of the norms' biases",
                              "the norms' biases train at this multiple of the learning rate (airbench: 64); "
                              "64 lost on validation, 16 within noise (docs/experiments.md §16)")
@@ -123,6 +126,7 @@ class Config:
             (0 < self.bn_momentum <= 1, f"--bn-momentum must be in (0, 1] (got {self.bn_momentum})"),
             (0 <= self.lookahead < 1, f"--lookahead must be in [0, 1), 0 = off (got {self.lookahead})"),
             (0 <= self.muon_lr <= 10, f"--muon-lr must be in [0, 10], 0 = off (got {self.muon_lr})"),
+            (0 <= self.muon_momentum < 1, f"--muon-momentum must be in [0, 1) (got {self.muon_momentum})"),
             (0 < self.norm_bias_lr <= 1000, f"--norm-bias-lr must be in (0, 1000] (got {self.norm_bias_lr})"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1) (got {self.label_smoothing})"),
             (0 <= self.crop_pad <= 16, f"--crop-pad must be between 0 and 16 (got {self.crop_pad})"),

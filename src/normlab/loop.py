@@ -73,7 +73,7 @@ def orthogonalize(g: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch
 
 class SGDMuon(torch.optim.SGD):
     """torch.optim.SGD for every parameter group but those marked ``muon``; there Muon (Jordan et al., 2024):
-    Nesterov momentum, then each filter bank's update, viewed as (out, in*k*k), orthogonalized
+    Nesterov momentum (``muon_momentum``), then each filter bank's update, viewed as (out, in*k*k), orthogonalized
     (``orthogonalize``, in ``ns_dtype``: bf16 as torch.optim.Muon, fp32 where the run is fp32) and scaled by
     sqrt(max(1, out / (in*k*k))) as torch.optim.Muon does by default. torch.optim.Muon itself takes 2-D
     parameters only; conv filters are 4-D. A group with ``normalize`` (the default; --no-muon-norm turns it off)
@@ -116,9 +116,6 @@ class SGDMuon(torch.optim.SGD):
         return loss
 
 
-MUON_MOMENTUM = 0.95  # torch.optim.Muon's default
-
-
 def make_optimizer(model: torch.nn.Module, cfg: Config, precision: str = "bf16") -> torch.optim.Optimizer:
     """SGD Nesterov; weight decay on conv weights only. With ``norm_bias_lr`` != 1 the norms' biases form a third
     group whose learning rate is that multiple of the schedule's (``lr_scale``; train_step applies it). With
@@ -136,7 +133,7 @@ def make_optimizer(model: torch.nn.Module, cfg: Config, precision: str = "bf16")
                        "lr_scale": cfg.norm_bias_lr})
     if muon:
         groups.append({"params": [p for p in model.parameters() if id(p) in muon], "weight_decay": 0.0, "muon": True,
-                       "momentum": MUON_MOMENTUM, "lr_scale": cfg.muon_lr / cfg.lr, "normalize": cfg.muon_norm})
+                       "momentum": cfg.muon_momentum, "lr_scale": cfg.muon_lr / cfg.lr, "normalize": cfg.muon_norm})
         opt = SGDMuon(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
         opt.ns_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         return opt
