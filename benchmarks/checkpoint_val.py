@@ -1,12 +1,17 @@
 """Validation accuracy of the weights in a tuning run's last checkpoint: the raw weights and, for
 a run with ``--ema``, their moving average. A run with ``--ema`` trains exactly as one without
-(the average only watches), so one run gives both figures (docs/experiments.md §12).
+(the average only watches), so one run gives both figures (docs/experiments.md §12). With ``--precise-bn N``
+also the figure of batch norm's running statistics re-estimated at the final weights from N training images
+(``loop.recalibrate_bn``, what ``--precise-bn`` does after the last epoch; it changes no weight, so a run trained
+without it gives both figures, docs/experiments.md §29).
 
     python benchmarks/checkpoint_val.py runs/tune4/bn_alt_ema --data-dir ../shared/cifar10
+    python benchmarks/checkpoint_val.py runs/v25/bn_base_s0 --data-dir ../shared/cifar10 --precise-bn 10000
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import torch
 
@@ -15,7 +20,7 @@ from normlab.config import Config
 from normlab.models import Net
 from normlab.device import Runtime, setup
 from normlab.rundir import RunDir
-from normlab.loop import evaluate, make_ema
+from normlab.loop import evaluate, make_ema, recalibrate_bn
 
 
 def main() -> None:
@@ -23,6 +28,8 @@ def main() -> None:
     p.add_argument("run", help="a normlab train folder with --val-size > 0")
     p.add_argument("--data-dir", required=True)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--precise-bn", type=int, default=0, metavar="N",
+                   help="also re-estimate batch norm's statistics from N training images (as --precise-bn N would)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     ck = RunDir(args.run).load_checkpoint()
@@ -31,7 +38,7 @@ def main() -> None:
         raise SystemExit(f"{args.run} holds no validation split (--val-size 0)")
     place = setup(Runtime(device="cpu"), cfg.norm)
     images, labels = D.load_split(args.data_dir, train=True)
-    _, val = D.stratified_split(labels, cfg.val_size, cfg.seed)
+    train, val = D.stratified_split(labels, cfg.val_size, cfg.seed)
     model = place.place(Net.from_config(cfg))
     model.load_state_dict(ck["model"])
     models = {"raw weights": model}
@@ -41,7 +48,12 @@ def main() -> None:
         models["moving average"] = ema.module
     for name, m in models.items():
         acc = evaluate(m, images[val], labels[val], place)[0]
-        print(f"{args.run}: {name} after epoch {ck['epoch']}: validation {acc:.2%}")
+        print(f"{args.run}: {name} after epoch {ck['epoch']}: validation {acc:.2%}", flush=True)
+        if args.precise_bn:
+            recalibrate_bn(m, images[train], labels[train], dataclasses.replace(cfg, precise_bn=args.precise_bn), place)
+            acc = evaluate(m, images[val], labels[val], place)[0]
+            print(f"{args.run}: {name} after epoch {ck['epoch']}, precise BN from {args.precise_bn:,} images: "
+                  f"validation {acc:.2%}", flush=True)
 
 
 if __name__ == "__main__":

@@ -388,3 +388,56 @@ def test_muon_norm_is_ignored_without_muon():
     so it is accepted and SGD's two groups are all there is."""
     cfg = Config(norm="gn", muon_lr=0).validate()
     assert cfg.muon_norm and len(T.make_optimizer(Net("gn"), cfg).param_groups) == 2
+
+
+def test_precise_bn_averages_the_batch_statistics_of_full_training_batches(cifar_dir):
+    """--precise-bn: the running statistics become the plain average of the batch statistics of full, augmented
+    training batches at the present weights (the history they held is gone); the weights and the layers' momentum
+    are untouched."""
+    images, labels = D.load_split(cifar_dir, train=True)
+    cfg = Config(norm="bn", batch_size=32, precise_bn=100)  # 100 images: three full batches of 32, the rest unused
+    place = Placement(torch.device("cpu"), "fp32", False)
+    torch.manual_seed(0)
+    model = Net("bn")
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        for m in bns:
+            m.running_mean.fill_(5.0), m.running_var.fill_(7.0)
+    weights = {k: v.clone() for k, v in model.named_parameters()}
+    seen = []
+    hook = bns[0].register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach()))
+    model.eval()
+    T.recalibrate_bn(model, images, labels, cfg, place)
+    hook.remove()
+    assert [len(x) for x in seen] == [32, 32, 32] and not model.training
+    expected_mean = torch.stack([x.mean((0, 2, 3)) for x in seen]).mean(0)
+    expected_var = torch.stack([x.var((0, 2, 3), unbiased=True) for x in seen]).mean(0)
+    assert torch.allclose(bns[0].running_mean, expected_mean, atol=1e-5)
+    assert torch.allclose(bns[0].running_var, expected_var, rtol=1e-4)
+    assert all(m.momentum == cfg.bn_momentum for m in bns)
+    assert all(torch.equal(v, weights[k]) for k, v in model.named_parameters())
+
+
+def test_precise_bn_leaves_other_norms_and_its_off_switch_alone(cifar_dir):
+    images, labels = D.load_split(cifar_dir, train=True)
+    place = Placement(torch.device("cpu"), "fp32", False)
+    for norm, n in (("gn", 100), ("bn", 0)):
+        model = Net(norm)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        T.recalibrate_bn(model, images, labels, Config(norm=norm, batch_size=32, precise_bn=n), place)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), norm
+
+
+def test_trainer_re_estimates_batch_norm_after_its_last_epoch_only(cifar_dir):
+    """With --precise-bn (the default) the trainer recalibrates after the last epoch, before it evaluates: every
+    weight is that of a run without it, and so are the running statistics until then."""
+    images, labels = D.load_split(cifar_dir, train=True)
+    place = Placement(torch.device("cpu"), "fp32", False)
+    on, off = (T.Trainer(Config(norm="bn", epochs=2, batch_size=50, precise_bn=n), place, images[:150], labels[:150],
+                         images[150:], labels[150:], progress=False) for n in (10000, 0))
+    for epoch in (1, 2):
+        row_on, row_off = on.run_epoch(), off.run_epoch()
+        same_buffers = all(torch.equal(a, b) for a, b in zip(on.model.buffers(), off.model.buffers()))
+        assert same_buffers == (epoch == 1)
+        assert (row_on["val_loss"] == row_off["val_loss"]) == (epoch == 1)  # the last row evaluates the recalibrated model
+    assert all(torch.equal(a, b) for a, b in zip(on.model.parameters(), off.model.parameters()))

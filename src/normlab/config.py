@@ -40,6 +40,12 @@ class Config:
     bn_momentum: float = _s(0.1, "batch norm's running-statistics momentum",
                             "batch norm only: weight of each batch in the running statistics (PyTorch's convention; "
                             "airbench's 0.6 is 0.4 here); 0.4 with Lookahead lost on validation (docs/experiments.md §16)")
+    precise_bn: int = _s(10000, "images re-estimating batch norm's statistics after the last epoch (0 = off)",
+                         "batch norm only: after the last epoch, re-estimate its running statistics at the final weights "
+                         "from this many training images (all if fewer), drawn at random and augmented as in training, in "
+                         "full batches of --batch-size, each batch weighted alike (precise BN, Wu and Johnson, 2021); 0 = keep "
+                         "the running averages of the training steps; +0.12 on five paired validation seeds "
+                         "(docs/experiments.md §29)")
     weight_std: bool = _s(True, "weight-standardized convs", "plain convs instead of weight-standardized ones", "--no-weight-std")
     act: str = _s("gelu", "activation", "activation after every norm: relu | gelu (gelu won on validation)")
     pool_first: bool = _s(True, "c3, c6: max-pool before norm and activation",
@@ -124,6 +130,7 @@ class Config:
             (0 <= self.ema < 1, f"--ema must be in [0, 1), 0 = off (got {self.ema})"),
             (self.whiten in WHITEN, f"--whiten must be one of: {', '.join(WHITEN)} (got {self.whiten!r})"),
             (0 < self.bn_momentum <= 1, f"--bn-momentum must be in (0, 1] (got {self.bn_momentum})"),
+            (self.precise_bn >= 0, f"--precise-bn must be 0 (off) or a number of images (got {self.precise_bn})"),
             (0 <= self.lookahead < 1, f"--lookahead must be in [0, 1), 0 = off (got {self.lookahead})"),
             (0 <= self.muon_lr <= 10, f"--muon-lr must be in [0, 10], 0 = off (got {self.muon_lr})"),
             (0 <= self.muon_momentum < 1, f"--muon-momentum must be in [0, 1) (got {self.muon_momentum})"),
@@ -168,6 +175,7 @@ class Config:
         kwargs.setdefault("muon_lr", 0.0)  # and trained every filter with SGD;
         kwargs.setdefault("muon_norm", False)  # those of the eleventh to fourteenth sessions used Muon unrenormalized
         kwargs.setdefault("norm_batch", 0)  # and batch norm's statistics came from the whole batch
+        kwargs.setdefault("precise_bn", 0)  # and kept the running averages of the training steps
         if "widths" in kwargs:
             kwargs["widths"] = tuple(kwargs["widths"])
         return cls(**kwargs)

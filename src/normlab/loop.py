@@ -180,6 +180,35 @@ class Lookahead:
         self.pull(1.0)  # the network takes the slow weights
 
 
+@torch.no_grad()
+def recalibrate_bn(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Config, place: Placement) -> None:
+    """Precise BN (Wu and Johnson, 2021, "Rethinking 'Batch' in BatchNorm"): batch norm's running statistics
+    re-estimated at the model's present weights, as the plain average over full training batches of their batch
+    statistics (``cfg.precise_bn`` images, all if fewer, drawn with the seed's own generator, augmented as in
+    training), instead of the running averages the training steps left, which mix in the last steps' weights.
+    A model without batch norm (or ``precise_bn`` 0) is left alone; nothing but those buffers changes."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns or not cfg.precise_bn:
+        return
+    generator = torch.Generator().manual_seed(cfg.seed)
+    n = min(cfg.precise_bn, len(labels))
+    n = n - n % cfg.batch_size or n  # full batches only, unless there are fewer images than one batch
+    pick = torch.randperm(len(labels), generator=generator)[:n].to(images.device)
+    batches = D.Batches(images[pick], labels[pick], cfg.batch_size, True, cfg.crop_pad, cfg.flip, place.channels_last, generator)
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average: every batch weighs the same
+    was_training = model.training
+    model.train()
+    with place.autocast():
+        for x, _ in batches:
+            model(x)
+    model.train(was_training)
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+
+
 def set_lr(opt, lr: float) -> None:
     """The schedule's learning rate into each param group, times the group's ``lr_scale``. A captured step's
     learning rates are device tensors (capture.py): filled in place, where the replayed graph reads them."""
@@ -350,6 +379,8 @@ class Trainer:
             self.compile_seconds = r["first_step_seconds"]
         if self.lookahead is not None and epoch == cfg.epochs:
             self.lookahead.finish()
+        if epoch == cfg.epochs:  # batch norm's statistics at the final weights (--precise-bn); counted as training time
+            recalibrate_bn(self.final, self.train_x, self.train_y, cfg, self.place)
         self.place.synchronize()
         seconds = time.perf_counter() - t0
         if r["bad_batch"] >= 0:

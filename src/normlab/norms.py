@@ -150,7 +150,7 @@ def _no_norm(channels: int, fan_in: int = 1, **_: Any) -> nn.Module:
 # Instance norm (NCHW) and none (channels_last): benchmarks/profile_step.py --layout cl | nchw, one thread of a
 # 2-core fp32 CPU (docs/experiments.md, section 14).
 NORMS: dict[str, Norm] = {n.name: n for n in (
-    Norm("bn", "Batch Normalization", _batch_norm, _describe_batch_norm, True, "tab:blue", ("norm_batch", "bn_momentum")),
+    Norm("bn", "Batch Normalization", _batch_norm, _describe_batch_norm, True, "tab:blue", ("norm_batch", "bn_momentum", "precise_bn")),
     Norm("gn", "Group Normalization", _group_norm, "GroupNorm, {groups} groups", False, "tab:orange", ("groups",), cuda_channels_last=False),
     Norm("ln", "Layer Normalization", _layer_norm, "GroupNorm, 1 group (over C, H, W)", True, "tab:green", cuda_channels_last=False),
     Norm("in", "Instance Normalization", _instance_norm, "GroupNorm, 1 channel per group (over H, W)", False, "tab:red",
