@@ -22,8 +22,8 @@ def test_registry_holds_five_norms_and_runs_the_assignments_three_by_default():
 def test_options_name_config_settings_and_only_batch_norm_reads_norm_batch():
     fields = set(Config.__dataclass_fields__)
     assert all(set(n.options) <= fields for n in NORMS.values())
-    assert NORMS["bn"].options == ("norm_batch", "bn_momentum") and NORMS["gn"].options == ("groups",)
-    assert all("norm_batch" not in NORMS[n].options for n in ("gn", "ln", "in", "none"))
+    assert NORMS["bn"].options == ("norm_batch", "bn_momentum", "precise_bn") and NORMS["gn"].options == ("groups",)
+    assert all(not {"norm_batch", "precise_bn"} & set(NORMS[n].options) for n in ("gn", "ln", "in", "none"))
 
 
 @pytest.mark.parametrize("norm", ALL_NORMS)

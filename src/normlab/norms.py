@@ -24,7 +24,7 @@ class Norm:
     layer: str | Callable[..., str]  # the layer as the report names it; str.format'ed with the settings, or called with them
     cpu_channels_last: bool         # the faster memory layout on a CPU (measured with benchmarks/speed.py)
     colour: str                     # its colour in every figure
-    options: tuple[str, ...] = ()   # the Config settings it reads (others do not change it)
+    options: tuple[str, ...] = ()   # the Config settings only it reads, in its layer or (precise_bn) the trainer
     # The layout on CUDA: PyTorch's CUDA group norm kernels work on NCHW and convert channels_last maps
     # back and forth, so every GroupNorm-based norm runs NCHW there (benchmarks/gpu_check.sh measures both).
     cuda_channels_last: bool = True
