@@ -44,7 +44,7 @@ class Config:
                          "batch norm only: after the last epoch, re-estimate its running statistics at the final weights "
                          "from this many training images (all if fewer), drawn at random and augmented as in training, in "
                          "full batches of --batch-size, each batch weighted alike (precise BN, Wu and Johnson, 2021); 0 = keep "
-                         "the running averages of the training steps; +0.12 on five paired validation seeds "
+                         "the running averages of the training steps; +0.10 on five paired validation seeds, nothing on the test set "
                          "(docs/experiments.md §29)")
     weight_std: bool = _s(True, "weight-standardized convs", "plain convs instead of weight-standardized ones", "--no-weight-std")
     act: str = _s("gelu", "activation", "activation after every norm: relu | gelu (gelu won on validation)")

@@ -379,7 +379,7 @@ class Trainer:
             self.compile_seconds = r["first_step_seconds"]
         if self.lookahead is not None and epoch == cfg.epochs:
             self.lookahead.finish()
-        if epoch == cfg.epochs:  # batch norm's statistics at the final weights (--precise-bn); counted as training time
+        if epoch == cfg.epochs and r["bad_batch"] < 0:  # batch norm's statistics at the final weights (--precise-bn)
             recalibrate_bn(self.final, self.train_x, self.train_y, cfg, self.place)
         self.place.synchronize()
         seconds = time.perf_counter() - t0
