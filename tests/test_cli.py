@@ -351,6 +351,7 @@ SETTINGS = [
     (["--lr", "nan"], "--lr must be above 0"),
     (["--val-size", "-1"], "--val-size must be 0 or more"),
     (["--muon-momentum", "1"], "--muon-momentum must be in [0, 1)"),
+    (["--warmup", "0.5", "--hold", "0.5"], "--hold must be 0 or more, and --warmup + --hold below 1"),
     (["--widths", "64,64,64"], "--widths 64,64,64"),
     (["--widths", "0,24,32"], "--widths must be three positive"),
     (["--norm", "gn", "--groups", "5"], "--groups 5 must divide every width"),

@@ -44,6 +44,15 @@ def test_lr_schedule_one_cycle():
     lrs = [T.lr_at(s, 100, 0.2, 0.2) for s in range(101)]
     assert lrs[0] == pytest.approx(0.02) and max(lrs) == pytest.approx(0.2) == lrs[20]
     assert lrs[-1] == 0 and all(a <= b for a, b in zip(lrs[:20], lrs[1:21])) and all(a >= b for a, b in zip(lrs[20:], lrs[21:]))
+    assert lrs[21] < 0.2
+
+
+def test_lr_schedule_holds_the_peak():
+    """--hold 0.3: the same rise, the peak from step 20 to 49, then linear down to 0 over the last 50 steps."""
+    lrs = [T.lr_at(s, 100, 0.2, 0.2, 0.3) for s in range(101)]
+    assert lrs[:20] == [T.lr_at(s, 100, 0.2, 0.2) for s in range(20)]
+    assert all(lr == pytest.approx(0.2) for lr in lrs[20:50]) and lrs[50] == pytest.approx(0.2) and lrs[51] < 0.2
+    assert lrs[75] == pytest.approx(0.1) and lrs[-1] == 0 and all(a >= b for a, b in zip(lrs[50:], lrs[51:]))
 
 
 def test_weight_decay_on_conv_weights_only():

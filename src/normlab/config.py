@@ -65,6 +65,9 @@ class Config:
                    "Muon, the default: the norms, the biases and C10; the conv filters follow --muon-lr); no normalization "
                    "(--norm none) trains at 0.1 when this is left at 0.2")
     warmup: float = _s(0.2, "warm-up fraction", "fraction of all steps spent rising to the peak learning rate")
+    hold: float = _s(0.0, "fraction held at the peak learning rate",
+                     "fraction of all steps spent at the peak learning rate after the warm-up, before the linear decay to 0 "
+                     "(0 = the plain one-cycle: decay starts at the peak)")
     momentum: float = _s(0.9, "momentum (Nesterov)", "SGD's Nesterov momentum (Muon's: --muon-momentum)")
     muon_lr: float = _s(0.02, "Muon's peak learning rate for the conv filters (0 = SGD)",
                         "train the conv filters (C1-C9, c3, c6; not C10) with Muon at this peak learning rate, on the same "
@@ -125,6 +128,8 @@ class Config:
             (1 <= self.batch_size <= 8192, f"--batch-size must be between 1 and 8192 (got {self.batch_size})"),
             (0 < self.lr <= 10, f"--lr must be above 0 and at most 10 (got {self.lr})"),
             (0 <= self.warmup < 1, f"--warmup must be in [0, 1) (got {self.warmup})"),
+            (0 <= self.hold and self.warmup + self.hold < 1,
+             f"--hold must be 0 or more, and --warmup + --hold below 1 (got {self.warmup} + {self.hold})"),
             (0 <= self.momentum < 1, f"--momentum must be in [0, 1) (got {self.momentum})"),
             (self.weight_decay >= 0, f"--weight-decay must be 0 or more (got {self.weight_decay})"),
             (0 <= self.ema < 1, f"--ema must be in [0, 1), 0 = off (got {self.ema})"),

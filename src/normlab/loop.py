@@ -35,12 +35,15 @@ class Diverged(TrainingError):
 
 
 # ---------------------------------------------------------------- optimization
-def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
-    """One-cycle: linear from peak/10 up to ``peak`` over the warm-up, then linear down to 0."""
+def lr_at(step: int, total: int, peak: float, warmup: float, hold: float = 0.0) -> float:
+    """One-cycle: linear from peak/10 up to ``peak`` over the warm-up, ``peak`` for the hold, then linear down to 0."""
     rise = max(1, round(warmup * total))
     if step < rise:
         return peak * (0.1 + 0.9 * step / rise)
-    return peak * max(0.0, (total - step) / max(1, total - rise))
+    top = rise + round(hold * total)
+    if step < top:
+        return peak
+    return peak * max(0.0, (total - step) / max(1, total - top))
 
 
 def norm_biases(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -268,7 +271,7 @@ def train_epoch(model, opt, batches, cfg: Config, step: int, total: int, place: 
     dev = batches.labels.device
     loss_sum, correct, bad = torch.zeros((), device=dev), torch.zeros((), device=dev, dtype=torch.long), torch.tensor(-1, device=dev)
     for i, (x, y) in enumerate(tqdm(batches, desc=desc, leave=False, disable=None if progress else True, unit="batch")):
-        lr = lr_at(step, total, cfg.lr, cfg.warmup)
+        lr = lr_at(step, total, cfg.lr, cfg.warmup, cfg.hold)
         if graphed is not None and len(y) == batches.batch_size:
             set_lr(opt, lr)
             loss, logits = graphed(x, y)
@@ -392,7 +395,7 @@ class Trainer:
             t0 = time.perf_counter()
             test_acc, test_loss = evaluate(self.final, self.test_x, self.test_y, self.place)
             test_seconds = time.perf_counter() - t0
-        row = {"epoch": epoch, "lr": lr_at(self.step - 1, self.total, cfg.lr, cfg.warmup), "train_loss": r["loss"],
+        row = {"epoch": epoch, "lr": lr_at(self.step - 1, self.total, cfg.lr, cfg.warmup, cfg.hold), "train_loss": r["loss"],
                "train_acc": r["acc"], "val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc,
                "seconds": seconds, "test_seconds": test_seconds}
         self.metrics.append(row)
