@@ -277,6 +277,8 @@ def test_a_norms_own_defaults_replace_the_settings_left_at_configs_default():
     assert Config(norm="none", lr=0.05).lr == 0.05  # a value that was asked for is kept
     cfg = Config(norm="none", seed=2)
     assert Config.from_dict(cfg.to_dict()) == cfg and "--lr" in cfg.to_flags()  # config.json and the retrain command say 0.1
+    old = Config.from_dict({**Config().to_dict(), "norm": "none", "lr": 0.2})  # a run saved before none had its own lr
+    assert old.lr == 0.2 and old.to_dict()["lr"] == 0.2  # resumes and reports as it trained, not at today's 0.1
 
 
 def test_bn_momentum_reaches_every_batch_norm_and_only_batch_norm():

@@ -183,7 +183,10 @@ class Config:
         kwargs.setdefault("precise_bn", 0)  # and kept the running averages of the training steps
         if "widths" in kwargs:
             kwargs["widths"] = tuple(kwargs["widths"])
-        return cls(**kwargs)
+        cfg = cls(**kwargs)
+        for name, value in kwargs.items():  # a saved value is what the run trained with, even where a norm's own
+            object.__setattr__(cfg, name, value)  # default would replace it in a new Config (none's lr 0.1 since section 14)
+        return cfg
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
