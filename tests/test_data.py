@@ -379,6 +379,48 @@ def test_batches_crop_and_flip_as_drawn():
         assert torch.equal(got[k], D.normalize((want.flip(2) if flip else want)[None], False)[0])
 
 
+def test_cutout_draws_follow_the_crop_and_flip_stream():
+    """With cutout the epoch's draws gain two rows (each square's corner, the square inside the image), drawn
+    per batch after the crops and flips; without it the stream is the one drawn before cutout existed."""
+    n, bs, size = 50, 16, 8
+    g = torch.Generator().manual_seed(3)
+    ref = [torch.randperm(n, generator=g)]
+    dy, dx, fl, cy, cx = [], [], [], [], []
+    for i in range(0, n, bs):
+        b = min(bs, n - i)
+        dy.append(torch.randint(0, 5, (b,), generator=g))
+        dx.append(torch.randint(0, 5, (b,), generator=g))
+        fl.append(torch.rand(b, generator=g) < 0.5)
+        cy.append(torch.randint(0, 32 - size + 1, (b,), generator=g))
+        cx.append(torch.randint(0, 32 - size + 1, (b,), generator=g))
+    ref += [torch.cat(r).long() for r in (dy, dx, fl, cy, cx)]
+    draws = D.draw_epoch(n, bs, 2, True, torch.Generator().manual_seed(3), size)
+    assert draws.shape == (6, n) and all(torch.equal(a, b) for a, b in zip(draws, ref, strict=True))
+    assert int(draws[4:].min()) >= 0 and int(draws[4:].max()) <= 32 - size and len(draws[4:].unique()) > 1
+    assert torch.equal(D.draw_epoch(n, bs, 2, True, torch.Generator().manual_seed(3), 0),
+                       D.draw_epoch(n, bs, 2, True, torch.Generator().manual_seed(3)))
+
+
+@pytest.mark.parametrize("pad, flip", [(2, True), (0, True), (2, False), (0, False)])
+def test_batches_cut_out_a_square_at_the_drawn_corner(pad, flip):
+    """Each training image: cropped and flipped as drawn, normalized, then its size x size square at the drawn
+    corner set to 0 (the mean) in every channel, and nothing else changed."""
+    size = 6
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    batches = D.Batches(images, torch.arange(40), 16, True, pad, flip, False, torch.Generator().manual_seed(1), cutout=size)
+    draws = D.draw_epoch(40, 16, pad, flip, torch.Generator().manual_seed(1), size)
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    got = torch.cat([x for x, _ in batches])
+    for k, j in enumerate(draws[0].tolist()):
+        dy, dx = draws[1:3, k].tolist() if pad else (0, 0)
+        want = padded[j, :, dy : dy + 32, dx : dx + 32]
+        want = D.normalize((want.flip(2) if flip and draws[-3, k] else want)[None], False)[0].clone()
+        y, x = draws[-2:, k].tolist()
+        want[:, y : y + size, x : x + size] = 0
+        assert torch.equal(got[k], want), k
+    assert int((got == 0).all(1).sum()) >= 40 * size * size  # every image lost its square
+
+
 def test_batches_cover_each_image_once():
     images = torch.arange(50, dtype=torch.uint8).view(50, 1, 1, 1).expand(50, 3, 32, 32).contiguous()
     labels = torch.arange(50) % 10

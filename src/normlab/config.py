@@ -97,6 +97,9 @@ class Config:
                     "per-step decay of an exponential moving average of the weights, used as the final model; 0 = off")
     label_smoothing: float = _s(0.1, "label smoothing", "cross-entropy target smoothing")
     crop_pad: int = _s(2, "random-crop padding (px)", "random-crop padding in pixels, 0 = off (2 beat 4 and 1 on validation)")
+    cutout: int = _s(0, "cutout square (px; 0 = off)",
+                     "set a square of this side (pixels, wholly inside the image) of each training image to the mean after "
+                     "normalizing, at a random place each step (cutout, DeVries and Taylor 2017; airbench96 uses 12); 0 = off")
     flip: bool = _s(True, "random flips", "turn off random horizontal flips", "--no-flip")
     alt_flip: bool = _s(True, "alternating flips", "flip each image at random in every epoch "
                         "(default: alternating flips, each image flipped in every other epoch; beat random flips on validation)", "--no-alt-flip")
@@ -142,6 +145,7 @@ class Config:
             (0 < self.norm_bias_lr <= 1000, f"--norm-bias-lr must be in (0, 1000] (got {self.norm_bias_lr})"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1) (got {self.label_smoothing})"),
             (0 <= self.crop_pad <= 16, f"--crop-pad must be between 0 and 16 (got {self.crop_pad})"),
+            (0 <= self.cutout <= 32, f"--cutout must be between 0 (off) and 32 pixels (got {self.cutout})"),
             (self.val_size >= 0, f"--val-size must be 0 or more (got {self.val_size})"),
             (self.groups >= 1, f"--groups must be at least 1 (got {self.groups})"),
             (self.norm_batch >= 0, f"--norm-batch must be 0 (the whole batch) or more (got {self.norm_batch})"),

@@ -30,6 +30,7 @@ MD5 = "c58f30108f718f92721af3b95e74349a"
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_FILES = ["test_batch"]
+IMAGE_SIZE = 32  # CIFAR-10 images are 32 x 32 pixels
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MEAN = (125.31 / 255, 122.95 / 255, 113.87 / 255)  # training-set channel means (of 1)
 STD = (0.2470, 0.2435, 0.2616)                     # training-set channel standard deviations
@@ -235,15 +236,18 @@ def normalize(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def draw_epoch(n: int, batch_size: int, pad: int, random_flips: bool, generator: torch.Generator) -> torch.Tensor:
+def draw_epoch(n: int, batch_size: int, pad: int, random_flips: bool, generator: torch.Generator,
+               cutout: int = 0) -> torch.Tensor:
     """One epoch's random draws on the CPU generator, as one (k, n) int64 tensor: the shuffled order, then
-    each image's crop offsets (rows dy, dx; with ``pad``) and flip (0/1; with ``random_flips``).
+    each image's crop offsets (rows dy, dx; with ``pad``), flip (0/1; with ``random_flips``) and cutout
+    square's top-left corner (rows y, x in [0, 32 - cutout]; with ``cutout``).
 
     They are drawn batch by batch, in the order a draw per step would take them, so the stream (and
     every result) is the one of a per-step draw; made at once, they reach a GPU in one copy an epoch,
-    not two or three small copies a step, and the step draws nothing."""
+    not two or three small copies a step, and the step draws nothing. With ``cutout`` 0 the stream is
+    the one drawn before cutout existed."""
     rows = [torch.randperm(n, generator=generator)]
-    dy, dx, flips = [], [], []
+    dy, dx, flips, cy, cx = [], [], [], [], []
     for i in range(0, n, batch_size):
         b = min(batch_size, n - i)
         if pad:
@@ -251,8 +255,24 @@ def draw_epoch(n: int, batch_size: int, pad: int, random_flips: bool, generator:
             dx.append(torch.randint(0, 2 * pad + 1, (b,), generator=generator))
         if random_flips:
             flips.append((torch.rand(b, generator=generator) < 0.5).long())
-    rows += [torch.cat(r) for r in (dy, dx, flips) if r]
+        if cutout:
+            cy.append(torch.randint(0, IMAGE_SIZE - cutout + 1, (b,), generator=generator))
+            cx.append(torch.randint(0, IMAGE_SIZE - cutout + 1, (b,), generator=generator))
+    rows += [torch.cat(r) for r in (dy, dx, flips, cy, cx) if r]
     return torch.stack(rows)
+
+
+def cut_out(x: torch.Tensor, size: int, corners: torch.Tensor) -> torch.Tensor:
+    """Cutout (DeVries and Taylor, 2017; airbench96's ``batch_cutout``): a ``size`` x ``size`` square of each
+    normalized image set to 0, the training mean; ``corners`` (2, B): each square's top row and left column,
+    the square wholly inside the image. One mask for the batch, no loop over images."""
+    b, _, h, w = x.shape
+    y0, x0 = corners
+    r = torch.arange(h, device=x.device)
+    c = torch.arange(w, device=x.device)
+    inside_r = (r >= y0[:, None]) & (r < y0[:, None] + size)  # (B, H)
+    inside_c = (c >= x0[:, None]) & (c < x0[:, None] + size)  # (B, W)
+    return x.masked_fill((inside_r[:, :, None] & inside_c[:, None, :])[:, None], 0.0)  # mask (B, 1, H, W)
 
 
 def augment(images: torch.Tensor, pad: int, offsets: torch.Tensor | None, flips: torch.Tensor | None) -> torch.Tensor:
@@ -292,6 +312,7 @@ class Batches:
     generator: torch.Generator | None = None
     alternate: bool = False  # alternating flips: each image is flipped in every other epoch (random in the first)
     epoch: int = 0           # epochs begun so far: the parity of the alternating flips
+    cutout: int = 0          # side (px) of the square cut out of each training image after normalizing; 0 = off
 
     def __post_init__(self) -> None:
         self.first_flips = None  # each image's flip in the first epoch, drawn once (alternating flips only)
@@ -308,8 +329,11 @@ class Batches:
                 yield normalize(self.images[i : i + self.batch_size], self.channels_last), self.labels[i : i + self.batch_size]
             return
         random_flips = self.flip and self.first_flips is None
-        draws = to_device(draw_epoch(n, self.batch_size, self.pad, random_flips, self.generator), self.images.device)
+        draws = to_device(draw_epoch(n, self.batch_size, self.pad, random_flips, self.generator, self.cutout),
+                          self.images.device)
         order, offsets = draws[0], draws[1:3] if self.pad else None
+        flip_row = 3 if self.pad else 1
+        corners = draws[-2:] if self.cutout else None
         odd = self.epoch % 2 == 1
         self.epoch += 1
         for i in range(0, n, self.batch_size):
@@ -317,8 +341,11 @@ class Batches:
             if not self.flip:
                 flips = None
             elif random_flips:
-                flips = draws[-1, i : i + self.batch_size].bool()
+                flips = draws[flip_row, i : i + self.batch_size].bool()
             else:
                 flips = self.first_flips[idx] ^ odd
             x = augment(self.images[idx], self.pad, None if offsets is None else offsets[:, i : i + self.batch_size], flips)
-            yield normalize(x, self.channels_last), self.labels[idx]
+            x = normalize(x, self.channels_last)
+            if corners is not None:
+                x = cut_out(x, self.cutout, corners[:, i : i + self.batch_size])
+            yield x, self.labels[idx]
