@@ -240,3 +240,10 @@ def test_a_whitened_c1_is_a_plain_conv_and_counts_towards_the_budget(whiten):
     assert isinstance(net.C1[0], nn.Conv2d) and (type(net.C1[0]) is nn.Conv2d) == (whiten != "off")
     assert net.C1[0].weight.requires_grad == (whiten != "frozen") and all(
         p.requires_grad for n, p in net.named_parameters() if n != "C1.0.weight")
+
+
+def test_no_norm_scale_cannot_go_with_zero_init_res():
+    with pytest.raises(ValueError, match="zero_init_res"):
+        Net("bn", zero_init_res=True, norm_scale=False)
+    with pytest.raises(ConfigError, match="--no-norm-scale and --zero-init-res"):
+        Config(zero_init_res=True, norm_scale=False).validate()

@@ -1,5 +1,6 @@
 """The trainer: the loss falls, the schedule, atomic checkpoints, and a NaN loss stops the run."""
 import csv
+import dataclasses
 import types
 
 import pytest
@@ -450,3 +451,27 @@ def test_trainer_re_estimates_batch_norm_after_its_last_epoch_only(cifar_dir):
         assert same_buffers == (epoch == 1)
         assert (row_on["val_loss"] == row_off["val_loss"]) == (epoch == 1)  # the last row evaluates the recalibrated model
     assert all(torch.equal(a, b) for a, b in zip(on.model.parameters(), off.model.parameters()))
+
+
+def test_frozen_norm_scales_stay_one_and_cutout_resumes_bit_for_bit(cifar_dir):
+    """--no-norm-scale: every norm's scale is 1 after training, its bias has moved, the parameter count is
+    unchanged; with --cutout too, a run cut after its first epoch ends with the uninterrupted run's weights."""
+    images, labels = D.load_split(cifar_dir, train=True)
+    cfg = Config(norm="bn", epochs=2, batch_size=50, norm_scale=False, cutout=8)
+    place = Placement(torch.device("cpu"), "fp32", False)
+    whole = T.Trainer(cfg, place, images, labels, progress=False)
+    whole.run_epoch(), whole.run_epoch()
+    norms = [m for m in whole.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(norms) == 10 and all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in norms)
+    assert all(not m.weight.requires_grad for m in norms) and all(m.bias.abs().sum() > 0 for m in norms)
+    assert sum(p.numel() for p in whole.model.parameters()) == 47_978
+    first = T.Trainer(cfg, place, images, labels, progress=False)
+    first.run_epoch()
+    resumed = T.Trainer(cfg, place, images, labels, progress=False)
+    resumed.load_state_dict(first.state_dict())
+    resumed.run_epoch()
+    assert all(torch.equal(a, b) for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()))
+    trained = T.Trainer(dataclasses.replace(cfg, norm_scale=True), place, images, labels, progress=False)
+    trained.run_epoch()
+    assert any(not torch.equal(m.weight, torch.ones_like(m.weight))
+               for m in trained.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))

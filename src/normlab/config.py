@@ -52,6 +52,9 @@ class Config:
                           "c3 and c6 as conv -> norm -> activation -> pool (default: conv -> pool -> norm -> activation)", "--no-pool-first")
     zero_init_res: bool = _s(False, "residual branches start at zero",
                              "start the last norm of each residual branch (C2, C5, C9) with scale 0, so each branch starts as the identity")
+    norm_scale: bool = _s(True, "norms' scales trained",
+                          "keep every norm's scale (its per-channel weight) at 1, untrained, as airbench's batch norm does; "
+                          "the norms' biases still train (not with --zero-init-res, whose scales start at 0)", "--no-norm-scale")
     whiten: str = _s("off", "C1 starts as a patch-whitening filter bank",
                      "off | frozen | train: start C1 (a plain conv then) from the eigenvectors of the training images' 3x3 "
                      "patch covariance, +/- pairs scaled by 1/sqrt(eigenvalue), as airbench does; frozen or trained on; "
@@ -147,6 +150,8 @@ class Config:
             (0 <= self.crop_pad <= 16, f"--crop-pad must be between 0 and 16 (got {self.crop_pad})"),
             (0 <= self.cutout <= 32, f"--cutout must be between 0 (off) and 32 pixels (got {self.cutout})"),
             (self.val_size >= 0, f"--val-size must be 0 or more (got {self.val_size})"),
+            (self.norm_scale or not self.zero_init_res,
+             "--no-norm-scale and --zero-init-res cannot go together: the residual branches' scales would stay 0"),
             (self.groups >= 1, f"--groups must be at least 1 (got {self.groups})"),
             (self.norm_batch >= 0, f"--norm-batch must be 0 (the whole batch) or more (got {self.norm_batch})"),
             (len(self.widths) == 3 and all(w >= 1 for w in self.widths),

@@ -111,7 +111,7 @@ class Net(nn.Module):
 
     def __init__(self, norm: str = "bn", widths: Sequence[int] = (16, 32, 24), groups: int = 8, weight_std: bool = True,
                  pool_first: bool = True, act: str = "gelu", zero_init_res: bool = False, norm_batch: int = 0,
-                 identity_init: bool = False, whiten: str = "off", bn_momentum: float = 0.1):
+                 identity_init: bool = False, whiten: str = "off", bn_momentum: float = 0.1, norm_scale: bool = True):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; choose one of: {', '.join(NORMS)}")
@@ -145,6 +145,12 @@ class Net(nn.Module):
         self.C9 = ConvBlock(w3, w3, 3, *norm_args)
         self.GAP = nn.AdaptiveAvgPool2d(1)
         self.C10 = nn.Conv2d(w3, NUM_CLASSES, 1)
+        if zero_init_res and not norm_scale:
+            raise ValueError("zero_init_res sets the residual branches' norm scales to 0: with norm_scale False they would stay 0")
+        if not norm_scale:  # airbench's batch norm: the scales stay 1, untrained (still counted); the biases train
+            for m in self.modules():
+                if not isinstance(m, nn.Conv2d) and isinstance(getattr(m, "weight", None), nn.Parameter):
+                    m.weight.requires_grad_(False)
         if zero_init_res:  # each residual branch starts as the identity: its last norm's scale is 0
             for block in (self.C2, self.C5, self.C9):
                 nn.init.zeros_(block[1].weight)
@@ -164,7 +170,7 @@ class Net(nn.Module):
     def from_config(cls, cfg) -> "Net":
         """The network that a ``normlab.config.Config`` describes."""
         return cls(cfg.norm, cfg.widths, cfg.groups, cfg.weight_std, cfg.pool_first, cfg.act, cfg.zero_init_res,
-                   cfg.norm_batch, cfg.identity_init, cfg.whiten, cfg.bn_momentum)
+                   cfg.norm_batch, cfg.identity_init, cfg.whiten, cfg.bn_momentum, cfg.norm_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, 32, 32) -> (B, 10)
         x = self.C1(x)
