@@ -247,3 +247,22 @@ def test_no_norm_scale_cannot_go_with_zero_init_res():
         Net("bn", zero_init_res=True, norm_scale=False)
     with pytest.raises(ConfigError, match="--no-norm-scale and --zero-init-res"):
         Config(zero_init_res=True, norm_scale=False).validate()
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn"])
+def test_skips_every_adds_each_conv_input_to_its_output(norm):
+    """--skips every: with every branch started at zero (--zero-init-res), each stage is the identity after its first
+    conv, so the network is C1, c3/P1, c6/P2, GAP, C10 alone; with the default pairs, C3 and C7 still act."""
+    torch.manual_seed(0)
+    net = Net(norm, skips="every", zero_init_res=True).eval()
+    assert count_params(net) == count_params(Net(norm))
+    x = torch.randn(4, 3, 32, 32)
+    short = net.C10(net.GAP(net.P2(net.c6(net.P1(net.c3(net.C1(x))))))).flatten(1)
+    assert torch.allclose(net(x), short, atol=1e-6)
+    pairs = Net(norm, zero_init_res=True).eval()
+    pairs.load_state_dict(net.state_dict())
+    assert not torch.allclose(pairs(x), short, atol=1e-3)
+    with pytest.raises(ValueError, match="unknown skips 'all'; choose one of: pairs, every"):
+        Net(norm, skips="all")
+    with pytest.raises(ConfigError, match="--skips must be one of: pairs, every"):
+        Config(skips="all").validate()

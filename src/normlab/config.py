@@ -50,8 +50,12 @@ class Config:
     act: str = _s("gelu", "activation", "activation after every norm: relu | gelu (gelu won on validation)")
     pool_first: bool = _s(True, "c3, c6: max-pool before norm and activation",
                           "c3 and c6 as conv -> norm -> activation -> pool (default: conv -> pool -> norm -> activation)", "--no-pool-first")
+    skips: str = _s("pairs", "skip additions",
+                    "pairs: C1->C2, C3->C5, C7->C9 (each pair of 3x3 convs after a stage's first adds its input) | every: "
+                    "each 3x3 conv after C1 adds its input to its output (P1->C3, C3->C4, ..., C8->C9)")
     zero_init_res: bool = _s(False, "residual branches start at zero",
-                             "start the last norm of each residual branch (C2, C5, C9) with scale 0, so each branch starts as the identity")
+                             "start the last norm of each residual branch (C2, C5, C9; with --skips every, each of C2-C5, C7-C9) with scale 0, "
+                             "so each branch starts as the identity")
     norm_scale: bool = _s(True, "norms' scales trained",
                           "keep every norm's scale (its per-channel weight) at 1, untrained, as airbench's batch norm does; "
                           "the norms' biases still train (not with --zero-init-res, whose scales start at 0)", "--no-norm-scale")
@@ -123,13 +127,14 @@ class Config:
     def validate(self) -> "Config":
         import torch
 
-        from normlab.models import ACTS, Net
+        from normlab.models import ACTS, SKIPS, Net
         from normlab.norms import NORMS
 
         if self.norm not in NORMS:
             raise ConfigError(f"unknown norm {self.norm!r}; choose one of: {', '.join(NORMS)}")
         checks = [
             (self.act in ACTS, f"--act must be one of: {', '.join(ACTS)} (got {self.act!r})"),
+            (self.skips in SKIPS, f"--skips must be one of: {', '.join(SKIPS)} (got {self.skips!r})"),
             (self.epochs >= 1, f"--epochs must be at least 1 (got {self.epochs})"),
             (1 <= self.batch_size <= 8192, f"--batch-size must be between 1 and 8192 (got {self.batch_size})"),
             (0 < self.lr <= 10, f"--lr must be above 0 and at most 10 (got {self.lr})"),

@@ -21,6 +21,11 @@ LAYER_ORDER = ("C1", "C2", "c3", "P1", "C3", "C4", "C5", "c6", "P2", "C7", "C8",
 
 
 ACTS: dict[str, Callable[[], nn.Module]] = {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU}
+# --skips: the blocks whose output is added to their input ("residual branches"); each list ends its stage's run of convs
+SKIPS: dict[str, tuple[str, ...]] = {
+    "pairs": ("C2", "C5", "C9"),  # C1 -> C2, C3 -> C5 (over C4, C5), C7 -> C9 (over C8, C9)
+    "every": ("C2", "C3", "C4", "C5", "C7", "C8", "C9"),  # every 3x3 conv whose input has its width
+}
 
 
 class WSConv2d(nn.Conv2d):
@@ -103,16 +108,22 @@ class Net(nn.Module):
     ``widths = (w1, w2, w3)``: C1 and C2 have w1 channels at 32x32; c3 maps w1 -> w2 and
     C3..C5 keep w2 at 16x16; c6 maps w2 -> w3 and C7..C9 keep w3 at 8x8; C10 maps w3 -> 10.
 
-    Skip additions (the output of one layer added to the output of a later one):
+    Skip additions (the output of one layer added to the output of a later one), ``skips`` "pairs" (the default):
       * C1 -> C2: ``C2(x1) + x1`` at 32x32,
       * C3 -> C5: ``C5(C4(x3)) + x3`` at 16x16,
-      * C7 -> C9: ``C9(C8(x7)) + x7`` at 8x8.
+      * C7 -> C9: ``C9(C8(x7)) + x7`` at 8x8;
+    "every": each 3x3 conv after C1 adds its input to its output (P1 -> C3, C3 -> C4, ..., C8 -> C9), as a
+    ResNet of one-conv branches. ``SKIPS`` names each choice's branch ends.
     """
 
     def __init__(self, norm: str = "bn", widths: Sequence[int] = (16, 32, 24), groups: int = 8, weight_std: bool = True,
                  pool_first: bool = True, act: str = "gelu", zero_init_res: bool = False, norm_batch: int = 0,
-                 identity_init: bool = False, whiten: str = "off", bn_momentum: float = 0.1, norm_scale: bool = True):
+                 identity_init: bool = False, whiten: str = "off", bn_momentum: float = 0.1, norm_scale: bool = True,
+                 skips: str = "pairs"):
         super().__init__()
+        if skips not in SKIPS:
+            raise ValueError(f"unknown skips {skips!r}; choose one of: {', '.join(SKIPS)}")
+        self.skips = skips
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; choose one of: {', '.join(NORMS)}")
         if act not in ACTS:
@@ -152,7 +163,7 @@ class Net(nn.Module):
                 if not isinstance(m, nn.Conv2d) and isinstance(getattr(m, "weight", None), nn.Parameter):
                     m.weight.requires_grad_(False)
         if zero_init_res:  # each residual branch starts as the identity: its last norm's scale is 0
-            for block in (self.C2, self.C5, self.C9):
+            for block in (getattr(self, name) for name in SKIPS[skips]):
                 nn.init.zeros_(block[1].weight)
         if identity_init:  # airbench's: each 3x3 conv's first min(in, out) filters pass their input channel through
             for m in self.modules():
@@ -170,17 +181,26 @@ class Net(nn.Module):
     def from_config(cls, cfg) -> "Net":
         """The network that a ``normlab.config.Config`` describes."""
         return cls(cfg.norm, cfg.widths, cfg.groups, cfg.weight_std, cfg.pool_first, cfg.act, cfg.zero_init_res,
-                   cfg.norm_batch, cfg.identity_init, cfg.whiten, cfg.bn_momentum, cfg.norm_scale)
+                   cfg.norm_batch, cfg.identity_init, cfg.whiten, cfg.bn_momentum, cfg.norm_scale, cfg.skips)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, 32, 32) -> (B, 10)
         x = self.C1(x)
         x = self.C2(x) + x
         x = self.P1(self.c3(x))  # (B, w2, 16, 16)
-        x = self.C3(x)
-        x = self.C5(self.C4(x)) + x
-        x = self.P2(self.c6(x))  # (B, w3, 8, 8)
-        x = self.C7(x)
-        x = self.C9(self.C8(x)) + x
+        if self.skips == "every":
+            x = self.C3(x) + x
+            x = self.C4(x) + x
+            x = self.C5(x) + x
+            x = self.P2(self.c6(x))  # (B, w3, 8, 8)
+            x = self.C7(x) + x
+            x = self.C8(x) + x
+            x = self.C9(x) + x
+        else:
+            x = self.C3(x)
+            x = self.C5(self.C4(x)) + x
+            x = self.P2(self.c6(x))  # (B, w3, 8, 8)
+            x = self.C7(x)
+            x = self.C9(self.C8(x)) + x
         return self.C10(self.GAP(x)).flatten(1)  # (B, 10)
 
 

@@ -354,7 +354,7 @@ def _rf_section(models) -> str:
         "## Receptive field",
         "Computed from the model's own layers in the order C1 … C10: jump j_out = j_in · stride, receptive field "
         "r_out = r_in + (kernel − 1) · j_in, starting from r = j = 1 on the 32×32 input. The norm layers and the widths do not "
-        "change it, so it is the same for all three models. The skip additions (C1→C2, C3→C5, C7→C9) add a branch with a "
+        "change it, so it is the same for all three models. The skip additions add a branch with a "
         "smaller field to the main one, so the main path sets it.",
         receptive_field_table(cfg),
         f"The last convolution, {last_conv['layer']}, sees {last_conv['rf']}×{last_conv['rf']} pixels of the (zero-padded) "
