@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from normlab.data import IMAGE_SIZE as SIZE  # CIFAR-10's side, in pixels
 from normlab.errors import UsageError
 
-SIZE = 32  # CIFAR-10's side, in pixels
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")  # Pillow decoders normlab opens files with
 SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # what a folder is searched for
 DESCRIBED = "PNG, JPEG, BMP, GIF, WebP or TIFF"

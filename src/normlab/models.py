@@ -124,6 +124,8 @@ class Net(nn.Module):
         if skips not in SKIPS:
             raise ValueError(f"unknown skips {skips!r}; choose one of: {', '.join(SKIPS)}")
         self.skips = skips
+        if zero_init_res and not norm_scale:
+            raise ValueError("zero_init_res sets the residual branches' norm scales to 0: with norm_scale False they would stay 0")
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; choose one of: {', '.join(NORMS)}")
         if act not in ACTS:
@@ -156,8 +158,6 @@ class Net(nn.Module):
         self.C9 = ConvBlock(w3, w3, 3, *norm_args)
         self.GAP = nn.AdaptiveAvgPool2d(1)
         self.C10 = nn.Conv2d(w3, NUM_CLASSES, 1)
-        if zero_init_res and not norm_scale:
-            raise ValueError("zero_init_res sets the residual branches' norm scales to 0: with norm_scale False they would stay 0")
         if not norm_scale:  # airbench's batch norm: the scales stay 1, untrained (still counted); the biases train
             for m in self.modules():
                 if not isinstance(m, nn.Conv2d) and isinstance(getattr(m, "weight", None), nn.Parameter):
