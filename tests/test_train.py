@@ -219,6 +219,10 @@ def test_lookahead_pulls_every_fifth_step_and_ends_on_the_slow_weights():
         w.add_(1.0)
     la.finish()
     assert torch.allclose(w, expected)  # back to the slow copy
+    with torch.no_grad():
+        w.add_(1.0)
+    la.step(7, 7)  # the last step of a run pulls too: no step is lost (a 1-step run ends trained, not at its start)
+    assert torch.allclose(w, expected + (1 - 0.95 ** 5) * 1.0)
 
 
 

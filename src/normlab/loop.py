@@ -155,10 +155,12 @@ def make_ema(model: torch.nn.Module, decay: float):
 class Lookahead:
     """airbench's Lookahead: a slow copy of the weights and float buffers (the running statistics too).
 
-    After every ``EVERY``-th optimizer step the slow copy moves towards the network by 1 - decay and
-    the network jumps back to it; decay = alpha^5 * (step/total)^3 rises from 0 (plain training) to
-    alpha^5 at the end, where ``finish`` makes the network the slow copy (Zhang et al., 2019,
-    "Lookahead Optimizer: k steps forward, 1 step back", with airbench's schedule).
+    After every ``EVERY``-th optimizer step, and after the last, the slow copy moves towards the network by
+    1 - decay and the network jumps back to it; decay = alpha^5 * (step/total)^3 rises from 0 (plain training)
+    to alpha^5 at the end, where ``finish`` makes the network the slow copy (Zhang et al., 2019, "Lookahead
+    Optimizer: k steps forward, 1 step back", with airbench's schedule). airbench pulls on every fifth step
+    alone and so drops the steps after the last one: nothing here (20 epochs make a multiple of 5 steps), but
+    every step of a run shorter than 5.
     """
 
     EVERY = 5
@@ -176,7 +178,7 @@ class Lookahead:
 
     def step(self, step: int, total: int) -> None:
         """After optimizer step number ``step`` (1-based) of ``total``."""
-        if step % self.EVERY == 0:
+        if step % self.EVERY == 0 or step == total:
             self.pull(self.alpha ** self.EVERY * (step / total) ** 3)
 
     def finish(self) -> None:
