@@ -168,15 +168,17 @@ def test_pool_first_runs_the_norm_on_pooled_maps(norm):
 def test_old_configs_describe_the_old_network():
     """config.json files written before these options existed pooled after the ReLU, flipped at random and trained with
     SGD; those written with Muon before --muon-norm existed did not renormalize the filters; those without norm_batch
-    took batch norm's statistics over the whole batch."""
+    took batch norm's statistics over the whole batch; those written before --lookahead existed had none."""
     old = Config.from_dict({"norm": "bn"})
     assert old.pool_first is False and old.act == "relu" and old.alt_flip is False and old.muon_lr == 0
     assert Config.from_dict({"norm": "bn", "muon_lr": 0.05}).muon_norm is False
     assert old.norm_batch == 0  # batch norm over the whole batch, before ghost batches of 32 became the default
     assert old.precise_bn == 0  # and the running averages of training, before --precise-bn
+    assert old.lookahead == 0  # no Lookahead before --lookahead existed (0.95 the default since the twenty-third session)
     new = Config.from_dict(Config().to_dict())
     assert new.pool_first is True and new.alt_flip is True and new.muon_lr == 0.02 and new.muon_norm is True
     assert new.precise_bn == Config().precise_bn
+    assert new.lookahead == Config().lookahead == 0.95
     assert new.norm_batch == 0  # ghost batches of 32 were the default for one session, until section 27 of experiments.md
 
 
