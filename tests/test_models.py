@@ -268,3 +268,18 @@ def test_skips_every_adds_each_conv_input_to_its_output(norm):
         Net(norm, skips="all")
     with pytest.raises(ConfigError, match="--skips must be one of: pairs, every"):
         Config(skips="all").validate()
+
+
+@pytest.mark.parametrize("norm", ALL_NORMS)
+def test_norm_layers_are_the_ten_norms_after_the_convs(norm):
+    """models.norm_layers: the norm after each conv but C10 (C1, C2, c3, C3, C4, C5, c6, C7, C8, C9), each with a
+    per-channel scale and shift, and nothing else; what --norm-bias-lr and --no-norm-scale act on."""
+    from normlab.models import norm_layers
+
+    model = Net(norm, whiten="frozen", norm_batch=32 if norm == "bn" else 0)
+    layers = norm_layers(model)
+    assert len(layers) == 10 and not any(isinstance(m, torch.nn.Conv2d) for m in layers)
+    assert all(m.weight.shape == m.bias.shape == (m.weight.numel(),) for m in layers)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    owned = {id(p) for m in layers for p in m.parameters()} | {id(p) for m in convs for p in m.parameters()}
+    assert owned == {id(p) for p in model.parameters()}  # nothing else in the network has parameters

@@ -21,7 +21,7 @@ from normlab.capture import GraphedStep, plain_groups
 from normlab.config import Config
 from normlab.device import Placement
 from normlab.errors import TrainingError
-from normlab.models import Net, whiten_
+from normlab.models import Net, norm_layers, whiten_
 
 WHITEN_IMAGES = 5000  # training images whose 3x3 patches set a whitened C1 (airbench: 5,000)
 
@@ -47,9 +47,8 @@ def lr_at(step: int, total: int, peak: float, warmup: float, hold: float = 0.0) 
 
 
 def norm_biases(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The biases (shifts) of the norm layers: every bias that does not belong to a convolution."""
-    return [m.bias for m in model.modules() if not isinstance(m, torch.nn.Conv2d)
-            and isinstance(getattr(m, "bias", None), torch.nn.Parameter)]
+    """The biases (shifts) of the norm layers."""
+    return [m.bias for m in norm_layers(model)]
 
 
 NS_COEFFICIENTS, NS_STEPS = (3.4445, -4.775, 2.0315), 5  # torch.optim.Muon's defaults (Jordan et al.'s quintic)

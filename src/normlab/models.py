@@ -159,9 +159,8 @@ class Net(nn.Module):
         self.GAP = nn.AdaptiveAvgPool2d(1)
         self.C10 = nn.Conv2d(w3, NUM_CLASSES, 1)
         if not norm_scale:  # airbench's batch norm: the scales stay 1, untrained (still counted); the biases train
-            for m in self.modules():
-                if not isinstance(m, nn.Conv2d) and isinstance(getattr(m, "weight", None), nn.Parameter):
-                    m.weight.requires_grad_(False)
+            for m in norm_layers(self):
+                m.weight.requires_grad_(False)
         if zero_init_res:  # each residual branch starts as the identity: its last norm's scale is 0
             for block in (getattr(self, name) for name in SKIPS[skips]):
                 nn.init.zeros_(block[1].weight)
@@ -202,6 +201,12 @@ class Net(nn.Module):
             x = self.C7(x)
             x = self.C9(self.C8(x)) + x
         return self.C10(self.GAP(x)).flatten(1)  # (B, 10)
+
+
+def norm_layers(model: nn.Module) -> list[nn.Module]:
+    """The norm layers of ``model``: every module with parameters of its own that is not a convolution (each has a
+    per-channel ``weight`` and ``bias``; none's ``ScaledAffine2d`` too)."""
+    return [m for m in model.modules() if not isinstance(m, nn.Conv2d) and next(m.parameters(recurse=False), None) is not None]
 
 
 def count_params(model: nn.Module) -> int:
