@@ -3,8 +3,9 @@
     python benchmarks/compare_runs.py REFERENCE.json RUN_PARENT [RUN_PARENT ...]
     python benchmarks/compare_runs.py --write REFERENCE.json RUN_PARENT --command "normlab run ..."
 
-The reference holds each norm's test accuracy of one run (for example the CPU run of the GPU
-check's subset); each parent is printed beside it with the difference in points. One seed per
+The reference holds each norm's test accuracy and settings of one run (for example the CPU run of the GPU
+check's subset); each parent is printed beside it with the difference in points, and with the settings
+that differ from the reference's (a reference made before a default changed is stale). One seed per
 side: a difference of about a point is seed noise at 10,000 training images.
 """
 from __future__ import annotations
@@ -20,7 +21,16 @@ from normlab.rundir import find_runs
 def accuracies(parent: Path) -> dict[str, dict]:
     models, _ = find_runs(parent)
     return {norm: {"test_acc": runs[0].results.get("test_acc"), "precision": runs[0].results.get("precision"),
-                   "device": runs[0].results.get("device")} for norm, runs in models.items()}
+                   "device": runs[0].results.get("device"), "config": json.loads(json.dumps(runs[0].config.to_dict()))}
+            for norm, runs in models.items()}
+
+
+def setting_differences(got: dict, ref: dict) -> str:
+    """The settings of a run that differ from its reference's (a reference made before a default changed is stale)."""
+    if "config" not in ref:
+        return "; the reference records no settings"
+    diff = [f"{k} {v} (reference {ref['config'][k]})" for k, v in got["config"].items() if k in ref["config"] and ref["config"][k] != v]
+    return f"; SETTINGS DIFFER: {', '.join(diff)}" if diff else ""
 
 
 def main() -> None:
@@ -45,7 +55,8 @@ def main() -> None:
             base = ref["models"].get(norm, {}).get("test_acc")
             diff = f"{100 * (r['test_acc'] - base):+.2f} points" if base is not None and r["test_acc"] is not None else "no reference"
             shown = f"{100 * base:.2f}%" if base is not None else "–"
-            print(f"{run} {norm} {r['precision']}: test {100 * r['test_acc']:.2f}% vs reference {shown} ({diff}) on {r['device']}")
+            print(f"{run} {norm} {r['precision']}: test {100 * r['test_acc']:.2f}% vs reference {shown} ({diff}) on {r['device']}"
+                  f"{setting_differences(r, ref['models'].get(norm, {}))}")
 
 
 if __name__ == "__main__":
