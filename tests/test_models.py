@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from normlab.config import Config, ConfigError
-from normlab.models import LAYER_ORDER, PARAM_BUDGET, ConvBlock, Net, PoolBlock, WSConv2d, count_params, whiten_
+from normlab.models import LAYER_ORDER, PARAM_BUDGET, ConvBlock, Net, PoolBlock, WSConv2d, count_params, norm_layers, whiten_
 from normlab.norms import DEFAULT_NORMS, NORMS, GhostBatchNorm2d, ScaledAffine2d, make_norm
 
 ALL_NORMS = list(NORMS)  # every norm of the registry
@@ -274,8 +274,6 @@ def test_skips_every_adds_each_conv_input_to_its_output(norm):
 def test_norm_layers_are_the_ten_norms_after_the_convs(norm):
     """models.norm_layers: the norm after each conv but C10 (C1, C2, c3, C3, C4, C5, c6, C7, C8, C9), each with a
     per-channel scale and shift, and nothing else; what --norm-bias-lr and --no-norm-scale act on."""
-    from normlab.models import norm_layers
-
     model = Net(norm, whiten="frozen", norm_batch=32 if norm == "bn" else 0)
     layers = norm_layers(model)
     assert len(layers) == 10 and not any(isinstance(m, torch.nn.Conv2d) for m in layers)

@@ -101,8 +101,8 @@ class Config:
                           "it, by a decay rising as (step/total)^3 to this^5; the network ends as the slow copy (airbench: 0.95); "
                           "0 = off (the default before the twenty-third session); under SGD 0.95 lost on validation "
                           "(docs/experiments.md §16); under the renormalized Muon it gained batch norm 0.37 points on five "
-                          "paired validation seeds, and is shared by all norms (group norm -0.48 on four, layer norm +0.17 "
-                          "on three, neither beyond its spread; §33-34)")
+                          "paired validation seeds, and is shared by all norms (group norm -0.27 on five, layer norm +0.28 "
+                          "on four, neither beyond its spread; §33-34)")
     ema: float = _s(0.0, "moving average of the weights (decay; 0 = off)",
                     "per-step decay of an exponential moving average of the weights, used as the final model; 0 = off")
     label_smoothing: float = _s(0.1, "label smoothing", "cross-entropy target smoothing")
