@@ -189,6 +189,20 @@ def test_unknown_activation():
         Config(act="tanh").validate()
 
 
+def test_logit_scale_multiplies_the_output_and_keeps_the_parameters():
+    torch.manual_seed(0)
+    plain = Net("gn").eval()
+    scaled = Net.from_config(Config(norm="gn", logit_scale=0.25)).eval()
+    scaled.load_state_dict(plain.state_dict())  # no parameter or buffer of its own: the same state loads
+    assert count_params(scaled) == count_params(plain)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(scaled(x), 0.25 * plain(x))
+    for bad in (0.0, -1.0, 101.0):
+        with pytest.raises(ConfigError, match="--logit-scale must be above 0 and at most 100"):
+            Config(logit_scale=bad).validate()
+
+
 @pytest.mark.parametrize("norm", ALL_NORMS)
 def test_zero_init_res_starts_each_residual_branch_at_zero(norm):
     model = Net(norm, zero_init_res=True)

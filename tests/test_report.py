@@ -1,6 +1,7 @@
 """normlab report: report.md and its figures from small synthetic runs; selection, receptive field
 and error paths checked against hand-made cases."""
 import json
+import os
 import re
 import shlex
 import shutil
@@ -17,7 +18,7 @@ from normlab.config import Config
 from normlab.models import Net, model_summary, receptive_field
 from normlab.norms import DEFAULT_NORMS, NORMS
 from normlab.errors import ReportError
-from normlab.report import select_misclassified, summary_table, write_report
+from normlab.report import select_misclassified, shown_path, summary_table, write_report
 
 TINY = ["--epochs", "1", "--batch-size", "32", "--threads", "1"]
 FIGURES = [f"{kind}_{n}.png" for kind in ("misclassified", "curves", "confusion") for n in DEFAULT_NORMS] + ["curves_all.png", "samples.png"]
@@ -151,6 +152,24 @@ def test_single_train_folder(run_parent, data_dir):
     text = path.read_text()
     assert f"normlab train --data-dir {data_dir} --norm bn" in text and "figures/misclassified_bn.png" in text
     assert (path.parent / "figures" / "misclassified_bn.png").is_file()
+
+
+def test_the_data_folder_is_shown_relative_to_the_working_directory_when_near(run_parent, data_dir, tmp_path, monkeypatch):
+    # The README runs from the project root with --data-dir ../shared/cifar10: a report says so, not the
+    # absolute path of the machine that made it; a folder far away stays absolute.
+    project = data_dir.parent / "project"
+    project.mkdir(exist_ok=True)
+    monkeypatch.chdir(project)
+    assert shown_path(data_dir) == os.path.join(os.pardir, data_dir.name)
+    text = write_report(run_parent / "bn", data_dir).read_text()
+    assert f"normlab train --data-dir {os.path.join(os.pardir, data_dir.name)} --norm bn" in text
+    assert f"the CIFAR-10 images in `{os.path.join(os.pardir, data_dir.name)}`" in text
+    monkeypatch.chdir(data_dir.parent)
+    assert shown_path(data_dir) == data_dir.name
+    far = tmp_path / "a" / "b" / "c"
+    far.mkdir(parents=True)
+    monkeypatch.chdir(far)
+    assert shown_path(data_dir) == str(data_dir)
 
 
 def test_partial_run_is_an_error_that_names_what_is_missing(run_parent, tmp_path, capsys):

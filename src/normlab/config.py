@@ -106,6 +106,10 @@ class Config:
     ema: float = _s(0.0, "moving average of the weights (decay; 0 = off)",
                     "per-step decay of an exponential moving average of the weights, used as the final model; 0 = off")
     label_smoothing: float = _s(0.1, "label smoothing", "cross-entropy target smoothing")
+    logit_scale: float = _s(1.0, "logit scale (C10's output times this)",
+                            "multiply the network's output (C10's logits) by this, in training and at evaluation (the "
+                            "predictions do not change, the loss does): as SGD trains C10, its initial logits scale by this "
+                            "and its effective learning rate by the square (airbench's head: 1/9)")
     crop_pad: int = _s(2, "random-crop padding (px)", "random-crop padding in pixels, 0 = off (2 beat 4 and 1 on validation)")
     cutout: int = _s(0, "cutout square (px; 0 = off)",
                      "set a square of this side (pixels, wholly inside the image) of each training image to the mean after "
@@ -154,6 +158,7 @@ class Config:
             (0 <= self.muon_lr <= 10, f"--muon-lr must be in [0, 10], 0 = off (got {self.muon_lr})"),
             (0 <= self.muon_momentum < 1, f"--muon-momentum must be in [0, 1) (got {self.muon_momentum})"),
             (0 < self.norm_bias_lr <= 1000, f"--norm-bias-lr must be in (0, 1000] (got {self.norm_bias_lr})"),
+            (0 < self.logit_scale <= 100, f"--logit-scale must be above 0 and at most 100 (got {self.logit_scale})"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1) (got {self.label_smoothing})"),
             (0 <= self.crop_pad <= 16, f"--crop-pad must be between 0 and 16 (got {self.crop_pad})"),
             (0 <= self.cutout <= 32, f"--cutout must be between 0 (off) and 32 pixels (got {self.cutout})"),

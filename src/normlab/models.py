@@ -119,7 +119,7 @@ class Net(nn.Module):
     def __init__(self, norm: str = "bn", widths: Sequence[int] = (16, 32, 24), groups: int = 8, weight_std: bool = True,
                  pool_first: bool = True, act: str = "gelu", zero_init_res: bool = False, norm_batch: int = 0,
                  identity_init: bool = False, whiten: str = "off", bn_momentum: float = 0.1, norm_scale: bool = True,
-                 skips: str = "pairs"):
+                 skips: str = "pairs", logit_scale: float = 1.0):
         super().__init__()
         if skips not in SKIPS:
             raise ValueError(f"unknown skips {skips!r}; choose one of: {', '.join(SKIPS)}")
@@ -134,7 +134,7 @@ class Net(nn.Module):
             raise ValueError(f"widths must be three positive channel counts, got {tuple(widths)}")
         w1, w2, w3 = (int(w) for w in widths)
         self.norm, self.widths, self.groups, self.weight_std, self.pool_first = norm, (w1, w2, w3), groups, weight_std, pool_first
-        self.act, self.norm_batch = act, norm_batch
+        self.act, self.norm_batch, self.logit_scale = act, norm_batch, float(logit_scale)
         norm_kw = {"groups": groups, "norm_batch": norm_batch, "bn_momentum": bn_momentum}  # what the norms may read
         norm_args = (norm, norm_kw, weight_std, act)
 
@@ -180,7 +180,8 @@ class Net(nn.Module):
     def from_config(cls, cfg) -> "Net":
         """The network that a ``normlab.config.Config`` describes."""
         return cls(cfg.norm, cfg.widths, cfg.groups, cfg.weight_std, cfg.pool_first, cfg.act, cfg.zero_init_res,
-                   cfg.norm_batch, cfg.identity_init, cfg.whiten, cfg.bn_momentum, cfg.norm_scale, cfg.skips)
+                   cfg.norm_batch, cfg.identity_init, cfg.whiten, cfg.bn_momentum, cfg.norm_scale, cfg.skips,
+                   cfg.logit_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, 32, 32) -> (B, 10)
         x = self.C1(x)
@@ -200,7 +201,8 @@ class Net(nn.Module):
             x = self.P2(self.c6(x))  # (B, w3, 8, 8)
             x = self.C7(x)
             x = self.C9(self.C8(x)) + x
-        return self.C10(self.GAP(x)).flatten(1)  # (B, 10)
+        logits = self.C10(self.GAP(x)).flatten(1)  # (B, 10)
+        return logits if self.logit_scale == 1.0 else logits * self.logit_scale
 
 
 def norm_layers(model: nn.Module) -> list[nn.Module]:

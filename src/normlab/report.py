@@ -159,12 +159,24 @@ def _flags_cell(runs: list[Run]) -> str:
     return "yes" if runs[0].results.get("test_acc") is not None else "params and epochs yes; test set not read"
 
 
+def shown_path(path: str | os.PathLike) -> str:
+    """``path`` as a report shows it: relative to the working directory, where its command lines run, when it lies
+    under that directory or its parent (the README's ``../shared/cifar10``), else absolute; a report of a run
+    made elsewhere then names no folder of the machine that made it that a reader's own does not have."""
+    path = Path(path).absolute()
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:  # another drive (Windows)
+        return str(path)
+    return str(path) if rel.startswith(os.path.join(os.pardir, os.pardir)) else rel
+
+
 def _command(models: dict[str, list[Run]], run_dir: Path, is_parent: bool, data_dir: Path) -> str:
     """The normlab command line that trains this folder again: the data it read and the flags that differ from
     the defaults."""
     first = next(iter(models.values()))[0]
     cfg = first.config
-    parts = ["normlab", "run" if is_parent else "train", "--data-dir", shlex.quote(str(data_dir))]
+    parts = ["normlab", "run" if is_parent else "train", "--data-dir", shlex.quote(shown_path(data_dir))]
     if not is_parent:
         parts += ["--norm", cfg.norm]
     elif tuple(models) != DEFAULT_NORMS:
@@ -214,7 +226,7 @@ def _header(models: dict[str, list[Run]], run_dir: Path, is_parent: bool, data_d
         md_table(["setting", "value"], rows, "ll"),
         f"The command line that trains it again:\n\n```sh\n{_command(models, run_dir, is_parent, data_dir)}\n```",
         "Every table and figure below is computed from the files in this folder (`config.json`, `metrics.csv`, "
-        f"`results.json`, `predictions.csv` of each model) and the CIFAR-10 images in `{data_dir}`; "
+        f"`results.json`, `predictions.csv` of each model) and the CIFAR-10 images in `{shown_path(data_dir)}`; "
         f"rebuild it with `normlab report {run_dir}`.",
     ])
 
