@@ -55,14 +55,14 @@ class Config:
                     "each 3x3 conv after C1 adds its input to its output (P1->C3, C3->C4, ..., C8->C9)")
     zero_init_res: bool = _s(False, "residual branches start at zero",
                              "start the last norm of each residual branch (C2, C5, C9; with --skips every, each of C2-C5, C7-C9) with scale 0, "
-                             "so each branch starts as the identity")
+                             "so each branch starts as the identity; lost on validation under Muon (docs/experiments.md §35)")
     norm_scale: bool = _s(True, "norms' scales trained",
                           "keep every norm's scale (its per-channel weight) at 1, untrained, as airbench's batch norm does; "
                           "the norms' biases still train (not with --zero-init-res, whose scales start at 0)", "--no-norm-scale")
     whiten: str = _s("off", "C1 starts as a patch-whitening filter bank",
                      "off | frozen | train: start C1 (a plain conv then) from the eigenvectors of the training images' 3x3 "
                      "patch covariance, +/- pairs scaled by 1/sqrt(eigenvalue), as airbench does; frozen or trained on; "
-                     "both lost on validation (docs/experiments.md §16)")
+                     "both lost on validation, under SGD and again under Muon with Lookahead (docs/experiments.md §16, §35)")
     identity_init: bool = _s(False, "3x3 convs start as the identity",
                              "start each 3x3 conv's first min(in, out) filters as the identity (Dirac), as airbench does; "
                              "with Muon it lost on validation (docs/experiments.md §16, §18)")
@@ -102,14 +102,16 @@ class Config:
                           "0 = off (the default before the twenty-third session); under SGD 0.95 lost on validation "
                           "(docs/experiments.md §16); under the renormalized Muon it gained batch norm 0.37 points on five "
                           "paired validation seeds, and is shared by all norms (group norm -0.27 on five, layer norm +0.28 "
-                          "on four, neither beyond its spread; §33-34)")
+                          "on four, neither beyond its spread; §33-34); 0.9 and 0.98 did not beat it for batch norm (§35)")
     ema: float = _s(0.0, "moving average of the weights (decay; 0 = off)",
-                    "per-step decay of an exponential moving average of the weights, used as the final model; 0 = off")
+                    "per-step decay of an exponential moving average of the weights, used as the final model; 0 = off; "
+                    "0.998 +0.12 on five validation seeds without Lookahead, 0.999 -0.12 on two with it (docs/experiments.md §31, §35)")
     label_smoothing: float = _s(0.1, "label smoothing", "cross-entropy target smoothing")
     logit_scale: float = _s(1.0, "logit scale (C10's output times this)",
                             "multiply the network's output (C10's logits) by this, in training and at evaluation (the "
                             "predictions do not change, the loss does): as SGD trains C10, its initial logits scale by this "
-                            "and its effective learning rate by the square (airbench's head: 1/9)")
+                            "and its effective learning rate by the square (airbench's head: 1/9); 0.5, 2 and 4 lost on validation "
+                            "(docs/experiments.md §35)")
     crop_pad: int = _s(2, "random-crop padding (px)", "random-crop padding in pixels, 0 = off (2 beat 4 and 1 on validation)")
     cutout: int = _s(0, "cutout square (px; 0 = off)",
                      "set a square of this side (pixels, wholly inside the image) of each training image to the mean after "
