@@ -6,6 +6,7 @@ definition serves every variant; the blocks receive the norm's name, never an ``
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -179,9 +180,8 @@ class Net(nn.Module):
     @classmethod
     def from_config(cls, cfg) -> "Net":
         """The network that a ``normlab.config.Config`` describes."""
-        return cls(cfg.norm, cfg.widths, cfg.groups, cfg.weight_std, cfg.pool_first, cfg.act, cfg.zero_init_res,
-                   cfg.norm_batch, cfg.identity_init, cfg.whiten, cfg.bn_momentum, cfg.norm_scale, cfg.skips,
-                   cfg.logit_scale)
+        # Each argument of the network is the Config setting of the same name (so a new one cannot be left out here).
+        return cls(**{name: getattr(cfg, name) for name in inspect.signature(cls).parameters})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, 32, 32) -> (B, 10)
         x = self.C1(x)
