@@ -15,13 +15,14 @@ import json
 import sys
 from pathlib import Path
 
+from normlab.config import Config, format_value
 from normlab.rundir import find_runs
 
 
 def accuracies(parent: Path) -> dict[str, dict]:
     models, _ = find_runs(parent)
     return {norm: {"test_acc": runs[0].results.get("test_acc"), "precision": runs[0].results.get("precision"),
-                   "device": runs[0].results.get("device"), "config": json.loads(json.dumps(runs[0].config.to_dict()))}
+                   "device": runs[0].results.get("device"), "config": runs[0].config.to_dict()}
             for norm, runs in models.items()}
 
 
@@ -29,7 +30,9 @@ def setting_differences(got: dict, ref: dict) -> str:
     """The settings of a run that differ from its reference's (a reference made before a default changed is stale)."""
     if "config" not in ref:
         return "; the reference records no settings"
-    diff = [f"{k} {v} (reference {ref['config'][k]})" for k, v in got["config"].items() if k in ref["config"] and ref["config"][k] != v]
+    # Read as config.json files are: a setting the reference predates is the value it trained with.
+    differences = Config.from_dict(got["config"]).differences(Config.from_dict(ref["config"]))
+    diff = [f"{k} {format_value(v)} (reference {format_value(r)})" for k, v, r in differences]
     return f"; SETTINGS DIFFER: {', '.join(diff)}" if diff else ""
 
 

@@ -192,6 +192,11 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def differences(self, other: "Config") -> list[tuple[str, Any, Any]]:
+        """(setting, this config's value, ``other``'s) for each setting where the two differ, in field order."""
+        return [(f.name, getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self)
+                if getattr(self, f.name) != getattr(other, f.name)]
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
         """The config a ``config.json`` describes; keys of other versions (device, threads) are ignored."""

@@ -42,7 +42,7 @@ def check_same_settings(out: Path, cfg: Config) -> None:
         saved = Config.load(out / "config.json")
     except (OSError, ValueError, TypeError) as e:
         raise UsageError(f"{out / 'config.json'} cannot be read ({type(e).__name__}); move {out} away or choose another --out") from None
-    diff = [f"{k} {v!r} (asked: {getattr(cfg, k)!r})" for k, v in saved.to_dict().items() if v != getattr(cfg, k)]
+    diff = [f"{k} {v!r} (asked: {asked!r})" for k, v, asked in saved.differences(cfg)]
     if diff:
         raise UsageError(f"{out} was trained with other settings: {'; '.join(diff)}; choose another --out, or give the same settings")
 
