@@ -43,7 +43,7 @@ def main() -> None:
     model = place.place(Net.from_config(cfg))
     opt = make_optimizer(model, cfg, place.precision)
     gen = torch.Generator().manual_seed(cfg.seed)
-    batches = D.Batches(images[tr].to(dev), labels[tr].to(dev), cfg.batch_size, True, cfg.crop_pad, cfg.flip, cl, gen, cfg.alt_flip)
+    batches = D.Batches(images[tr].to(dev), labels[tr].to(dev), cfg.batch_size, True, cfg.crop_pad, cfg.flip, cl, gen, cfg.alt_flip, fill=cfg.crop_fill)
     losses, step, t0 = [], 0, time.perf_counter()
     model.train()
     while step < steps:

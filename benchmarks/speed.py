@@ -60,8 +60,8 @@ def worker_normlab(args) -> dict:
     images, labels = images.to(dev), labels.to(dev)
     gen = torch.Generator().manual_seed(0)
     n = len(labels) if args.full else args.batches * args.batch_size
-    warm = D.Batches(images[: args.warmup * args.batch_size], labels[: args.warmup * args.batch_size], args.batch_size, True, cfg.crop_pad, cfg.flip, cl, gen, cfg.alt_flip)
-    timed = D.Batches(images[:n], labels[:n], args.batch_size, True, cfg.crop_pad, cfg.flip, cl, gen, cfg.alt_flip)
+    warm = D.Batches(images[: args.warmup * args.batch_size], labels[: args.warmup * args.batch_size], args.batch_size, True, cfg.crop_pad, cfg.flip, cl, gen, cfg.alt_flip, fill=cfg.crop_fill)
+    timed = D.Batches(images[:n], labels[:n], args.batch_size, True, cfg.crop_pad, cfg.flip, cl, gen, cfg.alt_flip, fill=cfg.crop_fill)
     place.reset_peak_memory()
     t0 = time.perf_counter()
     eager = model if net is not model else None  # the last, partial batch of a --full epoch: eager, as the trainer runs it

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from normlab import data as D
+from normlab.config import Config, ConfigError
 from normlab.data import FOLDER, DataError, augment, load_split, stratified_split
 from conftest import make_cifar
 
@@ -327,6 +328,39 @@ def test_augment_is_each_image_cropped_at_its_offsets_then_flipped(pad, with_fli
         assert torch.equal(out[i], crop.flip(2) if with_flips and flips[i] else crop), i
 
 
+@pytest.mark.parametrize("pad, with_flips", [(2, True), (4, False), (1, True), (0, True)])
+def test_reflect_fill_crops_the_mirrored_image(pad, with_flips):
+    batch = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
+    draws = D.draw_epoch(32, 32, pad, with_flips, torch.Generator().manual_seed(5))
+    offsets = draws[1:3] if pad else None
+    flips = draws[-1].bool() if with_flips else None
+    out = augment(batch, pad, offsets, flips, "reflect")
+    assert out.dtype == torch.uint8
+    padded = torch.nn.functional.pad(batch.float(), (pad, pad, pad, pad), mode="reflect") if pad else batch.float()
+    for i in range(len(batch)):
+        y, x = (int(offsets[0, i]), int(offsets[1, i])) if pad else (0, 0)
+        crop = padded[i, :, y : y + 32, x : x + 32]
+        assert torch.equal(out[i].float(), crop.flip(2) if with_flips and flips[i] else crop), i
+    if pad:  # the fills differ only beyond the edge: some crop reaches past it
+        assert not torch.equal(out, augment(batch, pad, offsets, flips, "zero"))
+
+
+def test_reflect_fill_never_shows_black_borders():
+    batch = torch.full((64, 3, 32, 32), 200, dtype=torch.uint8)
+    draws = D.draw_epoch(64, 64, 4, True, torch.Generator().manual_seed(0))
+    assert (augment(batch, 4, draws[1:3], draws[3].bool(), "reflect") == 200).all()
+    assert (augment(batch, 4, draws[1:3], draws[3].bool(), "zero") == 0).any()
+
+
+def test_augment_refuses_an_unknown_fill_and_a_pad_too_wide_to_mirror():
+    batch = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    offsets = torch.zeros(2, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="unknown crop fill 'wrap'"):
+        augment(batch, 2, offsets, None, "wrap")
+    with pytest.raises(ValueError, match="pad below the image's side"):
+        augment(batch, 32, offsets, None, "reflect")
+
+
 def test_augment_same_seed_same_result():
     batch = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
 
@@ -367,11 +401,12 @@ def test_epoch_draws_are_the_per_step_stream(pad, random_flips):
         assert 0 <= int(draws[1:3].min()) and int(draws[1:3].max()) <= 2 * pad and len(draws[1:3].unique()) > 1
 
 
-def test_batches_crop_and_flip_as_drawn():
+@pytest.mark.parametrize("fill", ["zero", "reflect"])
+def test_batches_crop_and_flip_as_drawn(fill):
     images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
-    batches = D.Batches(images, torch.arange(40), 16, True, 2, True, False, torch.Generator().manual_seed(1))
+    batches = D.Batches(images, torch.arange(40), 16, True, 2, True, False, torch.Generator().manual_seed(1), fill=fill)
     draws = D.draw_epoch(40, 16, 2, True, torch.Generator().manual_seed(1))
-    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    padded = torch.nn.functional.pad(images.float(), (2, 2, 2, 2), mode="constant" if fill == "zero" else "reflect").to(torch.uint8)
     got = torch.cat([x for x, _ in batches])
     for k, j in enumerate(draws[0].tolist()):
         dy, dx, flip = draws[1:, k].tolist()
@@ -448,3 +483,9 @@ def test_alternating_flips_flip_each_image_every_other_epoch():
         per_epoch.append(flipped)
     assert 8 < int(per_epoch[0].sum()) < 32  # about half at random in the first epoch
     assert torch.equal(per_epoch[1], ~per_epoch[0]) and torch.equal(per_epoch[2], per_epoch[0])
+
+
+def test_crop_fill_is_checked_by_the_config():
+    assert Config().crop_fill == "zero" and Config(crop_fill="reflect").validate().crop_fill == "reflect"
+    with pytest.raises(ConfigError, match="--crop-fill must be one of: zero, reflect"):
+        Config(crop_fill="wrap").validate()

@@ -17,6 +17,7 @@ from normlab.errors import ConfigError
 
 MAX_EPOCHS = 20  # the assignment's limit; more is allowed for experiments but flagged
 WHITEN = ("off", "frozen", "train")  # --whiten: C1 from the patch covariance, then frozen or trained
+CROP_FILLS = ("zero", "reflect")  # --crop-fill: what a random crop sees beyond the image's edge (normlab.data.CROP_FILLS)
 
 __all__ = ["Config", "ConfigError", "MAX_EPOCHS", "setting_fields", "parse_widths"]
 
@@ -113,6 +114,9 @@ class Config:
                             "and its effective learning rate by the square (airbench's head: 1/9); 0.5, 2 and 4 lost on validation "
                             "(docs/experiments.md §35)")
     crop_pad: int = _s(2, "random-crop padding (px)", "random-crop padding in pixels, 0 = off (2 beat 4 and 1 on validation)")
+    crop_fill: str = _s("zero", "random crops beyond the edge",
+                        "zero | reflect: what a random crop shows beyond the image's edge, black pixels (zero) or the "
+                        "image mirrored at its edge (reflect, airbench's crops)")
     cutout: int = _s(0, "cutout square (px; 0 = off)",
                      "set a square of this side (pixels, wholly inside the image) of each training image to the mean after "
                      "normalizing, at a random place each step (cutout, DeVries and Taylor 2017; airbench96 uses 12); 0 = off")
@@ -163,6 +167,7 @@ class Config:
             (0 < self.logit_scale <= 100, f"--logit-scale must be above 0 and at most 100 (got {self.logit_scale})"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1) (got {self.label_smoothing})"),
             (0 <= self.crop_pad <= 16, f"--crop-pad must be between 0 and 16 (got {self.crop_pad})"),
+            (self.crop_fill in CROP_FILLS, f"--crop-fill must be one of: {', '.join(CROP_FILLS)} (got {self.crop_fill!r})"),
             (0 <= self.cutout <= 32, f"--cutout must be between 0 (off) and 32 pixels (got {self.cutout})"),
             (self.val_size >= 0, f"--val-size must be 0 or more (got {self.val_size})"),
             (self.norm_scale or not self.zero_init_res,

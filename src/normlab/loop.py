@@ -199,7 +199,7 @@ def recalibrate_bn(model: torch.nn.Module, images: torch.Tensor, labels: torch.T
     n = n - n % cfg.batch_size or n  # full batches only, unless there are fewer images than one batch
     pick = torch.randperm(len(labels), generator=generator)[:n].to(images.device)
     batches = D.Batches(images[pick], labels[pick], cfg.batch_size, True, cfg.crop_pad, cfg.flip, place.channels_last, generator,
-                        cutout=cfg.cutout)
+                        cutout=cfg.cutout, fill=cfg.crop_fill)
     momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
@@ -355,7 +355,7 @@ class Trainer:
         self.test_y = (test_y if test_y is not None else empty_y).to(dev)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.batches = D.Batches(self.train_x, self.train_y, cfg.batch_size, True, cfg.crop_pad, cfg.flip, place.channels_last,
-                                 self.generator, cfg.alt_flip, cutout=cfg.cutout)
+                                 self.generator, cfg.alt_flip, cutout=cfg.cutout, fill=cfg.crop_fill)
         self.total = cfg.epochs * len(self.batches)
         self.step, self.epoch = 0, 0
         self.metrics: list[dict[str, Any]] = []
