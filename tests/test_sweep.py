@@ -17,6 +17,7 @@ from normlab.config import Config
 from normlab.errors import ConfigError
 from normlab.norms import NORMS
 from normlab.plan import NEW, cell_folder, norm_options, parse_grid, plan_sweep, reads, sweep_cells
+from normlab.report import shown_path
 from normlab.sweepdir import (COLUMNS, MANIFEST, REPORT, TABLE, Manifest, SweepResult, log_x, paired_differences, paired_table,
                               read_manifest, sweep_figure)
 
@@ -139,7 +140,7 @@ def test_sweep_writes_a_folder_per_model_and_the_table(swept):
     assert {r["groups"] for r in rows if r["norm"] == "bn"} == {"8"}  # the base value
 
 
-def test_sweep_report_table_figures_and_command(swept):
+def test_sweep_report_table_figures_and_command(swept, data_dir):
     text = (swept / REPORT).read_text()
     assert "| model | lr | groups | seeds |" in text
     assert "| Batch Normalization (bn) | 0.05 | 8 (not read) | 2/2 |" in text
@@ -148,7 +149,8 @@ def test_sweep_report_table_figures_and_command(swept):
     for key in ("lr", "groups"):
         assert f"(figures/sweep_{key}.png)" in text and (swept / "figures" / f"sweep_{key}.png").stat().st_size > 5000
     command = text.split("```sh\n", 1)[1].split("\n", 1)[0]
-    assert command == f"normlab sweep --norms bn,gn --grid lr=0.05,0.1 --grid groups=4,8 --epochs 1 --batch-size 50 --seeds 2 --out {swept}"
+    assert command == (f"normlab sweep --data-dir {shown_path(data_dir.resolve())} --norms bn,gn --grid lr=0.05,0.1 --grid groups=4,8 "
+                       f"--epochs 1 --batch-size 50 --seeds 2 --out {swept}")
     args = build_parser().parse_args(shlex.split(command)[1:])  # the command gives the same settings and grid
     assert config_from(args) == Config(epochs=1, batch_size=50) and parse_grid(args.grid) == read_manifest(swept).grid
 
@@ -301,3 +303,13 @@ def test_ray_without_the_extra_names_it(data_dir, tmp_path, capsys, monkeypatch)
     assert main(sweep_argv(data_dir, out, "--ray", "auto", grid=["--norms", "bn"])) == 2
     assert one_error_line(capsys) == "normlab: error: --ray needs Ray, an optional extra of normlab: pip install 'normlab[ray]'"
     assert not (out / MANIFEST).exists()
+
+
+def test_manifest_command_names_the_data_and_quotes_the_folders(tmp_path):
+    manifest = Manifest(Config(epochs=2), ("bn",), {"lr": (0.05, 0.1)}, 1, 0)
+    out, data = tmp_path / "my sweep", tmp_path / "cifar data"
+    command = manifest.command(out, data)
+    assert command == f"normlab sweep --data-dir '{data}' --norms bn --grid lr=0.05,0.1 --epochs 2 --out '{out}'"
+    args = build_parser().parse_args(shlex.split(command)[1:])
+    assert (args.data_dir, args.out) == (str(data), str(out))
+    assert "--data-dir" not in manifest.command(out)  # not known: the command leaves it to $NORMLAB_DATA or ./data

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import shlex
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -248,7 +249,7 @@ def run(base: Config | None = None, data_dir: str | os.PathLike | None = None, o
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1 (got {jobs})")
     parent = Path(out)
-    hint = resume_hint or f"normlab run --resume --out {parent}"
+    hint = resume_hint or f"normlab run --resume --out {shlex.quote(str(parent))}"
     plan = plan_models(base, norms, seeds, first_seed, parent, resume, hint)
     for j in plan:
         if j.action == "skip":
@@ -290,7 +291,7 @@ def sweep(base: Config | None = None, data_dir: str | os.PathLike | None = None,
         raise ConfigError("--jobs is for local runs; with --ray, the cluster runs as many models at once as --ray-cpus/--ray-gpus allow")
     norms = tuple(norms.split(",") if isinstance(norms, str) else norms)
     manifest = S.Manifest(base, norms, parse_grid(grid), seeds, first_seed)
-    hint = resume_hint or f"{manifest.command(parent)} --resume"
+    hint = resume_hint or f"{manifest.command(parent, D.resolve_data_dir(data_dir))} --resume"
     plan = plan_sweep(base, norms, manifest.grid, seeds, first_seed, parent, resume, hint)
     if ray_options:
         import_ray()  # without the extra: one line now, before any file is written

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from normlab.config import Config, format_value, setting_fields
 from normlab.errors import ReportError, UsageError
 from normlab.norms import DEFAULT_NORMS, NORMS
 from normlab.plan import NOT_SWEPT, Grid, cell_folder, parse_grid, reads, sweep_cells
-from normlab.report import acc_cell, md_table, secs_cell
+from normlab.report import acc_cell, md_table, secs_cell, shown_path
 from normlab.rundir import CONFIG, FIGURES, RunDir, atomic_write, atomic_write_text, csv_cell
 
 MANIFEST = "sweep.json"   # written before anything trains: the grid, norms, seeds and base settings
@@ -62,9 +63,12 @@ class Manifest:
                 for seed in range(self.first_seed, self.first_seed + self.seeds)
                 for norm in self.norms for cell in sweep_cells(norm, self.grid)]
 
-    def command(self, parent: Path) -> str:
-        """The normlab command line that trains this sweep again (settings that differ from the defaults)."""
+    def command(self, parent: Path, data_dir: str | os.PathLike | None = None) -> str:
+        """The normlab command line that trains this sweep again: the data it reads (``data_dir``, where known) and
+        the settings that differ from the defaults."""
         parts = ["normlab", "sweep"]
+        if data_dir is not None:
+            parts += ["--data-dir", shlex.quote(shown_path(data_dir))]
         if self.norms != DEFAULT_NORMS:
             parts += ["--norms", ",".join(self.norms)]
         for k, values in self.grid.items():
@@ -74,7 +78,7 @@ class Manifest:
             parts += ["--seeds", str(self.seeds)]
         if self.first_seed != 0:
             parts += ["--seed", str(self.first_seed)]
-        return " ".join(parts + ["--out", str(parent)])
+        return " ".join(parts + ["--out", shlex.quote(str(parent))])
 
 
 def is_sweep(path: str | os.PathLike) -> bool:
@@ -130,6 +134,7 @@ def collect(parent: Path, manifest: Manifest) -> list[dict[str, Any]]:
         row = {"folder": folder.relative_to(parent).as_posix(), "norm": norm, "seed": seed, "status": status,
                **{k: getattr(cfg, k) for k in SETTINGS}, **{k: results.get(k) for k in RESULT_COLUMNS}}
         row["cell"] = cell  # the swept settings this norm reads (not a column of sweep.csv)
+        row["data_dir"] = results.get("data_dir")  # the data the model read (not a column either)
         rows.append(row)
     return rows
 
@@ -331,6 +336,11 @@ def write_sweep(parent: Path, report: bool = True) -> SweepResult:
     return SweepResult(parent, manifest, rows, path)
 
 
+def _data_dir(finished: list[dict[str, Any]]) -> str | None:
+    """The data folder the sweep's finished models read (the first one's, as recorded in its results.json), if any."""
+    return next((r["data_dir"] for r in finished if r.get("data_dir")), None)
+
+
 def _write_report(parent: Path, manifest: Manifest, rows: list[dict[str, Any]]) -> Path:
     finished = [r for r in rows if r["status"] == FINISHED]
     shown = metric(finished)
@@ -341,7 +351,7 @@ def _write_report(parent: Path, manifest: Manifest, rows: list[dict[str, Any]]) 
     parts = [f"# normlab sweep: `{parent}`",
              f"{', '.join(f'{NORMS[n].label} ({n})' for n in manifest.norms)} x {grid} x {seeds}: "
              f"{len(rows)} models, {len(finished)} finished.",
-             f"The command line that trains it again:\n\n```sh\n{manifest.command(parent)}\n```",
+             f"The command line that trains it again:\n\n```sh\n{manifest.command(parent, _data_dir(finished))}\n```",
              "Every other setting is the same in every model: `config.json` of each run folder has them all; `sweep.csv` has one "
              f"row per model (every setting, accuracies, seconds per epoch, wall time, device). Rebuild this page with "
              f"`normlab report {parent}`.",
