@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from normlab import data as D
 from normlab import loop as T
 from normlab.cli import main
-from normlab.config import Config
+from normlab.config import Config, ConfigError
 from normlab.device import Placement
 from normlab.models import Net
 from normlab.norms import NORMS
@@ -479,3 +479,29 @@ def test_frozen_norm_scales_stay_one_and_cutout_resumes_bit_for_bit(cifar_dir):
     trained.run_epoch()
     assert any(not torch.equal(m.weight, torch.ones_like(m.weight))
                for m in trained.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+
+
+def test_clean_epochs_train_the_last_epochs_uncropped_and_resume_bit_for_bit(cifar_dir, monkeypatch):
+    """--clean-epochs 1 of 2: the first epoch's batches are cropped (and cut out), the last one's and precise BN's are
+    whole images, flipped as before; a run cut after its first epoch ends with the uninterrupted run's weights."""
+    images, labels = D.load_split(cifar_dir, train=True)
+    cfg = Config(norm="bn", epochs=2, batch_size=50, clean_epochs=1, cutout=8, precise_bn=100)
+    place = Placement(torch.device("cpu"), "fp32", False)
+    seen, augment, cut_out = [], D.augment, D.cut_out
+    monkeypatch.setattr(D, "augment", lambda x, pad, *a: seen.append(("crop", pad)) or augment(x, pad, *a))
+    monkeypatch.setattr(D, "cut_out", lambda x, size, corners: seen.append(("cutout", size)) or cut_out(x, size, corners))
+    whole = T.Trainer(cfg, place, images, labels, progress=False)
+    whole.run_epoch()
+    assert set(seen) == {("crop", 2), ("cutout", 8)}
+    seen.clear()
+    whole.run_epoch()  # 4 batches of training, then 2 of precise BN
+    assert seen == [("crop", 0)] * 6
+    first = T.Trainer(cfg, place, images, labels, progress=False)
+    first.run_epoch()
+    resumed = T.Trainer(cfg, place, images, labels, progress=False)
+    resumed.load_state_dict(first.state_dict())
+    resumed.run_epoch()
+    assert all(torch.equal(a, b) for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()))
+    assert T.crops(cfg, 1) == (2, 8) and T.crops(cfg, 2) == (0, 0) and T.crops(Config(), 20) == (2, 0)
+    with pytest.raises(ConfigError, match="--clean-epochs must be between 0"):
+        Config(epochs=2, clean_epochs=3).validate()

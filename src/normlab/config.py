@@ -120,6 +120,10 @@ class Config:
     cutout: int = _s(0, "cutout square (px; 0 = off)",
                      "set a square of this side (pixels, wholly inside the image) of each training image to the mean after "
                      "normalizing, at a random place each step (cutout, DeVries and Taylor 2017; airbench96 uses 12); 0 = off")
+    clean_epochs: int = _s(0, "last epochs on uncropped images",
+                           "train the last N epochs on whole images: no random crop and no cutout (flips as before), so "
+                           "that the model ends fitting the images it is tested on; precise BN then averages uncropped "
+                           "batches too; 0 = off")
     flip: bool = _s(True, "random flips", "turn off random horizontal flips", "--no-flip")
     alt_flip: bool = _s(True, "alternating flips", "flip each image at random in every epoch "
                         "(default: alternating flips, each image flipped in every other epoch; beat random flips on validation)", "--no-alt-flip")
@@ -169,6 +173,8 @@ class Config:
             (0 <= self.crop_pad <= 16, f"--crop-pad must be between 0 and 16 (got {self.crop_pad})"),
             (self.crop_fill in CROP_FILLS, f"--crop-fill must be one of: {', '.join(CROP_FILLS)} (got {self.crop_fill!r})"),
             (0 <= self.cutout <= 32, f"--cutout must be between 0 (off) and 32 pixels (got {self.cutout})"),
+            (0 <= self.clean_epochs <= self.epochs,
+             f"--clean-epochs must be between 0 (off) and --epochs ({self.epochs}) (got {self.clean_epochs})"),
             (self.val_size >= 0, f"--val-size must be 0 or more (got {self.val_size})"),
             (self.norm_scale or not self.zero_init_res,
              "--no-norm-scale and --zero-init-res cannot go together: the residual branches' scales would stay 0"),

@@ -185,11 +185,16 @@ class Lookahead:
 
 
 @torch.no_grad()
+def crops(cfg: Config, epoch: int) -> tuple[int, int]:
+    """(random-crop padding, cutout side) of training epoch ``epoch`` (1-based): none in the last ``cfg.clean_epochs``."""
+    return (0, 0) if epoch > cfg.epochs - cfg.clean_epochs else (cfg.crop_pad, cfg.cutout)
+
+
 def recalibrate_bn(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Config, place: Placement) -> None:
     """Precise BN (Wu and Johnson, 2021, "Rethinking 'Batch' in BatchNorm"): batch norm's running statistics
     re-estimated at the model's present weights, as the plain average over full training batches of their batch
-    statistics (``cfg.precise_bn`` images, all if fewer, drawn with the seed's own generator, augmented as in
-    training), instead of the running averages the training steps left, which mix in the last steps' weights.
+    statistics (``cfg.precise_bn`` images, all if fewer, drawn with the seed's own generator, augmented as in the last
+    epoch: ``crops``), instead of the running averages the training steps left, which mix in the last steps' weights.
     A model without batch norm (or ``precise_bn`` 0) is left alone; nothing but those buffers changes."""
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not bns or not cfg.precise_bn:
@@ -198,8 +203,9 @@ def recalibrate_bn(model: torch.nn.Module, images: torch.Tensor, labels: torch.T
     n = min(cfg.precise_bn, len(labels))
     n = n - n % cfg.batch_size or n  # full batches only, unless there are fewer images than one batch
     pick = torch.randperm(len(labels), generator=generator)[:n].to(images.device)
-    batches = D.Batches(images[pick], labels[pick], cfg.batch_size, True, cfg.crop_pad, cfg.flip, place.channels_last, generator,
-                        cutout=cfg.cutout, fill=cfg.crop_fill)
+    pad, cutout = crops(cfg, cfg.epochs)  # the last epoch's augmentation
+    batches = D.Batches(images[pick], labels[pick], cfg.batch_size, True, pad, cfg.flip, place.channels_last, generator,
+                        cutout=cutout, fill=cfg.crop_fill)
     momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
@@ -376,6 +382,7 @@ class Trainer:
 
         cfg, epoch = self.cfg, self.epoch + 1
         t0 = time.perf_counter()
+        self.batches.pad, self.batches.cutout = crops(cfg, epoch)
         r = train_epoch(self.net, self.opt, self.batches, cfg, self.step, self.total, self.place, self.scaler,
                         desc=f"{cfg.norm} epoch {epoch}/{cfg.epochs}", ema=self.ema, progress=self.progress,
                         lookahead=self.lookahead, eager=self.model if self.net is not self.model else None,
