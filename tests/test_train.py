@@ -419,10 +419,12 @@ def test_precise_bn_averages_the_batch_statistics_of_full_training_batches(cifar
             m.running_mean.fill_(5.0), m.running_var.fill_(7.0)
     weights = {k: v.clone() for k, v in model.named_parameters()}
     seen = []
-    hook = bns[0].register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach()))
+    hook = bns[0].register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach()) or graphs.append(out.requires_grad))
+    graphs = []
     model.eval()
     T.recalibrate_bn(model, images, labels, cfg, place)
     hook.remove()
+    assert graphs == [False] * 3  # no autograd graph is built (torch.no_grad)
     assert [len(x) for x in seen] == [32, 32, 32] and not model.training
     expected_mean = torch.stack([x.mean((0, 2, 3)) for x in seen]).mean(0)
     expected_var = torch.stack([x.var((0, 2, 3), unbiased=True) for x in seen]).mean(0)

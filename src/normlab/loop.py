@@ -184,12 +184,12 @@ class Lookahead:
         self.pull(1.0)  # the network takes the slow weights
 
 
-@torch.no_grad()
 def crops(cfg: Config, epoch: int) -> tuple[int, int]:
     """(random-crop padding, cutout side) of training epoch ``epoch`` (1-based): none in the last ``cfg.clean_epochs``."""
     return (0, 0) if epoch > cfg.epochs - cfg.clean_epochs else (cfg.crop_pad, cfg.cutout)
 
 
+@torch.no_grad()
 def recalibrate_bn(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Config, place: Placement) -> None:
     """Precise BN (Wu and Johnson, 2021, "Rethinking 'Batch' in BatchNorm"): batch norm's running statistics
     re-estimated at the model's present weights, as the plain average over full training batches of their batch
