@@ -117,8 +117,8 @@ class Config:
     crop_fill: str = _s("zero", "random crops beyond the edge",
                         "zero | reflect: what a random crop shows beyond the image's edge, black pixels (zero) or the "
                         "image mirrored at its edge (reflect, airbench's crops); for batch norm reflect alone -0.52 / +0.72 "
-                        "on two validation seeds, with --clean-epochs 2 +0.19 (spread 0.51) on five, not kept "
-                        "(docs/experiments.md §36)")
+                        "on two validation seeds, with --clean-epochs 2 +0.19 (spread 0.51) on five; group norm with "
+                        "--clean-epochs 2 +1.32 (spread 0.45) on five (docs/experiments.md §36)")
     cutout: int = _s(0, "cutout square (px; 0 = off)",
                      "set a square of this side (pixels, wholly inside the image) of each training image to the mean after "
                      "normalizing, at a random place each step (cutout, DeVries and Taylor 2017; airbench96 uses 12); 0 = off")
@@ -126,7 +126,8 @@ class Config:
                            "train the last N epochs on whole images: no random crop and no cutout (flips as before), so "
                            "that the model ends fitting the images it is tested on; precise BN then averages uncropped "
                            "batches too; 0 = off; for batch norm 2 gave +0.32 / -0.52 on two validation seeds, with "
-                           "--crop-fill reflect +0.19 (spread 0.51) on five, not kept (docs/experiments.md §36)")
+                           "--crop-fill reflect +0.19 (spread 0.51) on five; group norm with --crop-fill reflect +1.32 (spread 0.45) "
+                           "on five (docs/experiments.md §36)")
     flip: bool = _s(True, "random flips", "turn off random horizontal flips", "--no-flip")
     alt_flip: bool = _s(True, "alternating flips", "flip each image at random in every epoch "
                         "(default: alternating flips, each image flipped in every other epoch; beat random flips on validation)", "--no-alt-flip")
