@@ -159,6 +159,21 @@ def test_checkpoint_after_every_epoch(cifar_dir, tmp_path, monkeypatch):
     assert saved == [(CHECKPOINT, 1, []), (CHECKPOINT, 2, []), (CHECKPOINT, 3, []), (MODEL, None, [])]
 
 
+def _resumed_after_first_epoch(cfg, place, images, labels):
+    """A Trainer cut after its first epoch, rebuilt from its state and run to the end of ``cfg.epochs``."""
+    first = T.Trainer(cfg, place, images, labels, progress=False)
+    first.run_epoch()
+    resumed = T.Trainer(cfg, place, images, labels, progress=False)
+    resumed.load_state_dict(first.state_dict())
+    while not resumed.done:
+        resumed.run_epoch()
+    return resumed
+
+
+def _same_weights(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+
+
 def test_the_new_knobs_resume_bit_for_bit(cifar_dir):
     """A Trainer with --norm-bias-lr, --identity-init, --lookahead, --bn-momentum and --muon-lr, cut after its first epoch and rebuilt from its state,
     ends with the weights of the uninterrupted one (the third group's lr_scale travels in the optimizer state)."""
@@ -168,14 +183,9 @@ def test_the_new_knobs_resume_bit_for_bit(cifar_dir):
     place = Placement(torch.device("cpu"), "fp32", False)
     whole = T.Trainer(cfg, place, images, labels, progress=False)
     whole.run_epoch(), whole.run_epoch()
-    first = T.Trainer(cfg, place, images, labels, progress=False)
-    first.run_epoch()
-    state = first.state_dict()
-    resumed = T.Trainer(cfg, place, images, labels, progress=False)
-    resumed.load_state_dict(state)
+    resumed = _resumed_after_first_epoch(cfg, place, images, labels)
     assert resumed.opt.param_groups[2]["lr_scale"] == 8.0
-    resumed.run_epoch()
-    assert all(torch.equal(a, b) for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()))
+    assert _same_weights(whole, resumed)
 
 
 
@@ -471,12 +481,7 @@ def test_frozen_norm_scales_stay_one_and_cutout_resumes_bit_for_bit(cifar_dir):
     assert len(norms) == 10 and all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in norms)
     assert all(not m.weight.requires_grad for m in norms) and all(m.bias.abs().sum() > 0 for m in norms)
     assert sum(p.numel() for p in whole.model.parameters()) == 47_978
-    first = T.Trainer(cfg, place, images, labels, progress=False)
-    first.run_epoch()
-    resumed = T.Trainer(cfg, place, images, labels, progress=False)
-    resumed.load_state_dict(first.state_dict())
-    resumed.run_epoch()
-    assert all(torch.equal(a, b) for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()))
+    assert _same_weights(whole, _resumed_after_first_epoch(cfg, place, images, labels))
     trained = T.Trainer(dataclasses.replace(cfg, norm_scale=True), place, images, labels, progress=False)
     trained.run_epoch()
     assert any(not torch.equal(m.weight, torch.ones_like(m.weight))
@@ -498,12 +503,7 @@ def test_clean_epochs_train_the_last_epochs_uncropped_and_resume_bit_for_bit(cif
     seen.clear()
     whole.run_epoch()  # 4 batches of training, then 2 of precise BN
     assert seen == [("crop", 0)] * 6
-    first = T.Trainer(cfg, place, images, labels, progress=False)
-    first.run_epoch()
-    resumed = T.Trainer(cfg, place, images, labels, progress=False)
-    resumed.load_state_dict(first.state_dict())
-    resumed.run_epoch()
-    assert all(torch.equal(a, b) for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()))
+    assert _same_weights(whole, _resumed_after_first_epoch(cfg, place, images, labels))
     assert T.crops(cfg, 1) == (2, 8) and T.crops(cfg, 2) == (0, 0) and T.crops(Config(), 20) == (2, 0)
     with pytest.raises(ConfigError, match="--clean-epochs must be between 0"):
         Config(epochs=2, clean_epochs=3).validate()
