@@ -486,6 +486,6 @@ def test_alternating_flips_flip_each_image_every_other_epoch():
 
 
 def test_crop_fill_is_checked_by_the_config():
-    assert Config().crop_fill == "zero" and Config(crop_fill="reflect").validate().crop_fill == "reflect"
+    assert Config().crop_fill == "reflect" and Config(crop_fill="zero").validate().crop_fill == "zero"
     with pytest.raises(ConfigError, match="--crop-fill must be one of: zero, reflect"):
         Config(crop_fill="wrap").validate()

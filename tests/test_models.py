@@ -180,6 +180,8 @@ def test_old_configs_describe_the_old_network():
     assert new.precise_bn == Config().precise_bn
     assert new.lookahead == Config().lookahead == 0.95
     assert new.norm_batch == 0  # ghost batches of 32 were the default for one session, until section 27 of experiments.md
+    assert (old.crop_fill, old.clean_epochs) == ("zero", 0)  # zero-padded crops in every epoch before the twenty-fifth session
+    assert (new.crop_fill, new.clean_epochs) == (Config().crop_fill, Config().clean_epochs) == ("reflect", 2)
 
 
 def test_unknown_activation():

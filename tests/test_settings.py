@@ -20,7 +20,7 @@ from normlab.rundir import Run
 OTHER = {
     "norm": "gn", "widths": (16, 24, 32), "groups": 4, "norm_batch": 16, "weight_std": False, "act": "relu", "pool_first": False,
     "skips": "every", "zero_init_res": True, "norm_scale": False, "identity_init": True, "whiten": "frozen", "epochs": 3, "batch_size": 64, "lr": 0.15, "warmup": 0.3, "hold": 0.1, "momentum": 0.85, "norm_bias_lr": 64.0, "lookahead": 0.9, "bn_momentum": 0.4, "precise_bn": 0, "muon_lr": 0.1, "muon_norm": False, "muon_momentum": 0.6,
-    "weight_decay": 1e-4, "ema": 0.99, "label_smoothing": 0.2, "logit_scale": 0.5, "crop_pad": 4, "crop_fill": "reflect", "cutout": 8, "clean_epochs": 1, "flip": False, "alt_flip": False,
+    "weight_decay": 1e-4, "ema": 0.99, "label_smoothing": 0.2, "logit_scale": 0.5, "crop_pad": 4, "crop_fill": "zero", "cutout": 8, "clean_epochs": 1, "flip": False, "alt_flip": False,
     "val_size": 100, "seed": 3, "eval_test": False,
 }
 

@@ -504,6 +504,8 @@ def test_clean_epochs_train_the_last_epochs_uncropped_and_resume_bit_for_bit(cif
     whole.run_epoch()  # 4 batches of training, then 2 of precise BN
     assert seen == [("crop", 0)] * 6
     assert _same_weights(whole, _resumed_after_first_epoch(cfg, place, images, labels))
-    assert T.crops(cfg, 1) == (2, 8) and T.crops(cfg, 2) == (0, 0) and T.crops(Config(), 20) == (2, 0)
-    with pytest.raises(ConfigError, match="--clean-epochs must be between 0"):
-        Config(epochs=2, clean_epochs=3).validate()
+    assert T.crops(cfg, 1) == (2, 8) and T.crops(cfg, 2) == (0, 0)
+    assert [T.crops(Config(), e) for e in (1, 18, 19, 20)] == [(2, 0), (2, 0), (0, 0), (0, 0)]  # the default: the last 2
+    assert T.crops(Config(epochs=1), 1) == (0, 0)  # fewer epochs than --clean-epochs: all of them whole images
+    with pytest.raises(ConfigError, match="--clean-epochs must be 0"):
+        Config(clean_epochs=-1).validate()
