@@ -261,6 +261,16 @@ def test_run_jobs_must_be_positive(data_dir, tmp_path, capsys):
     fails(capsys, ["run", "--data-dir", str(data_dir), *TRAIN_ARGS, "--out", str(tmp_path / "p"), "--jobs", "0"], "--jobs must be at least 1")
 
 
+def test_run_jobs_without_data_fetches_it_once_before_any_worker(tmp_path, capfd):
+    # Not once per worker process, all into the same partial file: one download (here refused: conftest's closed
+    # port), one error, and no worker started.
+    rc = main(["run", "--data-dir", str(tmp_path / "nodata"), "--norms", "bn,ln", *TRAIN_ARGS, "--out", str(tmp_path / "p"),
+               "--jobs", "2", "--no-report"])
+    out, err = capfd.readouterr()
+    assert rc == 2 and (out + err).count("downloading CIFAR-10") == 1 and err.count("the download from") == 1
+    assert "at a time" not in out and not (tmp_path / "p" / "bn").exists()
+
+
 # ---------------------------------------------------------------- bad input: one line, exit 2, nothing damaged
 def one_error_line(capsys) -> str:
     err = capsys.readouterr().err

@@ -222,6 +222,22 @@ def test_download_through_load_split(tmp_path, archive, monkeypatch):
     assert images.shape == (10, 3, 32, 32)
 
 
+def test_fetch_once_downloads_before_new_models_only(tmp_path, archive, monkeypatch):
+    from normlab.plan import NEW, RESUME, Job, fetch_once
+
+    url, md5 = archive
+    monkeypatch.setattr(D, "URL", url)
+    monkeypatch.setattr(D, "MD5", md5)
+    root = tmp_path / "data"
+    monkeypatch.setenv("NORMLAB_DATA", str(root))
+    fetch_once([Job(Config(), tmp_path / "m", RESUME)], None)  # a resumed model reads the data it started on
+    assert not root.exists()
+    fetch_once([Job(Config(), tmp_path / "m", RESUME), Job(Config(), tmp_path / "n", NEW)], None)
+    assert load_split(root, train=True, allow_download=False)[0].shape == (50, 3, 32, 32)
+    monkeypatch.setattr(D, "URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")
+    fetch_once([Job(Config(), tmp_path / "n", NEW)], root)  # already there: nothing fetched
+
+
 def test_checksum_mismatch_is_rejected(tmp_path, archive):
     url, md5 = archive
     root = tmp_path / "data"

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from normlab import data as D
 from normlab.config import Config, format_value, parse_widths, setting_fields
 from normlab.device import Runtime, set_threads, worker_devices
 from normlab.errors import ConfigError, UsageError
@@ -225,6 +226,7 @@ def execute(jobs: Sequence[Job], train: TrainFn, data_dir: Path, runtime: Runtim
                 failures.append((j, e))
                 log(f"{j.out}: FAILED: {e}")
         return failures
+    fetch_once(todo, data_dir)
     per_job = runtime.threads or max(1, (os.cpu_count() or 1) // n_jobs)
     log(f"training {len(todo)} models, {n_jobs} at a time, {per_job} thread(s) each")
     worker_runtime = dataclasses.replace(runtime, threads=per_job, progress=False)  # several bars on one terminal garble
@@ -245,6 +247,17 @@ def execute(jobs: Sequence[Job], train: TrainFn, data_dir: Path, runtime: Runtim
             pool.shutdown(cancel_futures=True)  # drops the models not yet started, waits for the running ones
             raise failed
     return failures
+
+
+def fetch_once(jobs: Sequence[Job], data_dir: Path | None) -> None:
+    """Download CIFAR-10 here, once, if the models about to start in worker processes would each fetch it: else
+    every worker downloads into the same partial file at once (and a refused download prints its error once per
+    worker). A model resumed without ``data_dir`` reads the data it started on (data.json), so it needs nothing."""
+    if data_dir is None and all(j.action == RESUME for j in jobs):
+        return
+    root = D.resolve_data_dir(data_dir)
+    if not (root / D.FOLDER).is_dir():
+        D.download(root)
 
 
 def _worker(train: TrainFn, job: Job, data_dir: Path, runtime: Runtime) -> str:
