@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -209,6 +210,20 @@ def test_run_resume_refuses_an_unfinished_model_of_other_settings(runs, data_dir
     argv = ["run", "--data-dir", str(data_dir), "--norms", "ln", *TRAIN_ARGS, "--lr", "0.1", "--out", str(parent), "--resume", "--no-report"]
     fails(capsys, argv, f"{parent / 'ln'} was trained with other settings", "lr 0.2 (asked: 0.1)")
     assert _snapshot(parent) == before
+
+
+def test_run_resume_keeps_new_models_on_the_finished_ones_data(runs, data_dir, tmp_path, monkeypatch, capsys):
+    """A resumed run's new models train on its earlier models' data: other data named by --data-dir is refused before
+    anything trains; without --data-dir they take the recorded folder, not $NORMLAB_DATA's."""
+    parent = tmp_path / "p"
+    shutil.copytree(runs[1] / "bn", parent / "bn")
+    other = make_cifar(tmp_path / "other", seed=1)
+    argv = ["run", *TRAIN_ARGS, "--norms", "bn,ln", "--out", str(parent), "--resume", "--no-report"]
+    fails(capsys, [*argv, "--data-dir", str(other)], f"{other} holds other training data", f"{parent / 'bn'} was trained on")
+    assert sorted(p.name for p in parent.iterdir()) == ["bn"]
+    monkeypatch.setenv("NORMLAB_DATA", str(other))
+    assert main(argv) == 0
+    assert json.loads((parent / "ln" / "data.json").read_text())["data_dir"] == str(data_dir.resolve())
 
 
 def test_run_refuses_an_unfinished_model_without_resume(runs, data_dir, tmp_path, capsys):

@@ -29,7 +29,7 @@ from normlab.device import Runtime, device_name, peak_rss_mib, set_threads, setu
 from normlab.errors import ConfigError, TrainingError, UsageError
 from normlab.models import PARAM_BUDGET, count_params
 from normlab.norms import DEFAULT_NORMS, NORMS
-from normlab.plan import execute, parse_grid, plan_models, plan_sweep
+from normlab.plan import execute, parse_grid, plan_models, plan_sweep, same_data
 from normlab.result import Prediction, RunResult, TrainResult
 from normlab.rundir import RunDir, find_runs, load_model, median_epoch_seconds
 from normlab.loop import Diverged, Trainer, evaluate as evaluate_model, infer
@@ -255,7 +255,7 @@ def run(base: Config | None = None, data_dir: str | os.PathLike | None = None, o
         if j.action == "skip":
             log(f"{j.out}: finished earlier, skipped")
     # data_dir stays None if not given: a resumed model then finds the data it started on (data.json)
-    execute(plan, train, data_dir, runtime, jobs, log)
+    execute(plan, train, same_data(plan, data_dir), runtime, jobs, log)
     path = None
     if report:
         from normlab.report import write_report
@@ -295,6 +295,7 @@ def sweep(base: Config | None = None, data_dir: str | os.PathLike | None = None,
     plan = plan_sweep(base, norms, manifest.grid, seeds, first_seed, parent, resume, hint)
     if ray_options:
         import_ray()  # without the extra: one line now, before any file is written
+    data_dir = same_data(plan, data_dir)  # a resumed sweep's new models: the data its finished ones trained on
     S.write_manifest(parent, manifest, resume)
     todo = [j for j in plan if j.action != "skip"]
     log(f"sweep into {parent}: {len(plan)} model{'s' * (len(plan) > 1)}, {len(plan) - len(todo)} finished earlier, {len(todo)} to train")

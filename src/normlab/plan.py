@@ -22,7 +22,7 @@ from typing import Any
 from normlab import data as D
 from normlab.config import Config, format_value, parse_widths, setting_fields
 from normlab.device import Runtime, set_threads, worker_devices
-from normlab.errors import ConfigError, UsageError
+from normlab.errors import ConfigError, TrainingError, UsageError
 from normlab.norms import NORMS
 from normlab.rundir import RunDir, model_folder
 
@@ -247,6 +247,30 @@ def execute(jobs: Sequence[Job], train: TrainFn, data_dir: Path, runtime: Runtim
             pool.shutdown(cancel_futures=True)  # drops the models not yet started, waits for the running ones
             raise failed
     return failures
+
+
+def same_data(jobs: Sequence[Job], data_dir: str | os.PathLike | None) -> str | os.PathLike | None:
+    """The data folder for a resumed plan's models: one report must not mix models trained on two data sets. Without
+    ``data_dir`` the new models train on the data the plan's earlier models recorded (data.json), not on ./data or
+    $NORMLAB_DATA; with it, its training split must be the one they trained on, else the plan is refused before
+    anything trains. A plan with no new model, or no earlier model with a record, keeps ``data_dir`` as given."""
+    if not any(j.action == NEW for j in jobs):
+        return data_dir
+    earlier = ((j, RunDir(j.out).read_data()) for j in jobs if j.action != NEW)
+    job, recorded = next(((j, r) for j, r in earlier if r is not None), (None, None))
+    if recorded is None:
+        return data_dir
+    if data_dir is None:
+        return recorded["data_dir"]
+    root = D.resolve_data_dir(data_dir)
+    now = D.fingerprint(*D.load_split(root, train=True))
+    if now != recorded["train"]:
+        was = recorded["train"]
+        raise TrainingError(
+            f"{root} holds other training data ({now['images']:,} images, labels hash {now['labels_sha256'][:12]}) than "
+            f"{job.out} was trained on ({was['images']:,} images, labels hash {was['labels_sha256'][:12]}, from "
+            f"{recorded['data_dir']}); pass --data-dir {recorded['data_dir']} (or leave it out), or start afresh with another --out")
+    return data_dir
 
 
 def fetch_once(jobs: Sequence[Job], data_dir: Path | None) -> None:
