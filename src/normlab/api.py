@@ -31,7 +31,7 @@ from normlab.models import PARAM_BUDGET, count_params
 from normlab.norms import DEFAULT_NORMS, NORMS
 from normlab.plan import execute, parse_grid, plan_models, plan_sweep, same_data
 from normlab.result import Prediction, RunResult, TrainResult
-from normlab.rundir import RunDir, find_runs, load_model, median_epoch_seconds
+from normlab.rundir import RunDir, check_same_data, find_runs, load_model, median_epoch_seconds
 from normlab.loop import Diverged, Trainer, evaluate as evaluate_model, infer
 
 if TYPE_CHECKING:
@@ -146,16 +146,6 @@ def _remove_if_empty(folder: Path) -> None:
         pass
 
 
-def _check_data(rd: RunDir, data_dir: Path, recorded: dict[str, Any] | None, fingerprint: dict[str, Any]) -> None:
-    """Refuse to continue a run on other data than it started on."""
-    if recorded is not None and recorded["train"] != fingerprint:
-        was, now = recorded["train"], fingerprint
-        raise TrainingError(
-            f"{data_dir} holds other training data ({now['images']:,} images, labels hash {now['labels_sha256'][:12]}) than {rd} "
-            f"was trained on ({was['images']:,} images, labels hash {was['labels_sha256'][:12]}, from {recorded['data_dir']}); "
-            f"pass --data-dir {recorded['data_dir']}, or start afresh with another --out")
-
-
 def _train(cfg: Config, data_dir: Path, rd: RunDir, resume: bool, runtime: Runtime, log: Log, started: float,
            recorded: dict[str, Any] | None) -> dict[str, Any]:
     place, note = settle(setup(runtime, cfg.norm))
@@ -164,7 +154,7 @@ def _train(cfg: Config, data_dir: Path, rd: RunDir, resume: bool, runtime: Runti
     place.reset_peak_memory()
     images, labels = D.load_split(data_dir, train=True)
     fingerprint = D.fingerprint(images, labels)
-    _check_data(rd, data_dir, recorded, fingerprint)
+    check_same_data(rd.path, data_dir, recorded, fingerprint)  # a resumed run: the data it started on
     # Read (not yet used) up front: a bad test file must fail before the training, not after it.
     test_split = D.load_split(data_dir, train=False) if cfg.eval_test else None
     train_idx, val_idx = D.stratified_split(labels, cfg.val_size, cfg.seed)

@@ -22,9 +22,9 @@ from typing import Any
 from normlab import data as D
 from normlab.config import Config, format_value, parse_widths, setting_fields
 from normlab.device import Runtime, set_threads, worker_devices
-from normlab.errors import ConfigError, TrainingError, UsageError
+from normlab.errors import ConfigError, UsageError
 from normlab.norms import NORMS
-from normlab.rundir import RunDir, model_folder
+from normlab.rundir import RunDir, check_same_data, model_folder
 
 SKIP, RESUME, NEW = "skip", "resume", "new"
 
@@ -263,13 +263,7 @@ def same_data(jobs: Sequence[Job], data_dir: str | os.PathLike | None) -> str | 
     if data_dir is None:
         return recorded["data_dir"]
     root = D.resolve_data_dir(data_dir)
-    now = D.fingerprint(*D.load_split(root, train=True))
-    if now != recorded["train"]:
-        was = recorded["train"]
-        raise TrainingError(
-            f"{root} holds other training data ({now['images']:,} images, labels hash {now['labels_sha256'][:12]}) than "
-            f"{job.out} was trained on ({was['images']:,} images, labels hash {was['labels_sha256'][:12]}, from "
-            f"{recorded['data_dir']}); pass --data-dir {recorded['data_dir']} (or leave it out), or start afresh with another --out")
+    check_same_data(job.out, root, recorded, D.fingerprint(*D.load_split(root, train=True)))
     return data_dir
 
 

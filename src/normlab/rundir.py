@@ -219,6 +219,17 @@ class RunDir:
         atomic_save({"format": MODEL_FORMAT, "config": cfg.to_dict(), "model": model.state_dict()}, self.path / MODEL)
 
 
+def check_same_data(folder: Path, data_dir: Path, recorded: dict[str, Any] | None, fingerprint: dict[str, Any]) -> None:
+    """Refuse training data (``fingerprint``, read from ``data_dir``) other than what the model in ``folder``
+    trained on (``recorded``, its data.json; None: nothing to compare)."""
+    if recorded is not None and recorded["train"] != fingerprint:
+        was, now = recorded["train"], fingerprint
+        raise TrainingError(
+            f"{data_dir} holds other training data ({now['images']:,} images, labels hash {now['labels_sha256'][:12]}) than {folder} "
+            f"was trained on ({was['images']:,} images, labels hash {was['labels_sha256'][:12]}, from {recorded['data_dir']}); "
+            f"pass --data-dir {recorded['data_dir']} (or leave it out), or start afresh with another --out")
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
