@@ -177,10 +177,14 @@ def test_missing_folder_without_download(tmp_path):
 
 def test_missing_folder_unreachable_download(tmp_path):
     # conftest points normlab.data.URL at a closed local port: no test ever reaches the internet.
-    root = tmp_path / "data"
+    root = tmp_path / "typo" / "data"
     with pytest.raises(DataError, match="download .* failed.*--data-dir"):
         load_split(root, train=True)
-    assert list(root.iterdir()) == []  # no partial file left behind
+    assert list(tmp_path.iterdir()) == []  # no partial file, and no folder it made, left behind
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(DataError, match="download .* failed"):
+        load_split(tmp_path / "mine", train=True)
+    assert list((tmp_path / "mine").iterdir()) == []  # a folder that was there stays
 
 
 # ---------------------------------------------------------------- downloads and archives
@@ -244,7 +248,7 @@ def test_checksum_mismatch_is_rejected(tmp_path, archive):
     with pytest.raises(DataError, match="MD5") as e:
         D.download(root, url=url, md5="0" * 32)
     assert "removed" in str(e.value)
-    assert list(root.iterdir()) == []  # neither the partial file nor anything extracted
+    assert not root.exists()  # neither the partial file nor anything extracted, nor the folder it made
 
 
 def test_kept_archive_with_wrong_checksum_is_rejected(tmp_path, archive):
