@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from normlab import data as D
+from normlab import folders
 from normlab.capture import settle
 from normlab.config import MAX_EPOCHS, Config, parse_widths, setting_fields
 from normlab.device import Runtime, device_name, peak_rss_mib, set_threads, setup
@@ -133,17 +134,9 @@ def train(cfg: Config | None = None, data_dir: str | os.PathLike | None = None, 
         if not rd.has_checkpoint:  # nothing worth keeping: remove what this call made
             if not had_config:
                 (rd / "config.json").unlink(missing_ok=True)
-            for folder in reversed(created):
-                _remove_if_empty(folder)
+            folders.remove_empty(created)
         raise
     return TrainResult.load(rd.path)
-
-
-def _remove_if_empty(folder: Path) -> None:
-    try:
-        folder.rmdir()
-    except OSError:
-        pass
 
 
 def _train(cfg: Config, data_dir: Path, rd: RunDir, resume: bool, runtime: Runtime, log: Log, started: float,

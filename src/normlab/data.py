@@ -23,6 +23,7 @@ import torch
 from numpy._core.multiarray import _reconstruct
 from numpy._core.numeric import _frombuffer
 
+from normlab import folders
 from normlab.errors import DataError
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -64,21 +65,11 @@ def safe_extract(archive: Path, target: Path) -> None:
         tar.extractall(target, filter="data")
 
 
-def _remove_empty(folders: list[Path]) -> None:
-    """Remove the folders a failed download created (innermost first), so that a mistyped --data-dir leaves nothing."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:
-            return
-
-
 def download(root: Path, url: str | None = None, md5: str | None = None) -> None:
     """Fetch the official archive into ``root``, check its MD5, extract it safely, keep it."""
     url, md5 = url or URL, md5 or MD5  # read at call time, so that tests can point URL elsewhere
-    made = [p for p in (root, *root.parents) if not p.exists()]  # removed again if the download fails
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        made = folders.make(root)  # removed again if the download fails
     except OSError as e:
         raise DataError(f"cannot create data folder {root} ({e.strerror or e}); pass --data-dir DIR (a folder that holds {FOLDER}/ or can receive it)") from None
     archive = root / Path(url).name
@@ -90,7 +81,7 @@ def download(root: Path, url: str | None = None, md5: str | None = None) -> None
                 shutil.copyfileobj(response, f)
         except OSError as e:
             partial.unlink(missing_ok=True)
-            _remove_empty(made)
+            folders.remove_empty(made)
             raise DataError(
                 f"CIFAR-10 not found in {root / FOLDER} and the download from {url} failed ({e}); "
                 "point normlab at a folder that holds cifar-10-batches-py/ with --data-dir DIR or NORMLAB_DATA=DIR"
@@ -98,7 +89,7 @@ def download(root: Path, url: str | None = None, md5: str | None = None) -> None
         got = _md5(partial)
         if got != md5:
             partial.unlink(missing_ok=True)
-            _remove_empty(made)
+            folders.remove_empty(made)
             raise DataError(f"downloaded archive from {url} has MD5 {got}, expected {md5}; the partial file was removed, try again")
         partial.rename(archive)
     elif _md5(archive) != md5:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from normlab import folders
 from normlab.config import Config, format_value
 from normlab.data import CLASSES
 from normlab.errors import ReportError, TrainingError
@@ -111,10 +112,10 @@ class RunDir:
         return any((self.path / f).exists() for f in MARKERS)
 
     def check_writable(self) -> list[Path]:
-        """Create the folder (and its parents) if needed and prove it can be written; returns the folders it created."""
-        created = [p for p in (self.path, *self.path.parents) if not p.exists()][::-1]
+        """Create the folder (and its parents) if needed and prove it can be written; returns the folders it created,
+        innermost first (``folders.remove_empty`` takes them back)."""
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
+            created = folders.make(self.path)
             probe = self.path / ".normlab-write-test"
             probe.write_text("")
             probe.unlink()
