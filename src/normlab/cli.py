@@ -50,14 +50,12 @@ def add_runtime_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=d.device, help=f"auto | cpu | cuda | cuda:N (default: {d.device})")
     p.add_argument("--threads", type=int, default=d.threads, help="CPU threads, 0 = all cores (default: 0)")
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
-                   help="bf16/fp16 autocast or fp32; auto = what the hardware runs natively: bf16 on GPUs of capability 8.0 "
-                        "and later and on CPUs with AVX512-BF16 or AMX, fp16 (with loss scaling) on older GPUs, fp32 on other CPUs (default: auto)")
+                   help="auto = bf16 where the hardware has it, fp16 on older GPUs, else fp32 (default: auto)")
     p.add_argument("--compile", default=d.compile, choices=COMPILE,
-                   help="torch.compile the network: fewer kernel launches on a GPU, slower on a CPU; graphs: compiled and replayed "
-                        "as CUDA graphs (CUDA only, plain compile elsewhere); capture: the whole training step recorded once as one "
-                        "CUDA graph and replayed, not compiled (CUDA, bf16/fp32; not yet measured) (default: auto = graphs on CUDA, off on a CPU)")
+                   help="on = torch.compile, graphs = plus CUDA graphs, capture = the step as one CUDA graph "
+                        "(default: auto: graphs on CUDA, off on a CPU)")
     p.add_argument("--deterministic", action="store_true",
-                   help="deterministic cuDNN algorithms on a GPU (slower); CPU runs repeat bit for bit without it")
+                   help="deterministic kernels on a GPU (slower); CPU runs repeat bit for bit without it")
 
 
 def config_from(args: argparse.Namespace, **override) -> Config:
@@ -182,10 +180,14 @@ def cmd_report(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from normlab import __version__
+
     p = argparse.ArgumentParser(prog="normlab", description="Batch vs group vs layer norm on one small CNN for CIFAR-10.")
+    p.add_argument("--version", action="version", version=f"normlab {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train one model into one run folder")
+    t = sub.add_parser("train", help="train one model into one run folder",
+                       usage="%(prog)s [--data-dir DIR] [--norm NORM] [options] [--out RUN] [--resume [RUN]]")
     add_data_flag(t)
     t.add_argument("--norm", default=DEFAULTS.norm, help=f"normalization layer: {' | '.join(NORMS)} (default: {DEFAULTS.norm})")
     add_config_flags(t)
@@ -193,10 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=DEFAULTS.seed, help=f"random seed (default: {DEFAULTS.seed})")
     t.add_argument("--out", default=None, help="run folder (default: runs/NORM)")
     t.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR (default: --out) from its last complete epoch, with its saved settings")
+                   help="continue RUN_DIR (default: --out) from its last complete epoch, with its saved settings")
     t.set_defaults(func=cmd_train)
 
-    r = sub.add_parser("run", help="train bn, gn and ln (the main job), then write the report")
+    r = sub.add_parser("run", help="train bn, gn and ln (the main job), then write the report",
+                       usage="%(prog)s [--data-dir DIR] [--seeds N] [--jobs J] [options] [--out DIR] [--resume]")
     add_data_flag(r)
     add_config_flags(r)
     add_runtime_flags(r)
@@ -206,11 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="runs/latest", help="parent folder, one subfolder per model (default: runs/latest)")
     r.add_argument("--resume", action="store_true", help="skip finished models and continue an interrupted one")
     r.add_argument("--jobs", type=int, default=1,
-                   help="models trained at once, each on its share of the cores (default: 1; 2 trains faster in total on a 2-core CPU)")
+                   help="models trained at once, each on a share of the cores; 2 is faster on 2 cores (default: 1)")
     r.add_argument("--no-report", action="store_true", help="print the table but do not write report.md")
     r.set_defaults(func=cmd_run)
 
     w = sub.add_parser("sweep", help="train norms x a grid of settings x seeds (locally or on Ray), then write sweep.md",
+                       usage="%(prog)s [--data-dir DIR] [--norms N,N] [--grid SETTING=V,V] [--seeds N] [options]",
                        description="One model per norm, combination of the --grid values and seed, each in its own folder "
                                    "(OUT/bn/norm_batch=8/seed0); a setting that only other norms read (groups for bn) gives a norm "
                                    "one model at the base value. A model that fails is reported and the others finish (exit 2).")
@@ -219,24 +223,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime_flags(w)
     w.add_argument("--norms", default=",".join(DEFAULT_NORMS), help=f"comma-separated norms, of {', '.join(NORMS)} (default: {','.join(DEFAULT_NORMS)})")
     w.add_argument("--grid", action="append", default=[], metavar="SETTING=V1,V2,...",
-                   help="a setting and its values, e.g. --grid norm_batch=2,8,32 (any training setting by name; repeat for "
-                        "several settings: every combination is trained; widths values as 16x32x24) (default: none)")
+                   help="a training setting and its values, e.g. norm_batch=2,8,32; repeat it for a grid (default: none)")
     w.add_argument("--seeds", type=int, default=1, help="seeds per cell; the table and figure give mean and std (default: 1)")
     w.add_argument("--seed", type=int, default=DEFAULTS.seed, help=f"first seed (default: {DEFAULTS.seed})")
     w.add_argument("--out", default="runs/sweep", help="the sweep's folder (default: runs/sweep)")
     w.add_argument("--resume", action="store_true", help="skip finished models and continue interrupted ones")
     w.add_argument("--jobs", type=int, default=1, help="models trained at once on this machine, each on its share of the cores (default: 1)")
     w.add_argument("--ray", default=None, metavar="ADDRESS",
-                   help="train each model as a task on a Ray cluster: auto (the one `ray start` runs here, or $RAY_ADDRESS), "
-                        "HOST:PORT (what ray start --head printed), or local (a Ray instance for this sweep only); needs pip install 'normlab[ray]' "
-                        "(default: no Ray, --jobs local processes)")
+                   help="train each model as a Ray task: auto | HOST:PORT | local; needs normlab[ray] (default: off)")
     w.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs each model asks of a Ray node, also its threads (default: 1)")
     w.add_argument("--ray-gpus", type=float, default=0.0,
-                   help="GPUs each model asks of a Ray node; a fraction such as 0.25 lets four small models share one GPU (default: 0)")
+                   help="GPUs each model asks of a Ray node; 0.25 lets four models share one GPU (default: 0)")
     w.add_argument("--ray-retries", type=int, default=3,
-                   help="times a model whose Ray worker died is run again, from its last epoch where the node kept it (default: 3)")
+                   help="times a model whose Ray worker died is run again, from its last epoch (default: 3)")
     w.add_argument("--ray-scratch", default=None, metavar="DIR",
-                   help="folder on each Ray node where its models train before their files come back (default: the node's temporary folder)")
+                   help="folder on each Ray node where its models train (default: the node's temporary folder)")
     w.add_argument("--no-report", action="store_true", help="write sweep.csv but not sweep.md")
     w.set_defaults(func=cmd_sweep)
 
@@ -260,13 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("summary", help="layers, output shapes and parameter counts of one model")
     s.add_argument("--norm", default=DEFAULTS.norm, help=f"{' | '.join(NORMS)} (default: {DEFAULTS.norm})")
-    s.add_argument("--widths", type=_widths, default=DEFAULTS.widths, help=f"(default: {format_value(DEFAULTS.widths)})")
-    s.add_argument("--groups", type=int, default=DEFAULTS.groups, help=f"(default: {DEFAULTS.groups})")
+    s.add_argument("--widths", type=_widths, default=DEFAULTS.widths,
+                   help=f"channels of C1-C2, c3-C5, c6-C9 (default: {format_value(DEFAULTS.widths)})")
+    s.add_argument("--groups", type=int, default=DEFAULTS.groups, help=f"group norm's group count (default: {DEFAULTS.groups})")
     s.set_defaults(func=cmd_summary)
 
     rp = sub.add_parser("report", help="write report.md and figures from a run folder")
     rp.add_argument("run_dir", help="a folder written by normlab run, normlab train or normlab sweep (sweep.md and sweep.csv)")
-    rp.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py/ for the image figures (default: the one the run recorded, else $NORMLAB_DATA, else ./data)")
+    rp.add_argument("--data-dir", default=None,
+                    help="CIFAR-10 folder for the image figures (default: the run's, else $NORMLAB_DATA, else ./data)")
     rp.set_defaults(func=cmd_report)
     return p
 

@@ -29,111 +29,67 @@ def _s(default: Any, label: str, help: str, flag: str | None = None) -> Any:
 
 @dataclass(frozen=True)
 class Config:
-    norm: str = _s("bn", "norm", "normalization layer (see normlab.norms.NORMS)")
+    norm: str = _s("bn", "norm", "normalization layer: bn | gn | ln | in | none")
     widths: tuple[int, int, int] = _s((16, 32, 24), "widths (C1–C2, c3–C5, c6–C9)",
-                                      "channels of C1-C2, C3-C5, C7-C9 (16,32,24 beat 16,24,32 on validation)")
-    groups: int = _s(8, "groups (group norm)", "group count of group norm (8 beat 4 on validation)")
+                                      "channels of C1-C2, c3-C5, c6-C9; under 50,000 parameters in all")
+    groups: int = _s(8, "groups (group norm)", "group norm's group count; must divide every width")
     norm_batch: int = _s(0, "images per batch-norm statistics (ghost batches; 0 = the whole batch)",
-                         "batch norm only: compute its training statistics over groups of this many images of each batch "
-                         "(ghost batch norm; the last group may be smaller); 0, or a number no smaller than --batch-size, = "
-                         "the whole batch; 32 gained on three validation seeds but not on five, and lost on the test set "
-                         "(docs/experiments.md §25-27)")
+                         "batch norm: images per statistics group (ghost batch norm); 0 = the whole batch")
     bn_momentum: float = _s(0.1, "batch norm's running-statistics momentum",
-                            "batch norm only: weight of each batch in the running statistics (PyTorch's convention; "
-                            "airbench's 0.6 is 0.4 here); 0.4 with Lookahead lost on validation (docs/experiments.md §16)")
+                            "batch norm: weight of each batch in the running statistics, in (0, 1]")
     precise_bn: int = _s(10000, "images re-estimating batch norm's statistics after the last epoch (0 = off)",
-                         "batch norm only: after the last epoch, re-estimate its running statistics at the final weights "
-                         "from this many training images (all if fewer), drawn at random and augmented as in training, in "
-                         "full batches of --batch-size, each batch weighted alike (precise BN, Wu and Johnson, 2021); 0 = keep "
-                         "the running averages of the training steps; +0.10 on five paired validation seeds, nothing on the test set "
-                         "(docs/experiments.md §29)")
+                         "batch norm: re-estimate its statistics on N training images after training; 0 = off")
     weight_std: bool = _s(True, "weight-standardized convs", "plain convs instead of weight-standardized ones", "--no-weight-std")
-    act: str = _s("gelu", "activation", "activation after every norm: relu | gelu (gelu won on validation)")
+    act: str = _s("gelu", "activation", "activation after every norm: relu | gelu")
     pool_first: bool = _s(True, "c3, c6: max-pool before norm and activation",
-                          "c3 and c6 as conv -> norm -> activation -> pool (default: conv -> pool -> norm -> activation)", "--no-pool-first")
+                          "pool c3 and c6 after their norm and activation instead of before", "--no-pool-first")
     skips: str = _s("pairs", "skip additions",
-                    "pairs: C1->C2, C3->C5, C7->C9 (each pair of 3x3 convs after a stage's first adds its input) | every: "
-                    "each 3x3 conv after C1 adds its input to its output (P1->C3, C3->C4, ..., C8->C9)")
+                    "skip additions: pairs (C1->C2, C3->C5, C7->C9) | every (over each 3x3 conv after C1)")
     zero_init_res: bool = _s(False, "residual branches start at zero",
-                             "start the last norm of each residual branch (C2, C5, C9; with --skips every, each of C2-C5, C7-C9) with scale 0, "
-                             "so each branch starts as the identity; lost on validation under Muon (docs/experiments.md §35)")
+                             "start the last norm of each residual branch at scale 0")
     norm_scale: bool = _s(True, "norms' scales trained",
-                          "keep every norm's scale (its per-channel weight) at 1, untrained, as airbench's batch norm does; "
-                          "the norms' biases still train (not with --zero-init-res, whose scales start at 0)", "--no-norm-scale")
+                          "keep every norm's scale at 1, untrained (its bias still trains)", "--no-norm-scale")
     whiten: str = _s("off", "C1 starts as a patch-whitening filter bank",
-                     "off | frozen | train: start C1 (a plain conv then) from the eigenvectors of the training images' 3x3 "
-                     "patch covariance, +/- pairs scaled by 1/sqrt(eigenvalue), as airbench does; frozen or trained on; "
-                     "both lost on validation, under SGD and again under Muon with Lookahead (docs/experiments.md §16, §35)")
+                     "start C1 as a whitening of 3x3 image patches: off | frozen | train")
     identity_init: bool = _s(False, "3x3 convs start as the identity",
-                             "start each 3x3 conv's first min(in, out) filters as the identity (Dirac), as airbench does; "
-                             "with Muon it lost on validation (docs/experiments.md §16, §18)")
-    epochs: int = _s(20, "epochs", f"passes over the training images; more than {MAX_EPOCHS} is flagged as outside the assignment")
+                             "start each 3x3 conv as the identity (Dirac)")
+    epochs: int = _s(20, "epochs", f"passes over the training images; over {MAX_EPOCHS} is outside the prescribed limits")
     batch_size: int = _s(128, "batch size", "images per optimizer step")
-    lr: float = _s(0.2, "peak learning rate (one-cycle)", "peak learning rate of the one-cycle schedule, for what SGD trains (with "
-                   "Muon, the default: the norms, the biases and C10; the conv filters follow --muon-lr); no normalization "
-                   "(--norm none) trains at 0.1 when this is left at 0.2")
+    lr: float = _s(0.2, "peak learning rate (one-cycle)",
+                   "peak one-cycle learning rate of SGD's part (with Muon: norms, biases, C10); none: 0.1")
     warmup: float = _s(0.2, "warm-up fraction", "fraction of all steps spent rising to the peak learning rate")
     hold: float = _s(0.0, "fraction held at the peak learning rate",
-                     "fraction of all steps spent at the peak learning rate after the warm-up, before the linear decay to 0 "
-                     "(0 = the plain one-cycle: decay starts at the peak)")
-    momentum: float = _s(0.9, "momentum (Nesterov)", "SGD's Nesterov momentum (Muon's: --muon-momentum)")
+                     "fraction of all steps held at the peak learning rate after the warm-up")
+    momentum: float = _s(0.9, "momentum (Nesterov)", "SGD's Nesterov momentum")
     muon_lr: float = _s(0.02, "Muon's peak learning rate for the conv filters (0 = SGD)",
-                        "train the conv filters (C1-C9, c3, c6; not C10) with Muon at this peak learning rate, on the same "
-                        "one-cycle shape (momentum --muon-momentum, Nesterov, no decay); 0 = SGD for all (the default before the eleventh "
-                        "session); with the filters renormalized (the default) 0.02 beat 0.04 and tied 0.01 on validation, "
-                        "docs/experiments.md §22-23; without it 0.05 (the default of the eleventh to fourteenth sessions), §17-19")
+                        "peak learning rate of Muon for the conv filters but C10; 0 = SGD for all")
     muon_norm: bool = _s(True, "Muon's filters renormalized before each step",
-                         "do not scale each filter bank to norm sqrt(out channels) before each Muon step (airbench94_muon "
-                         "does; the default since the fifteenth session): a norm after every conv (and weight "
-                         "standardization) makes the network blind to the filters' scale, so renormalizing changes only the "
-                         "step's size relative to the filters, which without it shrinks as the filters grow (about 20-fold "
-                         "over a run); without it retune --muon-lr (0.05 then); ignored with --muon-lr 0",
+                         "do not rescale each filter bank to norm sqrt(out channels) before each Muon step",
                          "--no-muon-norm")
-    muon_momentum: float = _s(0.95, "Muon's momentum (Nesterov)",
-                              "Muon's Nesterov momentum for the conv filters (torch.optim.Muon's default 0.95; airbench94_muon "
-                              "uses 0.6); ignored with --muon-lr 0")
+    muon_momentum: float = _s(0.95, "Muon's momentum (Nesterov)", "Muon's Nesterov momentum")
     norm_bias_lr: float = _s(1.0, "learning-rate factor of the norms' biases",
-                             "the norms' biases train at this multiple of the learning rate (airbench: 64); "
-                             "64 lost on validation, 16 within noise (docs/experiments.md §16)")
-    weight_decay: float = _s(5e-4, "weight decay (conv weights SGD trains)", "L2 on the conv weights SGD trains (all of them with "
-                             "--muon-lr 0; with Muon, C10's alone), never on norms or biases")
+                             "the norms' biases train at this multiple of the learning rate")
+    weight_decay: float = _s(5e-4, "weight decay (conv weights SGD trains)",
+                             "L2 weight decay on the conv weights SGD trains (with Muon: C10's)")
     lookahead: float = _s(0.95, "Lookahead (final decay; 0 = off)",
-                          "every 5 steps a slow copy of the weights moves towards the network and the network jumps back to "
-                          "it, by a decay rising as (step/total)^3 to this^5; the network ends as the slow copy (airbench: 0.95); "
-                          "0 = off (the default before the twenty-third session); under SGD 0.95 lost on validation "
-                          "(docs/experiments.md §16); under the renormalized Muon it gained batch norm 0.37 points on five "
-                          "paired validation seeds, and is shared by all norms (group norm -0.27 on five, layer norm +0.28 "
-                          "on four, neither beyond its spread; §33-34); 0.9 and 0.98 did not beat it for batch norm (§35)")
+                          "Lookahead's final decay (a slow copy of the weights, pulled every 5 steps); 0 = off")
     ema: float = _s(0.0, "moving average of the weights (decay; 0 = off)",
-                    "per-step decay of an exponential moving average of the weights, used as the final model; 0 = off; "
-                    "0.998 +0.12 on five validation seeds without Lookahead, 0.999 -0.12 on two with it (docs/experiments.md §31, §35)")
-    label_smoothing: float = _s(0.1, "label smoothing", "cross-entropy target smoothing")
+                    "per-step decay of a moving average of the weights, the final model; 0 = off")
+    label_smoothing: float = _s(0.1, "label smoothing", "label smoothing of the cross-entropy, in [0, 1)")
     logit_scale: float = _s(1.0, "logit scale (C10's output times this)",
-                            "multiply the network's output (C10's logits) by this, in training and at evaluation (the "
-                            "predictions do not change, the loss does): as SGD trains C10, its initial logits scale by this "
-                            "and its effective learning rate by the square (airbench's head: 1/9); 0.5, 2 and 4 lost on validation "
-                            "(docs/experiments.md §35)")
-    crop_pad: int = _s(2, "random-crop padding (px)", "random-crop padding in pixels, 0 = off (2 beat 4 and 1 on validation)")
+                            "multiply C10's logits by this, in training and evaluation")
+    crop_pad: int = _s(2, "random-crop padding (px)", "random-crop shift in pixels; 0 = no crop")
     crop_fill: str = _s("reflect", "random crops beyond the edge",
-                        "zero | reflect: what a random crop shows beyond the image's edge, black pixels (zero, the default "
-                        "before the twenty-sixth session) or the image mirrored at its edge (reflect, airbench's crops); "
-                        "with --clean-epochs 2 it gained +1.32 points (spread 0.45) for group norm on five paired validation "
-                        "seeds, +0.42 (spread 0.19) for layer norm on four, +0.19 (spread 0.51) for batch norm on five "
-                        "(docs/experiments.md §36)")
+                        "beyond the image's edge a crop shows: zero (black) | reflect (the image mirrored)")
     cutout: int = _s(0, "cutout square (px; 0 = off)",
-                     "set a square of this side (pixels, wholly inside the image) of each training image to the mean after "
-                     "normalizing, at a random place each step (cutout, DeVries and Taylor 2017; airbench96 uses 12); 0 = off")
+                     "side in pixels of a square set to the mean at a random place each step; 0 = off")
     clean_epochs: int = _s(2, "last epochs on uncropped images",
-                           "train the last N epochs (all of them if there are no more) on whole images: no random crop and "
-                           "no cutout (flips as before), so that the model ends fitting the images it is tested on; precise "
-                           "BN then averages uncropped batches too; 0 = off (the default before the twenty-sixth session); "
-                           "with --crop-fill reflect it gained +1.32 points for group norm, +0.42 for layer norm, +0.19 for "
-                           "batch norm on paired validation seeds (docs/experiments.md §36)")
-    flip: bool = _s(True, "random flips", "turn off random horizontal flips", "--no-flip")
-    alt_flip: bool = _s(True, "alternating flips", "flip each image at random in every epoch "
-                        "(default: alternating flips, each image flipped in every other epoch; beat random flips on validation)", "--no-alt-flip")
-    val_size: int = _s(0, "validation images held out", "training images held out (stratified) for validation; use 5000 to tune")
-    seed: int = _s(0, "seed", "seeds the weights, the shuffling and the augmentation")
+                           "the last N epochs train on whole images (no crop, no cutout); 0 = off")
+    flip: bool = _s(True, "random flips", "no random horizontal flips", "--no-flip")
+    alt_flip: bool = _s(True, "alternating flips",
+                        "flip each image at random every epoch, not in alternate epochs", "--no-alt-flip")
+    val_size: int = _s(0, "validation images held out", "training images held out for validation; 5000 to tune")
+    seed: int = _s(0, "seed", "seed of the weights, the shuffling and the augmentation")
     eval_test: bool = _s(True, "test set read at the end", "do not read the test set (tuning runs)", "--no-test")
 
     def __post_init__(self) -> None:

@@ -1,0 +1,41 @@
+"""The version: one home (normlab.__version__), read by pyproject.toml, printed by --version, and the
+newest entry of CHANGELOG.md."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import normlab
+from normlab.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_version_is_a_release_number():
+    assert re.fullmatch(r"\d+\.\d+\.\d+", normlab.__version__)
+
+
+def test_version_flag_prints_the_version_and_exits_0(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"normlab {normlab.__version__}\n"
+
+
+def test_version_flag_from_the_command_line():
+    done = subprocess.run([sys.executable, "-m", "normlab.cli", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == f"normlab {normlab.__version__}"
+
+
+def test_pyproject_reads_the_version_from_the_package():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11 and later
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "normlab.__version__"}
+
+
+def test_the_newest_changelog_entry_is_this_version():
+    releases = re.findall(r"^## \[(\d+\.\d+\.\d+)\] - \d{4}-\d{2}-\d{2}$", (ROOT / "CHANGELOG.md").read_text(), re.M)
+    assert releases and releases[0] == normlab.__version__
