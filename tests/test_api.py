@@ -112,7 +112,7 @@ def test_test_monitoring_leaves_the_training_untouched(data_dir, norm, ema):
     place = Placement(torch.device("cpu"), "fp32", False)
     states = []
     for test in (None, (test_x, test_y)):
-        trainer = T.Trainer(cfg, place, images, labels, progress=False,
+        trainer = T.build(cfg, place, images, labels, progress=False,
                             test_x=test[0] if test else None, test_y=test[1] if test else None)
         rows = [trainer.run_epoch() for _ in range(cfg.epochs)]
         assert all((r["test_acc"] is None) == (test is None) for r in rows)

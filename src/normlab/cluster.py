@@ -20,11 +20,9 @@ the default of a local ``ray.init()`` since Ray 2.59) is joined with the token R
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import io
 import json
-import math
 import os
 import re
 import shutil
@@ -40,7 +38,7 @@ from typing import Any
 
 from normlab import data as D
 from normlab.config import Config
-from normlab.device import Runtime, set_threads
+from normlab.device import Runtime, set_threads, worker_runtimes
 from normlab.errors import ConfigError, NormlabError, UsageError
 from normlab.plan import RESUME, SKIP, Failures, Job, TrainFn
 from normlab.rundir import CHECKPOINT, CONFIG, RESULTS, RunDir, atomic_write, atomic_write_bytes, load_pt
@@ -216,8 +214,8 @@ def execute_ray(jobs: Sequence[Job], train: TrainFn, data_dir: str | os.PathLike
         digest, files = data_payload(data_dir)
         data = (digest, [ray.put(files)])  # in a list: a task fetches the bytes only if its node has no copy yet
         del files
-        threads = runtime.threads or max(1, math.ceil(options.cpus))
-        worker_runtime = dataclasses.replace(runtime, threads=threads, progress=False)
+        worker_runtime = worker_runtimes(runtime, 1, options.cpus, spread_gpus=False)[0]  # Ray assigns each task its GPUs
+        threads = worker_runtime.threads
         task = ray.remote(num_cpus=options.cpus, num_gpus=options.gpus, max_retries=options.retries, retry_exceptions=False)(_run_model)
         key, attempt = sweep_key(parent), uuid.uuid4().hex
         for j in todo:
