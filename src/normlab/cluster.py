@@ -227,32 +227,7 @@ def execute_ray(jobs: Sequence[Job], train: TrainFn, data_dir: str | os.PathLike
         gpus = f", {options.gpus:g} GPU(s)" if options.gpus else ""
         log(f"Ray: {len(todo)} model{'s' * (len(todo) > 1)} submitted, each with {options.cpus:g} CPU(s){gpus} and {threads} thread(s); "
             f"cluster: {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs")
-        failures: Failures = []
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            job = pending.pop(done[0])
-            try:
-                payload = ray.get(done[0])
-                receive(job.out, payload["files"])
-            except ray.exceptions.RayTaskError as e:  # the task's own error, not retried
-                cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else e
-                if isinstance(cause, NormlabError):
-                    cause = type(cause)(str(cause).replace(HERE, str(job.out)))
-                failures.append((job, cause))
-                log(f"{job.out}: FAILED: {_one_line(cause)}")
-                continue
-            except ray.exceptions.RayError as e:  # Ray could not run it: its worker or node died more often than --ray-retries allows...
-                why = f"its Ray worker died {options.retries + 1} time(s)" if isinstance(e, ray.exceptions.WorkerCrashedError) \
-                    else f"Ray could not run it ({type(e).__name__})"
-                failures.append((job, UsageError(f"{why}: {_one_line(e)}")))
-                log(f"{job.out}: FAILED: {why}")
-                continue
-            except OSError as e:
-                failures.append((job, UsageError(f"trained, but its files cannot be written into {job.out} ({e.strerror or e})")))
-                log(f"{job.out}: FAILED: cannot write its files ({e.strerror or e})")
-                continue
-            log(f"{job.out}: finished on {payload['host']}{_history(payload)}")
-        return failures
+        return _collect(ray, pending, options, log)
     except KeyboardInterrupt:
         for ref in pending:  # the nodes keep each model's last checkpoint in their scratch folder for --resume
             ray.cancel(ref, force=True)
@@ -260,6 +235,36 @@ def execute_ray(jobs: Sequence[Job], train: TrainFn, data_dir: str | os.PathLike
     finally:
         if owned:
             ray.shutdown()
+
+
+def _collect(ray, pending: dict[Any, Job], options: RayOptions, log: Callable[[str], None]) -> Failures:
+    """Each task's files into its model's folder as it finishes (``pending`` empties as they do); the failures."""
+    failures: Failures = []
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        job = pending.pop(done[0])
+        try:
+            payload = ray.get(done[0])
+            receive(job.out, payload["files"])
+        except ray.exceptions.RayTaskError as e:  # the task's own error, not retried
+            cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else e
+            if isinstance(cause, NormlabError):
+                cause = type(cause)(str(cause).replace(HERE, str(job.out)))
+            failures.append((job, cause))
+            log(f"{job.out}: FAILED: {_one_line(cause)}")
+            continue
+        except ray.exceptions.RayError as e:  # Ray could not run it: its worker or node died more often than --ray-retries allows...
+            why = f"its Ray worker died {options.retries + 1} time(s)" if isinstance(e, ray.exceptions.WorkerCrashedError) \
+                else f"Ray could not run it ({type(e).__name__})"
+            failures.append((job, UsageError(f"{why}: {_one_line(e)}")))
+            log(f"{job.out}: FAILED: {why}")
+            continue
+        except OSError as e:
+            failures.append((job, UsageError(f"trained, but its files cannot be written into {job.out} ({e.strerror or e})")))
+            log(f"{job.out}: FAILED: cannot write its files ({e.strerror or e})")
+            continue
+        log(f"{job.out}: finished on {payload['host']}{_history(payload)}")
+    return failures
 
 
 def _history(payload: dict[str, Any]) -> str:
