@@ -4,12 +4,10 @@ objects and predict: test_result.py."""
 import csv
 import io
 import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
-from matplotlib.figure import Figure
 from PIL import Image
 
 import normlab
@@ -20,10 +18,7 @@ from normlab import loop as T
 from normlab.cli import main
 from normlab.config import Config
 from normlab.device import Placement
-from normlab.errors import ConfigError, UsageError
-from normlab.norms import DEFAULT_NORMS
-from normlab.report import write_report
-from normlab.rundir import METRICS_FIELDS, RunDir
+from normlab.errors import ConfigError
 
 TINY = {"epochs": 2, "batch_size": 50, "threads": 1, "device": "cpu"}
 
@@ -92,6 +87,11 @@ def test_no_test_turns_monitoring_off_and_trains_the_same_model(data_dir, tmp_pa
 
 
 # ---------------------------------------------------------------- predict
+
+
+def _png(array: np.ndarray, path, fmt: str = "PNG"):
+    Image.fromarray(array).save(path, fmt)
+    return path
 
 
 def test_images_are_centre_cropped_and_resized(tmp_path):

@@ -1,8 +1,5 @@
 """optim.py: the one-cycle schedule, weight decay and parameter groups, Lookahead, and Muon (its steps,
 orthogonalization, closure, device learning rates, renormalized filters)."""
-import dataclasses
-import types
-
 import pytest
 import torch
 import torch.nn.functional as F

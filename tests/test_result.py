@@ -15,8 +15,10 @@ from PIL import Image
 import normlab
 from conftest import make_cifar
 from normlab import data as D
+from normlab import images as I
 from normlab.cli import main
 from normlab.config import Config
+from normlab.errors import UsageError
 from normlab.norms import DEFAULT_NORMS
 from normlab.report import write_report
 from normlab.rundir import METRICS_FIELDS, RunDir

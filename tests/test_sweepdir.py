@@ -14,10 +14,8 @@ import normlab
 from conftest import DEVICE, EXACT, make_cifar
 from normlab.cli import build_parser, config_from, main
 from normlab.config import Config
-from normlab.errors import ConfigError
-from normlab.norms import NORMS
-from normlab.plan import NEW, norm_options, parse_grid, plan_sweep, reads, sweep_cells
-from normlab.rundir import cell_folder, shown_path
+from normlab.plan import parse_grid
+from normlab.rundir import shown_path
 from normlab.sweepdir import (COLUMNS, MANIFEST, REPORT, TABLE, Manifest, SweepResult, log_x, paired_differences, paired_table,
                               read_manifest, sweep_figure)
 

@@ -30,7 +30,7 @@ from normlab.models import PARAM_BUDGET, count_params, model_summary
 from normlab.norms import DEFAULT_NORMS, NORMS
 from normlab.plan import SKIP, check_sizes, execute, parse_grid, plan_models, plan_sweep, same_data
 from normlab.report import write_report as write_run_report
-from normlab.result import Prediction, RunResult, TrainResult, predict, predictions_table
+from normlab.result import RunResult, TrainResult, predict, predictions_table
 from normlab.rundir import (CHECKPOINT, CONFIG, Results, RunDir, check_same_data, command, find_runs, load_model,
                             median_epoch_seconds)
 from normlab.sweepdir import Manifest, SweepResult, is_sweep, write_manifest, write_sweep
