@@ -7,7 +7,7 @@ SEEDS  ?= 1
 JOBS   ?= 1
 BIN     = $(VENV)/bin
 
-.PHONY: run test install install-dev
+.PHONY: run test test-quick install install-dev
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,3 +29,7 @@ run: install
 
 test: install-dev
 	$(BIN)/python -m pytest -q
+
+# Everything but the tests marked slow (Ray, the notebook, kill-and-resume): the loop of development.
+test-quick: install-dev
+	$(BIN)/python -m pytest -q -m "not slow"

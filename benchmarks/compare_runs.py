@@ -21,8 +21,8 @@ from normlab.rundir import find_runs
 
 def accuracies(parent: Path) -> dict[str, dict]:
     models, _ = find_runs(parent)
-    return {norm: {"test_acc": runs[0].results.get("test_acc"), "precision": runs[0].results.get("precision"),
-                   "device": runs[0].results.get("device"), "config": runs[0].config.to_dict()}
+    return {norm: {"test_acc": runs[0].results.test_acc, "precision": runs[0].results.precision,
+                   "device": runs[0].results.device, "config": runs[0].config.to_dict()}
             for norm, runs in models.items()}
 
 

@@ -22,9 +22,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from normlab.capture import settle
 from normlab.config import Config
-from normlab.models import Net
-from normlab.device import PRECISIONS, Runtime, setup
-from normlab.loop import graphed_step, make_optimizer, set_lr, train_step
+from normlab.device import PRECISIONS, Runtime
+from normlab.loop import build, placement
 
 
 # ATen ops that only describe or allocate a tensor (no kernel runs); the others are counted as launches.
@@ -68,42 +67,34 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     cfg = dataclasses.replace(Config(), **json.loads(args.settings))
     cfg = dataclasses.replace(cfg, batch_size=args.batch_size or cfg.batch_size).validate()
-    place = setup(Runtime(args.device, precision=args.precision), cfg.norm)
+    place, _ = placement(cfg, Runtime(args.device, precision=args.precision, compile="off"))  # eager unless asked below
     if args.layout != "auto":
         place = dataclasses.replace(place, channels_last=args.layout == "cl")
     dev, cl = place.device, place.channels_last
-    scaler = place.grad_scaler()
-    torch.manual_seed(0)
-    model = place.place(Net.from_config(cfg))
-    opt = make_optimizer(model, cfg, place.precision)
+    compile_other = None  # a torch.compile other than the product's, to compare
     if args.compile:  # as the product compiles (device.Placement.compiled), or in another mode to compare
         if args.backend:  # graphs: each step marked as a new iteration, as the product's CUDA graphs are
             place = dataclasses.replace(place, graphs=args.backend == "cudagraphs" and dev.type == "cuda")
-            net = torch.compile(model, dynamic=False, backend=args.backend)
+            compile_other = lambda m: torch.compile(m, dynamic=False, backend=args.backend)
         elif args.mode in (None, "reduce-overhead"):  # the product's own paths: --compile on, --compile graphs
             place = dataclasses.replace(place, compile=True, graphs=args.mode == "reduce-overhead" and dev.type == "cuda")
-            net = place.compiled(model)
         else:
-            net = torch.compile(model, dynamic=False, mode=args.mode)
-    else:
-        net = model
+            compile_other = lambda m: torch.compile(m, dynamic=False, mode=args.mode)
+    if args.capture:  # the product's --compile capture: its placement and its GraphedStep
+        place, note = settle(dataclasses.replace(place, capture=dev.type == "cuda"))
+        if note:
+            print(note)
+    # The product's trainer (network, optimizer, Lookahead, moving average, step); its own batches are never used.
+    blank = torch.zeros(cfg.batch_size, 3, 32, 32, dtype=torch.uint8), torch.zeros(cfg.batch_size, dtype=torch.long)
+    trainer = build(cfg, place, *blank, progress=False)
+    if compile_other is not None:
+        trainer.net = compile_other(trainer.model)
     x = torch.randn(cfg.batch_size, 3, 32, 32, device=dev)
     x = x.contiguous(memory_format=torch.channels_last) if cl else x
     y = torch.randint(0, 10, (cfg.batch_size,), device=dev)
 
-    graphed = None
-    if args.capture:  # the product's --compile capture: its placement and its GraphedStep
-        place, note = settle(dataclasses.replace(place, capture=dev.type == "cuda"))
-        graphed = graphed_step(model, opt, cfg, place, scaler) if place.capture else None
-        if note:
-            print(note)
-
     def step() -> None:
-        if graphed is not None:
-            set_lr(opt, cfg.lr)
-            graphed(x, y)
-        else:
-            train_step(net, opt, x, y, cfg.lr, cfg.label_smoothing, place, scaler)  # the product's own step
+        trainer.step_on(x, y, cfg.lr)  # the product's own step: captured, compiled or eager
 
     place.synchronize()
     t0 = time.perf_counter()
@@ -120,7 +111,7 @@ def main() -> None:
         place.synchronize()
         best = min(best, (time.perf_counter() - t0) / args.steps)
     ips = cfg.batch_size / best
-    how = f" compiled {args.backend or args.mode or 'default'}" if args.compile else " captured" if graphed is not None else ""
+    how = f" compiled {args.backend or args.mode or 'default'}" if args.compile else " captured" if trainer.graphed is not None else ""
     print(f"{args.settings}{how} {place.precision} {place.layout} {torch.get_num_threads()} threads: "
           f"{best * 1000:.1f} ms/step, {ips:.0f} img/s, {50_000 / ips:.1f} s per 50,000 images; first 5 steps {warmup:.1f} s", flush=True)
     if not args.no_profile:

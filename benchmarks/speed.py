@@ -36,49 +36,40 @@ def machine(args) -> dict:
 
 
 def worker_normlab(args) -> dict:
-    """normlab's own code path: Batches (uint8 on device, per-batch augmentation) + train_epoch."""
+    """normlab's own code path: the trainer ``loop.build`` makes (Batches of uint8 images on the device, per-batch
+    augmentation, the product's optimizer, Lookahead, moving average and step), timed on batches of its images."""
     from normlab import data as D
     from normlab.config import Config
-    from normlab.models import Net
-    from normlab.capture import settle
-    from normlab.device import Runtime, setup
-    from normlab.loop import graphed_step, infer, make_ema, make_optimizer, train_epoch
+    from normlab.device import Runtime
+    from normlab.loop import build, infer, placement
 
     cfg = dataclasses.replace(Config(norm=args.norm, batch_size=args.batch_size), **json.loads(args.config)).validate()
-    place, _ = settle(setup(Runtime(args.device, precision=args.precision, compile=args.compile), cfg.norm))  # normlab's own choice of precision and layout
+    place, _ = placement(cfg, Runtime(args.device, precision=args.precision, compile=args.compile))  # normlab's own choice
     if args.layout != "auto":
         place = dataclasses.replace(place, channels_last=args.layout == "cl")
-    dev, cl = place.device, place.channels_last
-    torch.manual_seed(0)
-    model = place.place(Net.from_config(cfg))
-    opt = make_optimizer(model, cfg, place.precision)
-    ema = make_ema(model, cfg.ema)
-    scaler = place.grad_scaler()
-    net = place.compiled(model)  # as the trainer runs it: torch.compile'd on CUDA by default
-    graphed = graphed_step(model, opt, cfg, place, scaler) if place.capture else None  # --compile capture
     images, labels = D.load_split(args.data_dir, train=True)
-    images, labels = images.to(dev), labels.to(dev)
+    trainer = build(cfg, place, images, labels, progress=False)
+    images, labels, cl = trainer.train_x, trainer.train_y, place.channels_last  # on the device
     gen = torch.Generator().manual_seed(0)
     n = len(labels) if args.full else args.batches * args.batch_size
     warm = D.Batches(images[: args.warmup * args.batch_size], labels[: args.warmup * args.batch_size], args.batch_size, True, cfg.crop_pad, cfg.flip, cl, gen, cfg.alt_flip, fill=cfg.crop_fill)
     timed = D.Batches(images[:n], labels[:n], args.batch_size, True, cfg.crop_pad, cfg.flip, cl, gen, cfg.alt_flip, fill=cfg.crop_fill)
     place.reset_peak_memory()
     t0 = time.perf_counter()
-    eager = model if net is not model else None  # the last, partial batch of a --full epoch: eager, as the trainer runs it
-    train_epoch(net, opt, warm, cfg, 0, 10_000, place, scaler, ema=ema, progress=False, eager=eager, graphed=graphed)  # compiles, if compiled
+    trainer.train_on(warm, 0, 10_000)  # compiles, if compiled; the last, partial batch of a --full epoch runs eager
     place.synchronize()
     warm_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    train_epoch(net, opt, timed, cfg, 0, 10_000, place, scaler, ema=ema, progress=False, eager=eager, graphed=graphed)
+    trainer.train_on(timed, 0, 10_000)
     place.synchronize()
     train_s = time.perf_counter() - t0
-    profile_text = profile_epoch(net, opt, timed, cfg, place, scaler, ema, eager, graphed) if args.profile else None
+    profile_text = profile_epoch(trainer, timed) if args.profile else None
     test, _ = D.load_split(args.data_dir, train=False)
-    test = test.to(dev)
-    infer(model, test[:2000], place)
+    test = test.to(place.device)
+    infer(trainer.model, test[:2000], place)
     place.synchronize()
     t0 = time.perf_counter()
-    infer(model, test, place)
+    infer(trainer.model, test, place)
     place.synchronize()
     eval_s = time.perf_counter() - t0
     return {"what": f"normlab {args.norm}", "precision": place.precision, "layout": place.layout,
@@ -107,20 +98,18 @@ class _TimedBatches:
             yield batch
 
 
-def profile_epoch(net, opt, batches, cfg, place, scaler, ema, eager, graphed) -> str:
+def profile_epoch(trainer, batches) -> str:
     """The timed batches once more under torch.profiler (after the timing, which it would slow): where the
     host's time goes per step, the data pipeline apart, and on a GPU the kernels a step launches and their time."""
     from torch.profiler import ProfilerActivity, profile
 
-    from normlab.loop import train_epoch
-
+    place = trainer.place
     cuda = place.device.type == "cuda"
     steps = len(batches)
     place.synchronize()
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        train_epoch(net, opt, _TimedBatches(batches), cfg, 0, 10_000, place, scaler, ema=ema, progress=False,
-                    eager=eager, graphed=graphed)
+        trainer.train_on(_TimedBatches(batches), 0, 10_000)
         place.synchronize()
     wall = (time.perf_counter() - t0) / steps * 1000
     table = prof.key_averages()

@@ -14,6 +14,7 @@ import torch
 from normlab import capture as C
 from normlab import data as D
 from normlab import loop as T
+from normlab import optim as O
 from normlab.cli import main
 from normlab.config import Config
 from normlab.device import Placement, Runtime, setup
@@ -43,14 +44,14 @@ def recording(t):
 
 def graphed(t, x, y, lr):
     """A full batch's step in trainer ``t``, as train_epoch takes it."""
-    T.set_lr(t.opt, lr)
+    O.set_lr(t.opt, lr)
     return t.graphed(x, y)
 
 
 def trainer(cifar_dir, place, epochs=2, **settings):
     images, labels = D.load_split(cifar_dir, train=True)
     cfg = Config(norm="bn", batch_size=30, epochs=epochs, **settings)  # 200 images: 6 full batches and 20 left
-    return T.Trainer(cfg, place, images, labels, progress=False)
+    return T.build(cfg, place, images, labels, progress=False)
 
 
 CPU = Placement(torch.device("cpu"), "fp32", False)

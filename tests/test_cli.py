@@ -158,7 +158,7 @@ def test_train_refuses_a_finished_folder(runs, data_dir, capsys):
     rc = main(["train", "--data-dir", str(data_dir), "--norm", "ln", *TRAIN_ARGS, "--out", str(out)])
     assert rc == 2
     err = one_error_line(capsys)
-    assert "already holds a run" in err and "--resume" in err
+    assert "already holds a finished run" in err and "--resume" in err
     assert _snapshot(out) == before
 
 

@@ -10,6 +10,7 @@ import pytest
 from conftest import make_cifar
 
 pytest.importorskip("nbclient", reason="the dev extra (nbclient, nbformat, ipykernel) executes the notebook")
+pytestmark = pytest.mark.slow  # a kernel executing every cell (make test-quick leaves it out)
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 NOTEBOOK = EXAMPLES / "normlab.ipynb"
 

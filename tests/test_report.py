@@ -9,6 +9,8 @@ from pathlib import Path
 
 import matplotlib.image
 import numpy as np
+
+import normlab
 import pytest
 from conftest import make_cifar
 from torch import nn
@@ -18,7 +20,8 @@ from normlab.config import Config
 from normlab.models import Net, model_summary, receptive_field
 from normlab.norms import DEFAULT_NORMS, NORMS
 from normlab.errors import ReportError
-from normlab.report import select_misclassified, shown_path, summary_table, write_report
+from normlab.report import select_misclassified, summary_table, write_report
+from normlab.rundir import Results, find_runs, shown_path
 
 TINY = ["--epochs", "1", "--batch-size", "32", "--threads", "1"]
 FIGURES = [f"{kind}_{n}.png" for kind in ("misclassified", "curves", "confusion") for n in DEFAULT_NORMS] + ["curves_all.png", "samples.png"]
@@ -141,7 +144,7 @@ def test_model_summary_names_the_layers_as_the_spec():
 
 
 def test_summary_table_has_one_row_per_model(run_parent):
-    lines = summary_table(run_parent).splitlines()
+    lines = summary_table(find_runs(run_parent)[0]).splitlines()
     assert [line.split()[0] for line in lines[1:]] == list(DEFAULT_NORMS)
     for line, norm in zip(lines[1:], DEFAULT_NORMS):
         assert f"{100 * results(run_parent / norm)['test_acc']:.2f}%" in line
@@ -176,8 +179,8 @@ def test_partial_run_is_an_error_that_names_what_is_missing(run_parent, tmp_path
     broken = tmp_path / "broken"
     shutil.copytree(run_parent, broken, ignore=shutil.ignore_patterns("figures", "report.md"))
     (broken / "gn" / "results.json").unlink()
-    with pytest.raises(ReportError, match=r"gn has no results.json: the run did not finish; resume it with normlab run --resume --out"):
-        summary_table(broken)
+    with pytest.raises(ReportError, match=r"gn has no results.json: the run did not finish; resume it with normlab run --out .*--resume"):
+        find_runs(broken)
     assert main(["report", str(broken)]) == 2
     err = capsys.readouterr().err
     assert "gn has no results.json" in err and len(err.strip().splitlines()) == 1
@@ -203,7 +206,7 @@ def test_several_seeds_give_mean_and_std(data_dir, tmp_path):
     assert main(["run", "--data-dir", str(data_dir), *TINY, "--norms", "bn", "--seeds", "2", "--out", str(parent), "--no-report"]) == 0
     accs = [results(parent / "bn" / f"seed{s}")["test_acc"] for s in (0, 1)]
     cell = f"{100 * np.mean(accs):.2f} ± {100 * np.std(accs, ddof=1):.2f}%"
-    assert cell in summary_table(parent)
+    assert cell in normlab.load(parent).table()
     assert main(["report", str(parent), "--data-dir", str(data_dir)]) == 0
     text = (parent / "report.md").read_text()
     assert f"**{cell}**" in text
@@ -219,10 +222,10 @@ def test_a_compiled_runs_first_step_is_stated_apart(tmp_path):
     from normlab.rundir import Run
 
     def run(norm, compile_seconds):
-        results = {"params": 47_978, "epochs": 20, "train_acc_running": 0.9, "train_acc_clean": 0.9, "test_acc": 0.8,
+        results = {"norm": norm, "params": 47_978, "epochs": 20, "train_acc_running": 0.9, "train_acc_clean": 0.9, "test_acc": 0.8,
                    "test_acc_flip_tta": 0.81, "seconds_per_epoch": 2.0, "device": "GPU", "precision": "bf16",
                    "compile_seconds": compile_seconds}
-        return Run(tmp_path / norm, Config(norm=norm), results, [], None, None, None)
+        return Run(tmp_path / norm, Config(norm=norm), Results.from_dict(results), [], None, None, None)
 
     text = _results_section({"bn": [run("bn", 31.5)], "gn": [run("gn", 40.25)]})
     assert "first training step, compilation included, took 31.5 s (bn), 40.2 s (gn)" in text
@@ -236,7 +239,7 @@ def test_the_settings_table_shows_seeds_that_differ(tmp_path):
     from normlab.rundir import Run
 
     def run(seed, muon_lr, precision):
-        results = {"device": "cpu", "precision": precision, "threads": 2, "torch": "2.14.1"}
+        results = Results(norm="bn", params=1, epochs=1, device="cpu", precision=precision, threads=2, torch="2.14.1")
         return Run(tmp_path / f"seed{seed}", Config(norm="bn", seed=seed, muon_lr=muon_lr), results, [], None, None, None)
 
     text = _header({"bn": [run(0, 0.05, "fp32"), run(1, 0.05, "fp32"), run(2, 0.0, "bf16")]}, tmp_path, True, tmp_path)

@@ -16,11 +16,13 @@ from conftest import DEVICE, EXACT, make_cifar
 from normlab.cli import main
 from normlab.rundir import CHECKPOINT
 
+
 # 1000 training images in batches of 32: an epoch is 32 steps, long enough to be hit in its middle.
 EPOCHS = 3
 ARGS = ["--norm", "bn", "--epochs", str(EPOCHS), "--batch-size", "32", "--threads", "1", "--device", DEVICE, *EXACT, "--seed", "0"]
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+pytestmark = [pytest.mark.slow,  # training subprocesses killed and resumed (make test-quick leaves them out)
+              pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")]
 
 
 @pytest.fixture(scope="module")

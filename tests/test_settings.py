@@ -14,7 +14,7 @@ import pytest
 from normlab.cli import build_parser, config_from
 from normlab.config import Config, setting_fields
 from normlab.report import _header
-from normlab.rundir import Run
+from normlab.rundir import Results, Run
 
 # A value other than the default for every setting (all valid together but norm_scale, which cannot go with zero_init_res).
 OTHER = {
@@ -51,7 +51,7 @@ def test_flags_and_config_json_round_trip(cfg):
 
 
 def _run(cfg: Config, folder: Path) -> Run:
-    results = {"device": "cpu", "precision": "fp32", "threads": 1, "torch": "x", "params": 1, "epochs": cfg.epochs}
+    results = Results(norm=cfg.norm, device="cpu", precision="fp32", threads=1, torch="x", params=1, epochs=cfg.epochs)
     return Run(folder, cfg, results, [], None, None, None)
 
 

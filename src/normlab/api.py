@@ -11,32 +11,33 @@ From a notebook, settings are keywords: ``train(norm="gn", data_dir="data", epoc
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
-import shlex
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 import torch
 
 from normlab import data as D
 from normlab import folders
-from normlab.capture import settle
+from normlab.cluster import RayOptions, execute_ray, import_ray
 from normlab.config import MAX_EPOCHS, Config, parse_widths, setting_fields
-from normlab.device import Runtime, device_name, peak_rss_mib, set_threads, setup
-from normlab.errors import ConfigError, TrainingError, UsageError
-from normlab.models import PARAM_BUDGET, count_params
+from normlab.device import COMPILE, PRECISIONS, Runtime, device_name, peak_rss_mib, runtime_with, set_threads, setup
+from normlab.errors import ConfigError, SweepError, TrainingError, UsageError
+from normlab.loop import Diverged, FinalScores, Trainer, build, evaluate as evaluate_model, placement
+from normlab.models import PARAM_BUDGET, count_params, model_summary
 from normlab.norms import DEFAULT_NORMS, NORMS
-from normlab.plan import execute, parse_grid, plan_models, plan_sweep, same_data
-from normlab.result import Prediction, RunResult, TrainResult
-from normlab.rundir import RunDir, check_same_data, find_runs, load_model, median_epoch_seconds
-from normlab.loop import Diverged, Trainer, evaluate as evaluate_model, infer
+from normlab.plan import SKIP, check_sizes, execute, parse_grid, plan_models, plan_sweep, same_data
+from normlab.report import write_report as write_run_report
+from normlab.result import RunResult, TrainResult, predict, predictions_table
+from normlab.rundir import (CHECKPOINT, CONFIG, Results, RunDir, check_same_data, command, find_runs, load_model,
+                            median_epoch_seconds)
+from normlab.sweepdir import Manifest, SweepResult, is_sweep, write_manifest, write_sweep
 
-if TYPE_CHECKING:
-    from normlab.sweepdir import SweepResult  # imported when a sweep runs: it brings the report's modules
+# What the command line reads from here (it talks to this module, config and errors only).
+__all__ = ["COMPILE", "DEFAULT_NORMS", "NORMS", "PRECISIONS", "Runtime", "command", "evaluate", "load", "parse_grid", "predict",
+           "predictions_table", "run", "set_threads", "summary", "sweep", "train", "write_report"]
 
 Log = Callable[[str], None]
 
@@ -45,36 +46,20 @@ def _log(message: str) -> None:
     print(message, flush=True)  # flushed: a log file of a long run must show each epoch as it ends
 
 
-def _warn(message: str) -> None:
-    import sys
-
-    print(f"normlab: warning: {message}", file=sys.stderr, flush=True)
-
-
 RUNS = Path("runs")  # where a notebook's runs go when no folder is given
-RUNTIME_OPTIONS = tuple(f.name for f in dataclasses.fields(Runtime))
 
 
 def options(cfg: Config | None, runtime: Runtime | None, keywords: dict[str, Any]) -> tuple[Config, Runtime]:
     """``cfg`` and ``runtime`` (defaults if None) with ``keywords`` applied: ``Config`` settings and ``Runtime``
     options by name. An unknown name is a ``ConfigError`` that lists the valid ones. Threads given here are set."""
     settings = tuple(f.name for f in setting_fields())
-    unknown = [k for k in keywords if k not in settings and k not in RUNTIME_OPTIONS]
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], settings + RUNTIME_OPTIONS, n=1)
-        raise ConfigError(f"unknown setting {', '.join(map(repr, unknown))}{f' (did you mean {close[0]!r}?)' if close else ''}; "
-                          f"settings: {', '.join(settings)}; runtime options: {', '.join(RUNTIME_OPTIONS)}")
+    runtime = runtime_with(runtime, keywords, others=settings)
     learn = {k: v for k, v in keywords.items() if k in settings}
     if isinstance(learn.get("widths"), str):
         learn["widths"] = parse_widths(learn["widths"])
     elif "widths" in learn:
         learn["widths"] = tuple(learn["widths"])
-    cfg = dataclasses.replace(cfg if cfg is not None else Config(), **learn)
-    runtime = dataclasses.replace(runtime if runtime is not None else Runtime(), **{k: v for k, v in keywords.items() if k in RUNTIME_OPTIONS})
-    runtime.validate()
-    if "threads" in keywords:
-        set_threads(runtime.threads)
-    return cfg, runtime
+    return dataclasses.replace(cfg if cfg is not None else Config(), **learn), runtime
 
 
 def out_folder(out: str | os.PathLike | None, resume: bool, name: str, needed: str) -> Path:
@@ -96,6 +81,7 @@ def fresh_folder(name: str) -> Path:
     return path
 
 
+# ---------------------------------------------------------------- one model
 def train(cfg: Config | None = None, data_dir: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
           resume: bool = False, runtime: Runtime | None = None, log: Log = _log, **settings: Any) -> TrainResult:
     """Train one model into the run folder ``out``; returns its ``TrainResult`` (folder, results, metrics, config).
@@ -104,23 +90,18 @@ def train(cfg: Config | None = None, data_dir: str | os.PathLike | None = None, 
     ``train(norm="gn", data_dir="data", epochs=20)``; how it runs is ``runtime`` with the runtime
     options among ``settings`` (``device``, ``threads``, ``precision``...). Without ``out`` it trains
     into a fresh folder runs/NORM-DATE-TIME. With ``resume`` the folder's own settings are used and
-    training continues from its last complete epoch. A run that fails before its first epoch is
-    complete leaves nothing behind (except after Ctrl-C, when its saved settings let ``--resume``
-    start it again)."""
+    training continues from its last complete epoch (a finished folder is left as it is). A run that
+    fails before its first epoch is complete leaves nothing behind (except after Ctrl-C, when its saved
+    settings let ``--resume`` start it again)."""
     cfg, runtime = options(cfg, runtime, settings)  # the runtime validated
     out = out_folder(out, resume, cfg.norm, "the run folder to continue: pass out=RUN_FOLDER")
     cfg.validate()
     started = time.perf_counter()
     rd = RunDir(out)
-    if resume:
-        if not rd.has_config:
-            raise TrainingError(f"{rd} is not a normlab run that can be resumed (no config.json); start it with normlab train --out {rd}")
-        cfg = rd.read_config()  # a resumed run keeps the settings it was started with
-        if not rd.has_checkpoint:  # stopped within its first epoch: nothing to keep, start it again
-            resume = False
-            log(f"{rd} stopped before its first epoch ended; starting it again with its saved settings")
-    elif rd.finished or rd.has_checkpoint:
-        raise TrainingError(f"{rd} already holds a run; resume it with --resume, or choose another --out")
+    if resume and rd.finished:
+        log(f"{rd}: finished earlier, nothing to resume")  # and nothing is rewritten
+        return TrainResult.load(rd.path)
+    cfg, resume = _resumed(rd, cfg, resume, data_dir, runtime, log)
     had_config = rd.has_config
     recorded = rd.read_data() if had_config else None
     if data_dir is None and recorded is not None:  # a resumed run finds its own data, not $NORMLAB_DATA's
@@ -133,88 +114,128 @@ def train(cfg: Config | None = None, data_dir: str | os.PathLike | None = None, 
     except BaseException:
         if not rd.has_checkpoint:  # nothing worth keeping: remove what this call made
             if not had_config:
-                (rd / "config.json").unlink(missing_ok=True)
+                (rd / CONFIG).unlink(missing_ok=True)
             folders.remove_empty(created)
         raise
     return TrainResult.load(rd.path)
 
 
+def _resumed(rd: RunDir, cfg: Config, resume: bool, data_dir: str | os.PathLike | None, runtime: Runtime,
+             log: Log) -> tuple[Config, bool]:
+    """The settings and whether to load a checkpoint: a resumed folder's own settings (resumed only if it has a
+    checkpoint); a fresh start refuses a folder that holds a run."""
+    if not resume:
+        rd.check_free(command("train", rd.path, cfg, data_dir=data_dir, runtime=runtime, resume=True))
+        return cfg, False
+    if not rd.has_config:
+        raise TrainingError(f"{rd} is not a normlab run that can be resumed (no {CONFIG}); start it with normlab train --out {rd}")
+    cfg = rd.read_config()  # a resumed run keeps the settings it was started with
+    if not rd.has_checkpoint:  # stopped within its first epoch: nothing to keep, start it again
+        log(f"{rd} stopped before its first epoch ended; starting it again with its saved settings")
+        return cfg, False
+    return cfg, True
+
+
 def _train(cfg: Config, data_dir: Path, rd: RunDir, resume: bool, runtime: Runtime, log: Log, started: float,
-           recorded: dict[str, Any] | None) -> dict[str, Any]:
-    place, note = settle(setup(runtime, cfg.norm))
+           recorded: dict[str, Any] | None) -> None:
+    """One model from its data to its files: placement, data, trainer, epochs, final evaluation, the record."""
+    place, note = placement(cfg, runtime)
     if note:
         log(note)
-    place.reset_peak_memory()
-    images, labels = D.load_split(data_dir, train=True)
-    fingerprint = D.fingerprint(images, labels)
-    check_same_data(rd.path, data_dir, recorded, fingerprint)  # a resumed run: the data it started on
-    # Read (not yet used) up front: a bad test file must fail before the training, not after it.
-    test_split = D.load_split(data_dir, train=False) if cfg.eval_test else None
-    train_idx, val_idx = D.stratified_split(labels, cfg.val_size, cfg.seed)
-    trainer = Trainer(cfg, place, images[train_idx], labels[train_idx], images[val_idx], labels[val_idx], progress=runtime.progress,
-                      test_x=test_split[0] if test_split else None, test_y=test_split[1] if test_split else None)
+    splits, fingerprint = _load_data(cfg, data_dir, rd, recorded)
+    trainer = build(cfg, place, *splits, progress=runtime.progress)
     if resume:
-        ck = rd.load_checkpoint()
-        try:
-            trainer.load_state_dict(ck)
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise TrainingError(f"{rd / 'checkpoint.pt'} is not a checkpoint of this run ({type(e).__name__}); "
-                                f"{rd} cannot be resumed, start afresh with another --out") from None
+        _load_checkpoint(trainer, rd)
         log(f"resuming {rd} after epoch {trainer.epoch} of {cfg.epochs}")
     else:
         rd.write_config(cfg)
     if recorded is None or recorded["data_dir"] != str(data_dir.resolve()):
         rd.write_data({"data_dir": str(data_dir.resolve()), "train": fingerprint})
-
-    n_params = count_params(trainer.model)
-    limit = "" if cfg.epochs <= MAX_EPOCHS else f"  [{cfg.epochs} epochs: OUTSIDE the assignment's limit of {MAX_EPOCHS}]"
-    log(f"{NORMS[cfg.norm].label} ({cfg.norm}; {NORMS[cfg.norm].describe(**cfg.to_dict())}): {n_params:,} parameters, {len(trainer.train_y):,} training / {len(trainer.val_y):,} "
-        f"validation images, {place.device.type}, {place.precision}, {place.layout}, {torch.get_num_threads()} threads{limit}")
+    log(_header_line(trainer))
     if trainer.epoch == 0:
         log(f"{'epoch':>5} {'lr':>7} {'loss':>7} {'train':>7} {'val':>7} {'test':>7} {'sec':>6}")
+    _train_epochs(trainer, rd, log)
+    scores = trainer.final_scores()
+    if scores.test_logits is not None:
+        rd.write_predictions(trainer.test_y.cpu(), scores.test_logits)
+    rd.save_model(cfg, trainer.final)
+    results = _record(trainer, scores, rd, data_dir, started)
+    rd.write_results(results)
+    log(_done_line(results, rd))
+
+
+def _load_data(cfg: Config, data_dir: Path, rd: RunDir, recorded: dict[str, Any] | None) -> tuple[tuple, dict[str, Any]]:
+    """(train_x, train_y, val_x, val_y, test_x, test_y) as ``build`` takes them, and the training data's fingerprint;
+    refuses other data than a resumed run's."""
+    images, labels = D.load_split(data_dir, train=True)
+    fingerprint = D.fingerprint(images, labels)
+    check_same_data(rd.path, data_dir, recorded, fingerprint)  # a resumed run: the data it started on
+    # Read (not yet used) up front: a bad test file must fail before the training, not after it.
+    test_x, test_y = D.load_split(data_dir, train=False) if cfg.eval_test else (None, None)
+    train_idx, val_idx = D.stratified_split(labels, cfg.val_size, cfg.seed)
+    return (images[train_idx], labels[train_idx], images[val_idx], labels[val_idx], test_x, test_y), fingerprint
+
+
+def _load_checkpoint(trainer: Trainer, rd: RunDir) -> None:
+    ck = rd.load_checkpoint()
+    try:
+        trainer.load_state_dict(ck)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise TrainingError(f"{rd / CHECKPOINT} is not a checkpoint of this run ({type(e).__name__}); "
+                            f"{rd} cannot be resumed, start afresh with another --out") from None
+
+
+def _train_epochs(trainer: Trainer, rd: RunDir, log: Log) -> None:
+    """The remaining epochs, each saved (checkpoint, metrics.csv) and logged as it ends; a non-finite loss stops it."""
     while not trainer.done:
         try:
             row = trainer.run_epoch()
         except Diverged as e:
             kept = f"the last good epoch ({e.epoch - 1}) is kept in {rd}. " if e.epoch > 1 else "nothing was kept. "
             raise TrainingError(f"{e}; {kept}Start again with a lower --lr (and --muon-lr)" + (" and another --out" if e.epoch > 1 else "")) from None
-        rd.save_checkpoint(trainer.state_dict(), cfg)
+        rd.save_checkpoint(trainer.state_dict(), trainer.cfg)
         rd.write_metrics(trainer.metrics)
-        v, t = (f"{row[k]:7.2%}" if row[k] is not None else f"{'-':>7}" for k in ("val_acc", "test_acc"))
-        log(f"{row['epoch']:>5} {row['lr']:7.4f} {row['train_loss']:7.4f} {row['train_acc']:7.2%} {v} {t} {row['seconds']:6.1f}")
-
-    # Final figures: the model as it stands after its last epoch.
-    rows, final = trainer.metrics, trainer.final
-    results: dict[str, Any] = {
-        "norm": cfg.norm, "norm_name": NORMS[cfg.norm].label, "params": n_params, "param_budget": PARAM_BUDGET,
-        "epochs": cfg.epochs, "over_epoch_limit": cfg.over_epoch_limit, "seed": cfg.seed,
-        "train_acc_running": rows[-1]["train_acc"] if rows else None,
-        "train_acc_clean": evaluate_model(final, trainer.train_x, trainer.train_y, place)[0],
-        "val_acc": rows[-1]["val_acc"] if rows else None,
-        "seconds_per_epoch": median_epoch_seconds(rd.read_metrics()),  # as RunDir.read_results reads it back
-        "compile_seconds": trainer.compile_seconds,  # None unless compiled: the first step, compilation included (in epoch 1's seconds)
-        "torch": torch.__version__, "data_dir": str(Path(data_dir).resolve()),
-    }
-    if cfg.eval_test:
-        test_x, test_y = trainer.test_x, trainer.test_y  # already on the device
-        logits = infer(final, test_x, place)
-        results["test_acc"] = (logits.argmax(1) == test_y).float().mean().item()
-        results["test_acc_flip_tta"] = evaluate_model(final, test_x, test_y, place, flip=True)[0]
-        rd.write_predictions(test_y.cpu(), logits)
-    rd.save_model(cfg, final)
-    results.update(place.record())  # device, precision, layout; threads on a CPU; capability and peak GPU memory on CUDA
-    # This call's wall time (data loading, training, final evaluations; a resumed run counts from
-    # its resumption) and the process's peak resident memory so far.
-    results["wall_seconds"] = time.perf_counter() - started
-    results["peak_rss_mib"] = peak_rss_mib()
-    rd.write_results(results)
-    test = f", test {results['test_acc']:.2%}" if "test_acc" in results else ""
-    minutes, secs = divmod(round(results["wall_seconds"]), 60)
-    log(f"done in {minutes} min {secs:02d} s: train {results['train_acc_clean']:.2%} (clean), "
-        f"{results['train_acc_running']:.2%} (running, augmented){test}; files in {rd}")
-    return results
+        log(_epoch_line(row))
 
 
+def _header_line(trainer: Trainer) -> str:
+    cfg, place = trainer.cfg, trainer.place
+    limit = "" if cfg.epochs <= MAX_EPOCHS else f"  [{cfg.epochs} epochs: OUTSIDE the assignment's limit of {MAX_EPOCHS}]"
+    return (f"{NORMS[cfg.norm].label} ({cfg.norm}; {NORMS[cfg.norm].describe(**cfg.to_dict())}): {count_params(trainer.model):,} parameters, "
+            f"{len(trainer.train_y):,} training / {len(trainer.val_y):,} validation images, {place.device.type}, {place.precision}, "
+            f"{place.layout}, {torch.get_num_threads()} threads{limit}")
+
+
+def _epoch_line(row: dict[str, Any]) -> str:
+    v, t = (f"{row[k]:7.2%}" if row[k] is not None else f"{'-':>7}" for k in ("val_acc", "test_acc"))
+    return f"{row['epoch']:>5} {row['lr']:7.4f} {row['train_loss']:7.4f} {row['train_acc']:7.2%} {v} {t} {row['seconds']:6.1f}"
+
+
+def _done_line(results: Results, rd: RunDir) -> str:
+    test = f", test {results.test_acc:.2%}" if results.test_acc is not None else ""
+    minutes, secs = divmod(round(results.wall_seconds), 60)
+    return (f"done in {minutes} min {secs:02d} s: train {results.train_acc_clean:.2%} (clean), "
+            f"{results.train_acc_running:.2%} (running, augmented){test}; files in {rd}")
+
+
+def _record(trainer: Trainer, scores: FinalScores, rd: RunDir, data_dir: Path, started: float) -> Results:
+    """The finished model's results.json: the model as it stands after its last epoch."""
+    cfg, rows = trainer.cfg, trainer.metrics
+    return Results(
+        norm=cfg.norm, norm_name=NORMS[cfg.norm].label, params=count_params(trainer.model), param_budget=PARAM_BUDGET,
+        epochs=cfg.epochs, over_epoch_limit=cfg.over_epoch_limit, seed=cfg.seed,
+        train_acc_running=rows[-1]["train_acc"] if rows else None, train_acc_clean=scores.train_acc_clean,
+        val_acc=rows[-1]["val_acc"] if rows else None,
+        seconds_per_epoch=median_epoch_seconds(rd.read_metrics()),  # as RunDir.read_results reads it back
+        compile_seconds=trainer.compile_seconds, torch=torch.__version__, data_dir=str(Path(data_dir).resolve()),
+        test_acc=scores.test_acc, test_acc_flip_tta=scores.test_acc_flip_tta,
+        **trainer.place.record(),  # device, precision, layout; threads on a CPU; capability and peak GPU memory on CUDA
+        # This call's wall time (data loading, training, final evaluations; a resumed run counts from
+        # its resumption) and the process's peak resident memory so far.
+        wall_seconds=time.perf_counter() - started, peak_rss_mib=peak_rss_mib())
+
+
+# ---------------------------------------------------------------- several models
 def run(base: Config | None = None, data_dir: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
         norms: Sequence[str] = DEFAULT_NORMS, seeds: int = 1, first_seed: int | None = None, resume: bool = False, jobs: int = 1,
         runtime: Runtime | None = None, report: bool = True, resume_hint: str | None = None, log: Log = _log,
@@ -229,21 +250,17 @@ def run(base: Config | None = None, data_dir: str | os.PathLike | None = None, o
     base, runtime = options(base, runtime, settings)
     out = out_folder(out, resume, "run", "the folder of the run to continue: pass out=PARENT")
     first_seed = base.seed if first_seed is None else first_seed
-    if jobs < 1:
-        raise ConfigError(f"--jobs must be at least 1 (got {jobs})")
+    check_sizes(norms, seeds, jobs)
     parent = Path(out)
-    hint = resume_hint or f"normlab run --resume --out {shlex.quote(str(parent))}"
+    hint = resume_hint or command("run", parent, base, norms, seeds=seeds, first_seed=first_seed, data_dir=data_dir,
+                                  runtime=runtime, resume=True)
     plan = plan_models(base, norms, seeds, first_seed, parent, resume, hint)
     for j in plan:
-        if j.action == "skip":
+        if j.action == SKIP:
             log(f"{j.out}: finished earlier, skipped")
     # data_dir stays None if not given: a resumed model then finds the data it started on (data.json)
     execute(plan, train, same_data(plan, data_dir), runtime, jobs, log)
-    path = None
-    if report:
-        from normlab.report import write_report
-
-        path = write_report(parent)
+    path = write_run_report(parent) if report else None
     result = RunResult.load(parent)
     result.report = path  # None with report=False, even where an older report.md lies
     return result
@@ -253,7 +270,7 @@ def sweep(base: Config | None = None, data_dir: str | os.PathLike | None = None,
           norms: Sequence[str] | str = DEFAULT_NORMS, grid: Sequence[str] | dict[str, Sequence[Any]] = (), seeds: int = 1,
           first_seed: int | None = None, resume: bool = False, jobs: int = 1, runtime: Runtime | None = None, ray: str | None = None,
           ray_cpus: float = 1.0, ray_gpus: float = 0.0, ray_retries: int = 3, ray_scratch: str | None = None, report: bool = True,
-          resume_hint: str | None = None, log: Log = _log, **settings: Any) -> "SweepResult":
+          resume_hint: str | None = None, log: Log = _log, **settings: Any) -> SweepResult:
     """Train norms x ``grid`` x seeds into ``out`` (one folder per model: out/bn/norm_batch=8/seed0), then write
     ``sweep.csv`` and ``sweep.md``; returns the ``SweepResult``. ``grid`` is ``{"lr": [0.05, 0.1]}`` or the CLI's
     ``["lr=0.05,0.1"]``; a setting that only other norms read (``groups`` for bn) gives a norm one model, not one per value.
@@ -261,56 +278,62 @@ def sweep(base: Config | None = None, data_dir: str | os.PathLike | None = None,
     Locally by default (``jobs`` at a time); with ``ray`` (auto | local | HOST:PORT) each model is a Ray task asking
     ``ray_cpus`` CPUs and ``ray_gpus`` GPUs. A model that fails is reported and the others finish: then ``SweepError``
     (its ``result`` is the sweep) names the failed ones, after the files are written. Settings as for ``run``."""
-    from normlab import sweepdir as S
-    from normlab.cluster import RayOptions, execute_ray, import_ray
-
     base, runtime = options(base, runtime, settings)
     out = out_folder(out, resume, "sweep", "the folder of the sweep to continue: pass out=PARENT")
     parent, first_seed = Path(out), base.seed if first_seed is None else first_seed
-    if jobs < 1:
-        raise ConfigError(f"--jobs must be at least 1 (got {jobs})")
+    norms = tuple(norms.split(",") if isinstance(norms, str) else norms)
+    check_sizes(norms, seeds, jobs)
     ray_options = RayOptions(ray, ray_cpus, ray_gpus, ray_retries, ray_scratch).validate() if ray else None
     if ray_options and jobs > 1:
         raise ConfigError("--jobs is for local runs; with --ray, the cluster runs as many models at once as --ray-cpus/--ray-gpus allow")
-    norms = tuple(norms.split(",") if isinstance(norms, str) else norms)
-    manifest = S.Manifest(base, norms, parse_grid(grid), seeds, first_seed)
-    hint = resume_hint or f"{manifest.command(parent, D.resolve_data_dir(data_dir))} --resume"
+    manifest = Manifest(base, norms, parse_grid(grid), seeds, first_seed)
+    hint = resume_hint or manifest.command(parent, D.resolve_data_dir(data_dir), runtime, resume=True)
     plan = plan_sweep(base, norms, manifest.grid, seeds, first_seed, parent, resume, hint)
     if ray_options:
         import_ray()  # without the extra: one line now, before any file is written
     data_dir = same_data(plan, data_dir)  # a resumed sweep's new models: the data its finished ones trained on
-    S.write_manifest(parent, manifest, resume)
-    todo = [j for j in plan if j.action != "skip"]
+    write_manifest(parent, manifest, resume)
+    todo = [j for j in plan if j.action != SKIP]
     log(f"sweep into {parent}: {len(plan)} model{'s' * (len(plan) > 1)}, {len(plan) - len(todo)} finished earlier, {len(todo)} to train")
     if ray_options:
         failures = execute_ray(plan, train, data_dir, runtime, ray_options, parent, resume, log)
     else:  # data_dir stays None if not given: a resumed model then finds the data it started on (data.json)
         failures = execute(plan, train, data_dir, runtime, jobs, log, keep_going=True)
-    result = S.write_sweep(parent, report=report)
+    result = write_sweep(parent, report=report)
     if failures:
-        from normlab.errors import SweepError
-
         failed = "; ".join(f"{j.out.relative_to(parent).as_posix()} ({' '.join(str(e).split()) or type(e).__name__})" for j, e in failures)
         raise SweepError(f"{len(failures)} of the {len(todo)} models of the sweep failed: {failed}. The others finished and "
-                         f"{S.TABLE} in {parent} has them all; once the cause is fixed, train the failed ones with: {hint}", result)
+                         f"{result.csv.name} in {parent} has them all; once the cause is fixed, train the failed ones with: {hint}", result)
     return result
 
 
-def load(path: str | os.PathLike) -> "TrainResult | RunResult | SweepResult":
+# ---------------------------------------------------------------- finished runs
+def load(path: str | os.PathLike) -> TrainResult | RunResult | SweepResult:
     """A finished run read from its folder: a ``SweepResult`` for a ``normlab sweep`` folder, a ``RunResult`` for a
     ``normlab run`` parent, else a ``TrainResult``."""
-    from normlab import sweepdir as S
-
-    if S.is_sweep(path):
-        return S.SweepResult.load(path)
+    if is_sweep(path):
+        return SweepResult.load(path)
     _, is_parent = find_runs(Path(path))
     return RunResult.load(path) if is_parent else TrainResult.load(path)
+
+
+def write_report(path: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> Path:
+    """Rebuild the report of a finished folder from its files: ``report.md`` and its figures for a run, ``sweep.csv``
+    and ``sweep.md`` for a sweep; returns the report's path."""
+    if is_sweep(path):
+        return write_sweep(Path(path)).report
+    return write_run_report(Path(path), data_dir)
+
+
+def summary(norm: str, widths: tuple[int, int, int], groups: int) -> str:
+    """The torchinfo table of the network of ``norm`` at these widths (and group count)."""
+    return model_summary(Config(norm=norm, widths=widths, groups=groups).validate())
 
 
 def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike | None = None, runtime: Runtime | None = None,
              **runtime_options: Any) -> dict[str, Any]:
     """Test accuracy (plain and flip-averaged) and loss of a saved ``model.pt`` on a CIFAR-10 folder."""
-    _, runtime = options(None, runtime, _only_runtime(runtime_options))
+    runtime = runtime_with(runtime, runtime_options)
     model, cfg = load_model(Path(model_path))
     place = setup(runtime, cfg.norm)
     model = place.place(model)
@@ -321,51 +344,3 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike | None =
     tta, _ = evaluate_model(model, images, labels, place, flip=True)
     return {"checkpoint": str(model_path), "norm": cfg.norm, "params": count_params(model), "data_dir": str(data_dir),
             "images": len(labels), "test_acc": acc, "test_loss": loss, "test_acc_flip_tta": tta, "device": device_name(place.device)}
-
-
-def _only_runtime(keywords: dict[str, Any]) -> dict[str, Any]:
-    wrong = [k for k in keywords if k not in RUNTIME_OPTIONS]
-    if wrong:
-        raise ConfigError(f"unknown option {', '.join(map(repr, wrong))}; runtime options: {', '.join(RUNTIME_OPTIONS)}")
-    return keywords
-
-
-def predict(model_path: str | os.PathLike, paths: Sequence[str | os.PathLike], top: int = 3, runtime: Runtime | None = None,
-            warn: Log = _warn, **runtime_options: Any) -> list[Prediction]:
-    """The ``top`` classes, with probabilities, of each image that ``paths`` name (files of any size, or folders,
-    expanded to their image files), by the model in ``model_path`` (a ``model.pt``).
-
-    Each image is cut to its centred square and resized to 32x32 (``images.py``). A path that gives no
-    image is reported on one line through ``warn`` (default: stderr) and the others are still predicted;
-    ``UsageError`` if none is."""
-    from normlab import images as I
-    from normlab.data import CLASSES
-
-    _, runtime = options(None, runtime, _only_runtime(runtime_options))
-    if not 1 <= top <= len(CLASSES):
-        raise ConfigError(f"top must be between 1 and {len(CLASSES)} (got {top})")
-    model, cfg = load_model(Path(model_path))  # first: a bad model fails before any image is read
-    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    kept, pixels = [], []
-    for path in paths:  # warnings in the order the paths were given
-        try:
-            files = I.expand(path)
-        except I.ImageError as e:
-            warn(str(e))
-            continue
-        for f in files:
-            try:
-                pixels.append(I.read_image(f))
-                kept.append(f)
-            except I.ImageError as e:
-                warn(str(e))
-    if not kept:
-        raise UsageError(f"no image to predict among the {len(paths)} path(s) given ({I.DESCRIBED} files, or folders of them)")
-    place = setup(runtime, cfg.norm)
-    batch = torch.from_numpy(np.stack(pixels)).to(place.device)  # (N, 3, 32, 32) uint8
-    probs = infer(place.place(model), batch, place).softmax(1).cpu()
-    out = []
-    for f, image, p in zip(kept, pixels, probs.tolist()):
-        best = sorted(range(len(CLASSES)), key=lambda c: -p[c])[:top]
-        out.append(Prediction(f, dict(zip(CLASSES, p)), [(CLASSES[c], p[c]) for c in best], image))
-    return out

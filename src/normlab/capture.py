@@ -41,7 +41,7 @@ def settle(place) -> tuple[object, str | None]:
 
 def use_device_lr(opt: torch.optim.Optimizer) -> None:
     """Each param group's learning rate as a device tensor that the (fused) SGD step reads: a replayed step takes
-    the schedule's new value from there. ``loop.set_lr`` fills it in place."""
+    the schedule's new value from there. ``optim.set_lr`` fills it in place."""
     for g in opt.param_groups:
         device = g["params"][0].device
         lr = g["lr"]
@@ -68,7 +68,7 @@ def cuda_capture(body: Callable[[], tuple[torch.Tensor, torch.Tensor]]):
 
 
 class GraphedStep:
-    """``step(x, y)`` for full batches, at the learning rates ``loop.set_lr`` put into ``opt``: ``update(x, y)``
+    """``step(x, y)`` for full batches, at the learning rates ``optim.set_lr`` put into ``opt``: ``update(x, y)``
     (``loop.update_on_batch``: forward, loss, backward, optimizer step) as eager warm-up steps, then recorded
     once, then replayed. Returns the loss and logits (for a replay the graph's own output tensors, overwritten
     by the next step: read them before)."""

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 from pathlib import Path
 
-from normlab.config import MAX_EPOCHS, Config, flag_of, format_value, parse_widths, setting_fields
-from normlab.device import COMPILE, PRECISIONS, Runtime, set_threads
+from normlab import api
+from normlab.api import COMPILE, DEFAULT_NORMS, NORMS, PRECISIONS, Runtime, set_threads
+from normlab.config import Config, flag_of, format_value, parse_widths, setting_fields
 from normlab.errors import NormlabError
-from normlab.norms import DEFAULT_NORMS, NORMS
 
 DEFAULTS = Config()
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
@@ -92,57 +91,48 @@ def training_runtime(args: argparse.Namespace, argv: list[str]) -> Runtime:
     return runtime
 
 
-def resume_command(argv: list[str], args: argparse.Namespace) -> str:
-    """The command line that was run, with ``--resume`` added: same data, threads and settings."""
-    argv = list(argv)
-    if args.resume in (None, False):  # train: None or a folder ("" = --out); run: a flag
-        argv.append("--resume")
-    return "normlab " + shlex.join(argv)
+def resume_command(args: argparse.Namespace) -> str:
+    """The command line that continues what ``args`` started (train, run, sweep): the same data, settings and runtime."""
+    cfg, runtime = config_from(args), runtime_from(args)
+    if args.command == "train":
+        return api.command("train", _train_out(args, cfg), cfg, data_dir=args.data_dir, runtime=runtime, resume=True)
+    grid = api.parse_grid(args.grid) if args.command == "sweep" else None
+    return api.command(args.command, args.out, cfg, args.norms.split(","), grid, args.seeds, args.seed, args.data_dir, runtime,
+                       resume=True)
+
+
+def _train_out(args: argparse.Namespace, cfg: Config) -> Path:
+    return Path(args.resume or args.out or f"runs/{cfg.norm}")
 
 
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
-    from normlab import api
-    from normlab.rundir import RunDir
-
     cfg, runtime = config_from(args), training_runtime(args, argv)
-    out = Path(args.resume or args.out or f"runs/{cfg.norm}")
-    if args.resume is not None and RunDir(out).finished:
-        print(f"{out}: finished earlier, nothing to resume")  # and nothing is rewritten
-        return 0
-    api.train(cfg, args.data_dir, out, resume=args.resume is not None, runtime=runtime)
+    api.train(cfg, args.data_dir, _train_out(args, cfg), resume=args.resume is not None, runtime=runtime)
     return 0
 
 
 def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
-    from normlab import api
-    from normlab.report import summary_table
-
     runtime = training_runtime(args, argv)
     result = api.run(config_from(args), args.data_dir, args.out, norms=args.norms.split(","), seeds=args.seeds, first_seed=args.seed,
-                     resume=args.resume, jobs=args.jobs, runtime=runtime, report=not args.no_report,
-                     resume_hint=resume_command(argv, args))
-    print(summary_table(Path(args.out)))
+                     resume=args.resume, jobs=args.jobs, runtime=runtime, report=not args.no_report)
+    print(result.table())
     if result.report is not None:
         print(f"report: {result.report}")
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace, argv: list[str]) -> int:
-    from normlab import api
-
     runtime = training_runtime(args, argv)
     result = api.sweep(config_from(args), args.data_dir, args.out, norms=args.norms.split(","), grid=args.grid, seeds=args.seeds,
                        first_seed=args.seed, resume=args.resume, jobs=args.jobs, runtime=runtime, ray=args.ray, ray_cpus=args.ray_cpus,
-                       ray_gpus=args.ray_gpus, ray_retries=args.ray_retries, ray_scratch=args.ray_scratch, report=not args.no_report,
-                       resume_hint=resume_command(argv, args))  # SweepError (exit 2) names the models that failed
+                       ray_gpus=args.ray_gpus, ray_retries=args.ray_retries, ray_scratch=args.ray_scratch,
+                       report=not args.no_report)  # SweepError (exit 2) names the models that failed
     print(result.table())
-    print(f"table: {Path(args.out) / 'sweep.csv'}" + (f"\nreport: {result.report}" if result.report else ""))
+    print(f"table: {result.csv}" + (f"\nreport: {result.report}" if result.report else ""))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace, argv: list[str]) -> int:
-    from normlab import api
-
     runtime = runtime_from(args)
     set_threads(runtime.threads)
     text = json.dumps(api.evaluate(Path(args.checkpoint), args.data_dir, runtime), indent=2)
@@ -153,29 +143,22 @@ def cmd_evaluate(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def cmd_predict(args: argparse.Namespace, argv: list[str]) -> int:
-    from normlab import api
-    from normlab.result import predictions_table
-
     runtime = runtime_from(args)
     set_threads(runtime.threads)
     predictions = api.predict(Path(args.model), args.images, top=args.top, runtime=runtime)  # UsageError (exit 2) if none
-    print(predictions_table(predictions))
+    print(api.predictions_table(predictions))
     if args.json:
         Path(args.json).write_text(json.dumps([p.to_dict() for p in predictions], indent=2) + "\n")
     return 0
 
 
 def cmd_summary(args: argparse.Namespace, argv: list[str]) -> int:
-    from normlab.models import model_summary
-
-    print(model_summary(Config(norm=args.norm, widths=args.widths, groups=args.groups).validate()))
+    print(api.summary(args.norm, args.widths, args.groups))
     return 0
 
 
 def cmd_report(args: argparse.Namespace, argv: list[str]) -> int:
-    from normlab.report import write_report
-
-    print(f"report: {write_report(Path(args.run_dir), args.data_dir)}")
+    print(f"report: {api.write_report(Path(args.run_dir), args.data_dir)}")
     return 0
 
 
@@ -280,13 +263,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args, argv)
     except KeyboardInterrupt:
-        hint = resume_command(argv, args) if args.command in ("train", "run", "sweep") else None
+        hint = _resume_hint(args)
         msg = "normlab: interrupted; the last complete epoch is kept" + (f". Resume with: {hint}" if hint else "")
         print(msg, file=sys.stderr)
         return EXIT_INTERRUPTED
     except (NormlabError, ValueError, OSError) as e:
         print("normlab: error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, always
         return EXIT_ERROR
+
+
+def _resume_hint(args: argparse.Namespace) -> str | None:
+    """The command that resumes an interrupted train, run or sweep (None where there is none, or its flags were bad)."""
+    if args.command not in ("train", "run", "sweep"):
+        return None
+    try:
+        return resume_command(args)
+    except (NormlabError, ValueError):
+        return None
 
 
 if __name__ == "__main__":

@@ -20,11 +20,9 @@ the default of a local ``ray.init()`` since Ray 2.59) is joined with the token R
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import io
 import json
-import math
 import os
 import re
 import shutil
@@ -40,7 +38,7 @@ from typing import Any
 
 from normlab import data as D
 from normlab.config import Config
-from normlab.device import Runtime, set_threads
+from normlab.device import Runtime, set_threads, worker_runtimes
 from normlab.errors import ConfigError, NormlabError, UsageError
 from normlab.plan import RESUME, SKIP, Failures, Job, TrainFn
 from normlab.rundir import CHECKPOINT, CONFIG, RESULTS, RunDir, atomic_write, atomic_write_bytes, load_pt
@@ -216,8 +214,8 @@ def execute_ray(jobs: Sequence[Job], train: TrainFn, data_dir: str | os.PathLike
         digest, files = data_payload(data_dir)
         data = (digest, [ray.put(files)])  # in a list: a task fetches the bytes only if its node has no copy yet
         del files
-        threads = runtime.threads or max(1, math.ceil(options.cpus))
-        worker_runtime = dataclasses.replace(runtime, threads=threads, progress=False)
+        worker_runtime = worker_runtimes(runtime, 1, options.cpus, spread_gpus=False)[0]  # Ray assigns each task its GPUs
+        threads = worker_runtime.threads
         task = ray.remote(num_cpus=options.cpus, num_gpus=options.gpus, max_retries=options.retries, retry_exceptions=False)(_run_model)
         key, attempt = sweep_key(parent), uuid.uuid4().hex
         for j in todo:
@@ -229,32 +227,7 @@ def execute_ray(jobs: Sequence[Job], train: TrainFn, data_dir: str | os.PathLike
         gpus = f", {options.gpus:g} GPU(s)" if options.gpus else ""
         log(f"Ray: {len(todo)} model{'s' * (len(todo) > 1)} submitted, each with {options.cpus:g} CPU(s){gpus} and {threads} thread(s); "
             f"cluster: {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs")
-        failures: Failures = []
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            job = pending.pop(done[0])
-            try:
-                payload = ray.get(done[0])
-                receive(job.out, payload["files"])
-            except ray.exceptions.RayTaskError as e:  # the task's own error, not retried
-                cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else e
-                if isinstance(cause, NormlabError):
-                    cause = type(cause)(str(cause).replace(HERE, str(job.out)))
-                failures.append((job, cause))
-                log(f"{job.out}: FAILED: {_one_line(cause)}")
-                continue
-            except ray.exceptions.RayError as e:  # Ray could not run it: its worker or node died more often than --ray-retries allows...
-                why = f"its Ray worker died {options.retries + 1} time(s)" if isinstance(e, ray.exceptions.WorkerCrashedError) \
-                    else f"Ray could not run it ({type(e).__name__})"
-                failures.append((job, UsageError(f"{why}: {_one_line(e)}")))
-                log(f"{job.out}: FAILED: {why}")
-                continue
-            except OSError as e:
-                failures.append((job, UsageError(f"trained, but its files cannot be written into {job.out} ({e.strerror or e})")))
-                log(f"{job.out}: FAILED: cannot write its files ({e.strerror or e})")
-                continue
-            log(f"{job.out}: finished on {payload['host']}{_history(payload)}")
-        return failures
+        return _collect(ray, pending, options, log)
     except KeyboardInterrupt:
         for ref in pending:  # the nodes keep each model's last checkpoint in their scratch folder for --resume
             ray.cancel(ref, force=True)
@@ -262,6 +235,36 @@ def execute_ray(jobs: Sequence[Job], train: TrainFn, data_dir: str | os.PathLike
     finally:
         if owned:
             ray.shutdown()
+
+
+def _collect(ray, pending: dict[Any, Job], options: RayOptions, log: Callable[[str], None]) -> Failures:
+    """Each task's files into its model's folder as it finishes (``pending`` empties as they do); the failures."""
+    failures: Failures = []
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        job = pending.pop(done[0])
+        try:
+            payload = ray.get(done[0])
+            receive(job.out, payload["files"])
+        except ray.exceptions.RayTaskError as e:  # the task's own error, not retried
+            cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else e
+            if isinstance(cause, NormlabError):
+                cause = type(cause)(str(cause).replace(HERE, str(job.out)))
+            failures.append((job, cause))
+            log(f"{job.out}: FAILED: {_one_line(cause)}")
+            continue
+        except ray.exceptions.RayError as e:  # Ray could not run it: its worker or node died more often than --ray-retries allows...
+            why = f"its Ray worker died {options.retries + 1} time(s)" if isinstance(e, ray.exceptions.WorkerCrashedError) \
+                else f"Ray could not run it ({type(e).__name__})"
+            failures.append((job, UsageError(f"{why}: {_one_line(e)}")))
+            log(f"{job.out}: FAILED: {why}")
+            continue
+        except OSError as e:
+            failures.append((job, UsageError(f"trained, but its files cannot be written into {job.out} ({e.strerror or e})")))
+            log(f"{job.out}: FAILED: cannot write its files ({e.strerror or e})")
+            continue
+        log(f"{job.out}: finished on {payload['host']}{_history(payload)}")
+    return failures
 
 
 def _history(payload: dict[str, Any]) -> str:

@@ -8,11 +8,15 @@ the benchmarks all use. None of it changes what a model learns, so none of it is
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import difflib
+import math
 import os
 import platform
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -46,6 +50,44 @@ class Runtime:
         if self.threads < 0:
             raise ConfigError(f"--threads must be 0 (all cores) or more (got {self.threads})")
         return self
+
+    def to_flags(self) -> list[str]:
+        """The command-line flags that give this runtime from the defaults (the progress bar has none)."""
+        base, out = Runtime(), []
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name != "progress" and v != getattr(base, f.name):
+                out += [f"--{f.name}"] if isinstance(v, bool) else [f"--{f.name}", str(v)]
+        return out
+
+
+RUNTIME_OPTIONS = tuple(f.name for f in dataclasses.fields(Runtime))
+
+
+def runtime_with(runtime: Runtime | None, keywords: dict[str, Any], others: tuple[str, ...] = ()) -> Runtime:
+    """``runtime`` (default ``Runtime()``) with the runtime options among ``keywords`` applied, validated; threads given
+    here are set. A name neither a runtime option nor one of ``others`` (the caller's: ``Config``'s settings) is a
+    ``ConfigError`` that lists the valid ones."""
+    unknown = [k for k in keywords if k not in others and k not in RUNTIME_OPTIONS]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], others + RUNTIME_OPTIONS, n=1)
+        what = f"settings: {', '.join(others)}; runtime options" if others else "runtime options"
+        raise ConfigError(f"unknown {'setting' if others else 'option'} {', '.join(map(repr, unknown))}"
+                          f"{f' (did you mean {close[0]!r}?)' if close else ''}; {what}: {', '.join(RUNTIME_OPTIONS)}")
+    runtime = dataclasses.replace(runtime if runtime is not None else Runtime(),
+                                  **{k: v for k, v in keywords.items() if k in RUNTIME_OPTIONS}).validate()
+    if "threads" in keywords:
+        set_threads(runtime.threads)
+    return runtime
+
+
+def worker_runtimes(runtime: Runtime, n: int, cpus: float, spread_gpus: bool = True) -> list[Runtime]:
+    """The runtimes of ``n`` worker processes (models trained at once) given ``cpus`` CPUs each: the threads asked for,
+    else that share (at least 1); no progress bars (several garble one terminal); with ``spread_gpus``, on a machine
+    with GPUs, the visible GPUs in turn (``worker_devices``). The local and the Ray executor both ask this."""
+    worker = dataclasses.replace(runtime, threads=runtime.threads or max(1, math.ceil(cpus)), progress=False)
+    devices = worker_devices(runtime, n) if spread_gpus else [runtime.device] * n
+    return [dataclasses.replace(worker, device=d) for d in devices]
 
 
 # glibc's mallopt parameters (malloc.h)

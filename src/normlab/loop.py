@@ -1,15 +1,16 @@
-"""The loop: optimizer, schedule, one step, one epoch, infer and evaluate, and ``Trainer`` that
-holds one model in training. It writes no files (``api.py`` and ``rundir.py`` do).
+"""The loop: one step, one epoch, infer and evaluate, and ``Trainer``, one model in training, made by
+``build``, the one factory of everything a training needs (network, optimizer, Lookahead, moving average,
+placement and the step: eager, compiled, CUDA graphs or captured). It writes no files (``api.py`` and
+``rundir.py`` do).
 
-Muon for the conv filters (``--muon-lr``, the default) and SGD with Nesterov momentum for the rest, or
-SGD for all; a one-cycle learning rate (a plain function of the step), label smoothing, weight decay on
-SGD's conv weights only; the precision and layout come from a
+Label smoothing; the optimizers and the schedule are ``optim.py``'s; the precision and layout come from a
 ``device.Placement`` (bf16 or fp16 autocast, fp16 with loss scaling, or fp32).
 """
 from __future__ import annotations
 
 import functools
-
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,11 +18,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from normlab import data as D
-from normlab.capture import GraphedStep, plain_groups
+from normlab.capture import GraphedStep, plain_groups, settle
 from normlab.config import Config
-from normlab.device import Placement
+from normlab.device import Placement, Runtime, setup
 from normlab.errors import TrainingError
-from normlab.models import Net, norm_layers, whiten_
+from normlab.models import Net, whiten_
+from normlab.optim import Lookahead, lr_at, make_ema, make_optimizer, set_lr
 
 WHITEN_IMAGES = 5000  # training images whose 3x3 patches set a whitened C1 (airbench: 5,000)
 
@@ -32,156 +34,6 @@ class Diverged(TrainingError):
     def __init__(self, epoch: int, batch: int, n_batches: int):
         self.epoch, self.batch, self.n_batches = epoch, batch, n_batches
         super().__init__(f"the training loss became NaN or infinite in epoch {epoch}, batch {batch} of {n_batches}")
-
-
-# ---------------------------------------------------------------- optimization
-def lr_at(step: int, total: int, peak: float, warmup: float, hold: float = 0.0) -> float:
-    """One-cycle: linear from peak/10 up to ``peak`` over the warm-up, ``peak`` for the hold, then linear down to 0."""
-    rise = max(1, round(warmup * total))
-    if step < rise:
-        return peak * (0.1 + 0.9 * step / rise)
-    top = rise + round(hold * total)
-    if step < top:
-        return peak
-    return peak * max(0.0, (total - step) / max(1, total - top))
-
-
-def norm_biases(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The biases (shifts) of the norm layers."""
-    return [m.bias for m in norm_layers(model)]
-
-
-NS_COEFFICIENTS, NS_STEPS = (3.4445, -4.775, 2.0315), 5  # torch.optim.Muon's defaults (Jordan et al.'s quintic)
-
-
-def orthogonalize(g: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Muon's Newton-Schulz iteration: a 2-D ``g`` to about U V^T of its SVD (singular values ~0.7-1.2), in ``dtype``.
-
-    torch.optim.Muon's own ``_zeropower_via_newtonschulz``, op for op (the same result bit for bit in
-    bf16, which it always uses); ``dtype`` lets a CPU without bf16 units run it in fp32, 3-4 times faster
-    than emulated bf16 there.
-    """
-    a, b, c = NS_COEFFICIENTS
-    x = g.to(dtype)
-    tall = g.size(0) > g.size(1)
-    if tall:
-        x = x.T
-    x = x / x.norm().clamp(min=1e-7)  # spectral norm at most 1 (g itself untouched)
-    for _ in range(NS_STEPS):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
-
-
-class SGDMuon(torch.optim.SGD):
-    """torch.optim.SGD for every parameter group but those marked ``muon``; there Muon (Jordan et al., 2024):
-    Nesterov momentum (``muon_momentum``), then each filter bank's update, viewed as (out, in*k*k), orthogonalized
-    (``orthogonalize``, in ``ns_dtype``: bf16 as torch.optim.Muon, fp32 where the run is fp32) and scaled by
-    sqrt(max(1, out / (in*k*k))) as torch.optim.Muon does by default. torch.optim.Muon itself takes 2-D
-    parameters only; conv filters are 4-D. A group with ``normalize`` (the default; --no-muon-norm turns it off)
-    first scales each filter bank to norm sqrt(out), as airbench94_muon does, so that the step's size relative to
-    the filters is the learning rate's.
-    """
-
-    ns_dtype = torch.bfloat16  # make_optimizer sets the run's (fp32 unless the run is bf16)
-
-    @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
-        loss = None
-        if closure is not None:  # as torch's optimizers: the closure recomputes the loss and its gradients first
-            with torch.enable_grad():
-                loss = closure()
-        groups = self.param_groups
-        self.param_groups = [g for g in groups if not g.get("muon")]
-        try:
-            super().step()  # SGD, exactly as without Muon
-        finally:
-            self.param_groups = groups
-        for g in (g for g in groups if g.get("muon")):
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "muon_buffer" not in state:
-                    state["muon_buffer"] = torch.zeros_like(p.grad)
-                buf = state["muon_buffer"]
-                if g.get("normalize"):  # the filters to norm sqrt(out), their function unchanged (scale-free)
-                    p.mul_(p.shape[0] ** 0.5 / p.norm())
-                buf.lerp_(p.grad, 1 - g["momentum"])
-                update = p.grad.lerp(buf, g["momentum"]).reshape(p.shape[0], -1)  # Nesterov
-                ortho = orthogonalize(update, self.ns_dtype).reshape(p.shape).to(p.dtype)
-                scale = max(1.0, update.shape[0] / update.shape[1]) ** 0.5
-                if isinstance(g["lr"], torch.Tensor):  # a captured step's learning rate, read from the device (capture.py)
-                    p.sub_(ortho * (g["lr"] * scale))
-                else:
-                    p.add_(ortho, alpha=-g["lr"] * scale)
-        return loss
-
-
-def make_optimizer(model: torch.nn.Module, cfg: Config, precision: str = "bf16") -> torch.optim.Optimizer:
-    """SGD Nesterov; weight decay on conv weights only. With ``norm_bias_lr`` != 1 the norms' biases form a third
-    group whose learning rate is that multiple of the schedule's (``lr_scale``; train_step applies it). With
-    ``muon_lr`` the conv filters but C10's train with Muon (``SGDMuon``) at that peak, on the same schedule;
-    its orthogonalization in bf16 where the run's ``precision`` is bf16, else in fp32 (bf16 there would be
-    emulated: on a CPU without bf16 units it made Muon's step 3-4 times slower)."""
-    fast = {id(p) for p in norm_biases(model)} if cfg.norm_bias_lr != 1 else set()
-    head = getattr(model, "C10", None)
-    muon = {id(p) for p in model.parameters() if p.ndim == 4 and (head is None or p is not head.weight)} if cfg.muon_lr else set()
-    decay = [p for p in model.parameters() if p.ndim >= 2 and id(p) not in muon]    # conv weights
-    no_decay = [p for p in model.parameters() if p.ndim < 2 and id(p) not in fast]  # norm scales/shifts and biases
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if fast:  # only then: the optimizer state of earlier runs (two groups) still loads
-        groups.append({"params": [p for p in model.parameters() if id(p) in fast], "weight_decay": 0.0,
-                       "lr_scale": cfg.norm_bias_lr})
-    if muon:
-        groups.append({"params": [p for p in model.parameters() if id(p) in muon], "weight_decay": 0.0, "muon": True,
-                       "momentum": cfg.muon_momentum, "lr_scale": cfg.muon_lr / cfg.lr, "normalize": cfg.muon_norm})
-        opt = SGDMuon(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-        opt.ns_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        return opt
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-
-
-def make_ema(model: torch.nn.Module, decay: float):
-    """An exponential moving average of the weights and the norms' running statistics (None if ``decay`` is 0)."""
-    if not decay:
-        return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-
-
-class Lookahead:
-    """airbench's Lookahead: a slow copy of the weights and float buffers (the running statistics too).
-
-    After every ``EVERY``-th optimizer step, and after the last, the slow copy moves towards the network by
-    1 - decay and the network jumps back to it; decay = alpha^5 * (step/total)^3 rises from 0 (plain training)
-    to alpha^5 at the end, where ``finish`` makes the network the slow copy (Zhang et al., 2019, "Lookahead
-    Optimizer: k steps forward, 1 step back", with airbench's schedule). airbench pulls on every fifth step
-    alone and so drops the steps after the last one: nothing here (20 epochs make a multiple of 5 steps), but
-    every step of a run shorter than 5.
-    """
-
-    EVERY = 5
-
-    def __init__(self, model: torch.nn.Module, alpha: float):
-        self.alpha = alpha
-        self.live = [t for t in model.state_dict(keep_vars=True).values() if t.is_floating_point()]
-        self.slow = [t.detach().clone() for t in self.live]
-
-    @torch.no_grad()
-    def pull(self, decay: float) -> None:
-        for slow, live in zip(self.slow, self.live):
-            slow.lerp_(live.detach(), 1 - decay)
-            live.copy_(slow)
-
-    def step(self, step: int, total: int) -> None:
-        """After optimizer step number ``step`` (1-based) of ``total``."""
-        if step % self.EVERY == 0 or step == total:
-            self.pull(self.alpha ** self.EVERY * (step / total) ** 3)
-
-    def finish(self) -> None:
-        self.pull(1.0)  # the network takes the slow weights
 
 
 def crops(cfg: Config, epoch: int) -> tuple[int, int]:
@@ -218,17 +70,6 @@ def recalibrate_bn(model: torch.nn.Module, images: torch.Tensor, labels: torch.T
     model.train(was_training)
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum
-
-
-def set_lr(opt, lr: float) -> None:
-    """The schedule's learning rate into each param group, times the group's ``lr_scale``. A captured step's
-    learning rates are device tensors (capture.py): filled in place, where the replayed graph reads them."""
-    for g in opt.param_groups:
-        lr_g = lr * g.get("lr_scale", 1.0)
-        if isinstance(g["lr"], torch.Tensor):
-            g["lr"].fill_(lr_g)
-        else:
-            g["lr"] = lr_g
 
 
 def update_on_batch(model, opt, x: torch.Tensor, y: torch.Tensor, label_smoothing: float, place: Placement,
@@ -271,8 +112,6 @@ def train_epoch(model, opt, batches, cfg: Config, step: int, total: int, place: 
     ``time_first``: also return ``first_step_seconds``, the first step's wall time (a compiled network's
     compilation happens there), with a synchronization after it.
     ``graphed``: a ``capture.GraphedStep`` that takes the full batches (the partial one goes through ``train_step``)."""
-    import time
-
     t0 = time.perf_counter()
     first_step_seconds = None
     model.train()
@@ -326,8 +165,9 @@ def evaluate(model, images, labels, place: Placement, flip: bool = False) -> tup
 
 
 # ---------------------------------------------------------------- one model in training
+@dataclass(eq=False)
 class Trainer:
-    """One model in training: the network, its optimizer, moving average, batches and step count.
+    """One model in training: the network, its optimizer, moving average, batches and step count (``build`` makes it).
 
     ``run_epoch()`` trains one epoch and returns its metrics row; ``state_dict()`` and
     ``load_state_dict()`` carry everything a resumed run needs to continue bit for bit.
@@ -336,36 +176,32 @@ class Trainer:
     gradients, so it touches no random state and no running statistic and the weights come out the same.
     """
 
-    def __init__(self, cfg: Config, place: Placement, train_x: torch.Tensor, train_y: torch.Tensor,
-                 val_x: torch.Tensor | None = None, val_y: torch.Tensor | None = None, progress: bool = True,
-                 test_x: torch.Tensor | None = None, test_y: torch.Tensor | None = None):
-        self.cfg, self.place, self.progress = cfg, place, progress
-        torch.manual_seed(cfg.seed)
-        net = Net.from_config(cfg)
-        if cfg.whiten != "off":  # C1 from the training images' patches (no random draw: the seed's stream is unchanged)
-            whiten_(net.C1[0], D.normalize(train_x[:WHITEN_IMAGES], channels_last=False))
-        self.model = place.place(net)
-        self.net = place.compiled(self.model)  # what the training steps call; self.model keeps the state_dict keys
-        self.opt = make_optimizer(self.model, cfg, place.precision)
-        self.ema = make_ema(self.model, cfg.ema)
-        self.lookahead = Lookahead(self.model, cfg.lookahead) if cfg.lookahead else None
-        self.scaler = place.grad_scaler()
-        # --compile capture: the whole step of each full batch as one CUDA graph (the caller settled that it can be)
-        self.graphed = graphed_step(self.model, self.opt, cfg, place, self.scaler) if place.capture else None
-        dev = place.device
-        self.train_x, self.train_y = train_x.to(dev), train_y.to(dev)
-        empty_x, empty_y = torch.zeros(0, 3, 32, 32, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
-        self.val_x = (val_x if val_x is not None else empty_x).to(dev)
-        self.val_y = (val_y if val_y is not None else empty_y).to(dev)
-        self.test_x = (test_x if test_x is not None else empty_x).to(dev)
-        self.test_y = (test_y if test_y is not None else empty_y).to(dev)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.batches = D.Batches(self.train_x, self.train_y, cfg.batch_size, True, cfg.crop_pad, cfg.flip, place.channels_last,
-                                 self.generator, cfg.alt_flip, cutout=cfg.cutout, fill=cfg.crop_fill)
-        self.total = cfg.epochs * len(self.batches)
-        self.step, self.epoch = 0, 0
-        self.metrics: list[dict[str, Any]] = []
-        self.compile_seconds: float | None = None  # a compiled network: its first step in this process, compilation included
+    cfg: Config
+    place: Placement
+    model: torch.nn.Module  # the network; its state_dict keys are the checkpoint's
+    net: Any  # what the training steps call: ``model``, or its torch.compile'd wrapper
+    opt: torch.optim.Optimizer
+    ema: Any  # torch.optim.swa_utils.AveragedModel, or None
+    lookahead: Lookahead | None
+    scaler: torch.amp.GradScaler
+    graphed: GraphedStep | None  # --compile capture: each full batch's step as one CUDA graph
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    generator: torch.Generator
+    batches: D.Batches
+    progress: bool = True
+    step: int = 0
+    epoch: int = 0
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    compile_seconds: float | None = None  # a compiled network: its first step in this process, compilation included
+
+    @property
+    def total(self) -> int:
+        return self.cfg.epochs * len(self.batches)
 
     @property
     def final(self) -> torch.nn.Module:
@@ -376,17 +212,28 @@ class Trainer:
     def done(self) -> bool:
         return self.epoch >= self.cfg.epochs
 
+    def train_on(self, batches, step: int, total: int, desc: str = "", time_first: bool = False) -> dict[str, Any]:
+        """One pass over ``batches`` from step ``step`` of ``total`` with this model's optimizer, Lookahead, moving
+        average and step (``train_epoch``); the benchmarks time it on batches of their own."""
+        compiled = self.net is not self.model
+        return train_epoch(self.net, self.opt, batches, self.cfg, step, total, self.place, self.scaler, desc=desc, ema=self.ema,
+                           progress=self.progress, lookahead=self.lookahead, eager=self.model if compiled else None,
+                           time_first=time_first, graphed=self.graphed)
+
+    def step_on(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on the full batch (x, y) at ``lr``, as an epoch takes it (captured, compiled or eager)."""
+        if self.graphed is not None:
+            set_lr(self.opt, lr)
+            return self.graphed(x, y)
+        return train_step(self.net, self.opt, x, y, lr, self.cfg.label_smoothing, self.place, self.scaler)
+
     def run_epoch(self) -> dict[str, Any]:
         """Train the next epoch; returns (and keeps) its row of metrics. Raises ``Diverged`` on a non-finite loss."""
-        import time
-
         cfg, epoch = self.cfg, self.epoch + 1
         t0 = time.perf_counter()
         self.batches.pad, self.batches.cutout = crops(cfg, epoch)
-        r = train_epoch(self.net, self.opt, self.batches, cfg, self.step, self.total, self.place, self.scaler,
-                        desc=f"{cfg.norm} epoch {epoch}/{cfg.epochs}", ema=self.ema, progress=self.progress,
-                        lookahead=self.lookahead, eager=self.model if self.net is not self.model else None,
-                        time_first=self.net is not self.model and self.compile_seconds is None, graphed=self.graphed)
+        r = self.train_on(self.batches, self.step, self.total, desc=f"{cfg.norm} epoch {epoch}/{cfg.epochs}",
+                          time_first=self.net is not self.model and self.compile_seconds is None)
         if r["first_step_seconds"] is not None:
             self.compile_seconds = r["first_step_seconds"]
         if self.lookahead is not None and epoch == cfg.epochs:
@@ -409,6 +256,16 @@ class Trainer:
                "seconds": seconds, "test_seconds": test_seconds}
         self.metrics.append(row)
         return row
+
+    def final_scores(self) -> "FinalScores":
+        """The final model on the clean training images and (where read) the test set: plain, and flip-averaged."""
+        final, place = self.final, self.place
+        train_acc_clean = evaluate(final, self.train_x, self.train_y, place)[0]
+        if not self.cfg.eval_test:
+            return FinalScores(train_acc_clean)
+        logits = infer(final, self.test_x, place)
+        test_acc = (logits.argmax(1) == self.test_y).float().mean().item()
+        return FinalScores(train_acc_clean, test_acc, evaluate(final, self.test_x, self.test_y, place, flip=True)[0], logits)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain tensors, numbers, strings, lists and dicts only: loadable with ``torch.load(weights_only=True)``."""
@@ -436,3 +293,53 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.metrics, self.step, self.epoch = list(state["metrics"]), state["step"], state["epoch"]
         self.batches.epoch = state["epoch"]
+
+
+@dataclass(frozen=True)
+class FinalScores:
+    """The final model's accuracies: clean training images; test set plain and flip-averaged (None: not read)."""
+
+    train_acc_clean: float
+    test_acc: float | None = None
+    test_acc_flip_tta: float | None = None
+    test_logits: torch.Tensor | None = None  # (N, 10) on the device, for predictions.csv
+
+
+def placement(cfg: Config, runtime: Runtime) -> tuple[Placement, str | None]:
+    """Where one model of ``cfg`` runs under ``runtime``, with the capture fallback settled (and the line that says so),
+    its GPU's peak-memory count started afresh."""
+    place, note = settle(setup(runtime, cfg.norm))
+    place.reset_peak_memory()
+    return place, note
+
+
+def build(cfg: Config, where: Runtime | Placement, train_x: torch.Tensor, train_y: torch.Tensor,
+          val_x: torch.Tensor | None = None, val_y: torch.Tensor | None = None, test_x: torch.Tensor | None = None,
+          test_y: torch.Tensor | None = None, progress: bool = True) -> Trainer:
+    """The ``Trainer`` of one model of a valid ``cfg``, at the ``where`` placement (a ``Runtime``: ``placement``'s), on
+    uint8 images: the network (seeded; C1 whitened from ``train_x`` where asked), the optimizer (SGD, or SGD with Muon),
+    Lookahead, the moving average, the loss scaler, the step (compiled, CUDA graphs or captured, as placed) and the
+    training batches. The only place a training is put together: the API, the benchmarks and the tests call it."""
+    place = where if isinstance(where, Placement) else placement(cfg, where)[0]
+    torch.manual_seed(cfg.seed)
+    net = Net.from_config(cfg)
+    if cfg.whiten != "off":  # C1 from the training images' patches (no random draw: the seed's stream is unchanged)
+        whiten_(net.C1[0], D.normalize(train_x[:WHITEN_IMAGES], channels_last=False))
+    model = place.place(net)
+    compiled = place.compiled(model)  # what the training steps call; model keeps the state_dict keys
+    opt = make_optimizer(model, cfg, place.precision)
+    ema = make_ema(model, cfg.ema)
+    lookahead = Lookahead(model, cfg.lookahead) if cfg.lookahead else None
+    scaler = place.grad_scaler()
+    # --compile capture: the whole step of each full batch as one CUDA graph (placement settled that it can be)
+    graphed = graphed_step(model, opt, cfg, place, scaler) if place.capture else None
+    dev = place.device
+    empty_x, empty_y = torch.zeros(0, 3, 32, 32, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
+    train_x, train_y = train_x.to(dev), train_y.to(dev)
+    val_x, val_y, test_x, test_y = ((t if t is not None else empty).to(dev) for t, empty in
+                                    ((val_x, empty_x), (val_y, empty_y), (test_x, empty_x), (test_y, empty_y)))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    batches = D.Batches(train_x, train_y, cfg.batch_size, True, cfg.crop_pad, cfg.flip, place.channels_last,
+                        generator, cfg.alt_flip, cutout=cfg.cutout, fill=cfg.crop_fill)
+    return Trainer(cfg, place, model, compiled, opt, ema, lookahead, scaler, graphed, train_x, train_y, val_x, val_y,
+                   test_x, test_y, generator, batches, progress)

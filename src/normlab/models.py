@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normlab.norms import NORMS, make_norm
+from normlab.norms import make_norm
 
 PARAM_BUDGET = 50_000  # parameters, trainable or frozen, strictly fewer (the assignment's limit)
 NUM_CLASSES = 10
@@ -121,18 +121,8 @@ class Net(nn.Module):
                  pool_first: bool = True, act: str = "gelu", zero_init_res: bool = False, norm_batch: int = 0,
                  identity_init: bool = False, whiten: str = "off", bn_momentum: float = 0.1, norm_scale: bool = True,
                  skips: str = "pairs", logit_scale: float = 1.0):
-        super().__init__()
-        if skips not in SKIPS:
-            raise ValueError(f"unknown skips {skips!r}; choose one of: {', '.join(SKIPS)}")
+        super().__init__()  # the arguments are a valid Config's (Config.validate checks them, and the budget)
         self.skips = skips
-        if zero_init_res and not norm_scale:
-            raise ValueError("zero_init_res sets the residual branches' norm scales to 0: with norm_scale False they would stay 0")
-        if norm not in NORMS:
-            raise ValueError(f"unknown norm {norm!r}; choose one of: {', '.join(NORMS)}")
-        if act not in ACTS:
-            raise ValueError(f"unknown activation {act!r}; choose one of: {', '.join(ACTS)}")
-        if len(widths) != 3 or any(int(w) < 1 for w in widths):
-            raise ValueError(f"widths must be three positive channel counts, got {tuple(widths)}")
         w1, w2, w3 = (int(w) for w in widths)
         self.norm, self.widths, self.groups, self.weight_std, self.pool_first = norm, (w1, w2, w3), groups, weight_std, pool_first
         self.act, self.norm_batch, self.logit_scale = act, norm_batch, float(logit_scale)
@@ -170,12 +160,6 @@ class Net(nn.Module):
                 if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
                     with torch.no_grad():
                         nn.init.dirac_(m.weight[: min(m.in_channels, m.out_channels)])
-        n = count_params(self)
-        if n >= PARAM_BUDGET:
-            raise ValueError(
-                f"widths {self.widths} give {n:,} parameters; the budget is fewer than {PARAM_BUDGET:,}. "
-                "Choose smaller widths."
-            )
 
     @classmethod
     def from_config(cls, cfg) -> "Net":

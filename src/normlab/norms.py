@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normlab.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Norm:
@@ -164,9 +166,9 @@ DEFAULT_NORMS = ("bn", "gn", "ln")  # the assignment's three: what normlab run t
 
 
 def get_norm(name: str) -> Norm:
-    """The registry entry of ``name``; an unknown name lists the valid ones."""
+    """The registry entry of ``name``; an unknown name is a ``ConfigError`` (a ValueError) that lists the valid ones."""
     if name not in NORMS:
-        raise ValueError(f"unknown norm {name!r}; choose one of: {', '.join(NORMS)}")
+        raise ConfigError(f"unknown norm {name!r}; choose one of: {', '.join(NORMS)}")
     return NORMS[name]
 
 

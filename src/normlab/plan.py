@@ -21,10 +21,10 @@ from typing import Any
 
 from normlab import data as D
 from normlab.config import Config, format_value, parse_widths, setting_fields
-from normlab.device import Runtime, set_threads, worker_devices
+from normlab.device import Runtime, set_threads, worker_runtimes
 from normlab.errors import ConfigError, UsageError
 from normlab.norms import NORMS
-from normlab.rundir import RunDir, check_same_data, model_folder
+from normlab.rundir import CONFIG, RunDir, cell_folder, check_same_data, model_folder
 
 SKIP, RESUME, NEW = "skip", "resume", "new"
 
@@ -40,9 +40,9 @@ def check_same_settings(out: Path, cfg: Config) -> None:
     """A model folder that a resumed plan skips or continues must hold a run of the settings asked for now: else one
     report would mix models trained differently (e.g. an old run's SGD model beside new Muon ones)."""
     try:
-        saved = Config.load(out / "config.json")
+        saved = Config.load(out / CONFIG)
     except (OSError, ValueError, TypeError) as e:
-        raise UsageError(f"{out / 'config.json'} cannot be read ({type(e).__name__}); move {out} away or choose another --out") from None
+        raise UsageError(f"{out / CONFIG} cannot be read ({type(e).__name__}); move {out} away or choose another --out") from None
     diff = [f"{k} {v!r} (asked: {asked!r})" for k, v, asked in saved.differences(cfg)]
     if diff:
         raise UsageError(f"{out} was trained with other settings: {'; '.join(diff)}; choose another --out, or give the same settings")
@@ -52,32 +52,27 @@ def plan_models(base: Config, norms: Sequence[str], seeds: int, first_seed: int,
     """Every model of norms x seeds with its folder and action; raises before anything trains if a folder is in the way.
 
     Seed by seed, all norms each time: a run cut short still holds whole seeds to compare."""
-    _check_norms_and_seeds(norms, seeds)
+    check_sizes(norms, seeds)
     return [_job(dataclasses.replace(base, norm=norm, seed=seed).validate(), model_folder(Path(parent), norm, seed, seeds), resume, resume_hint)
             for seed in range(first_seed, first_seed + seeds) for norm in norms]
 
 
-def _check_norms_and_seeds(norms: Sequence[str], seeds: int) -> None:
-    for n in norms:
-        if n not in NORMS:
-            raise ConfigError(f"unknown norm {n!r} in --norms; choose from: {', '.join(NORMS)}")
+def check_sizes(norms: Sequence[str], seeds: int, jobs: int = 1) -> None:
+    """A plan's own numbers (each model's settings are ``Config.validate``'s): at least one seed and one job."""
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1 (got {seeds})")
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1 (got {jobs})")
 
 
 def _job(cfg: Config, folder: Path, resume: bool, resume_hint: str) -> Job:
     """The job of one model folder: skip it (finished), resume it, or start it; refused without ``resume`` if it holds a run."""
     rd = RunDir(folder)
-    if rd.finished:
-        if not resume:
-            raise UsageError(f"{rd} already holds a finished run; use --resume to skip finished models, or choose another --out")
+    if not resume:
+        rd.check_free(resume_hint)
+    if rd.finished or rd.has_checkpoint:
         check_same_settings(rd.path, cfg)
-        return Job(cfg, rd.path, SKIP)
-    if rd.has_checkpoint:
-        if not resume:
-            raise UsageError(f"{rd} holds an unfinished run; continue it with: {resume_hint}")
-        check_same_settings(rd.path, cfg)
-        return Job(cfg, rd.path, RESUME)
+        return Job(cfg, rd.path, SKIP if rd.finished else RESUME)
     return Job(cfg, rd.path, NEW)
 
 
@@ -171,19 +166,11 @@ def sweep_cells(norm: str, grid: Grid) -> list[dict[str, Any]]:
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
-def cell_folder(parent: Path, norm: str, cell: Mapping[str, Any], seed: int) -> Path:
-    """``parent/bn/norm_batch=8/seed0``: one level per swept setting the norm reads (widths written 16x32x24)."""
-    path = Path(parent) / norm
-    for k, v in cell.items():
-        path = path / f"{k}={format_value(v).replace(',', 'x')}"
-    return path / f"seed{seed}"
-
-
 def plan_sweep(base: Config, norms: Sequence[str], grid: Grid, seeds: int, first_seed: int, parent: Path, resume: bool,
                resume_hint: str) -> list[Job]:
     """Every model of norms x grid x seeds with its folder and action, every cell's settings validated and every
     folder checked before anything trains. Seed by seed: a sweep cut short still holds whole seeds."""
-    _check_norms_and_seeds(norms, seeds)
+    check_sizes(norms, seeds)
     if len(set(norms)) < len(norms) or not norms:
         raise ConfigError(f"--norms must name each norm once (got {','.join(norms) or 'none'})")
     jobs = []
@@ -212,8 +199,7 @@ def execute(jobs: Sequence[Job], train: TrainFn, data_dir: Path, runtime: Runtim
     By default a first failure stops the plan (with workers: the models not yet started are
     cancelled, those training finish) and is raised. With ``keep_going`` (a sweep) every other job
     still trains and the failures are returned. Every finished model keeps its folder either way."""
-    if n_jobs < 1:
-        raise ConfigError(f"--jobs must be at least 1 (got {n_jobs})")
+    check_sizes((), 1, n_jobs)
     todo = [j for j in jobs if j.action != SKIP]
     failures: Failures = []
     if n_jobs == 1 or len(todo) <= 1:  # one model left: it gets all the cores
@@ -227,13 +213,11 @@ def execute(jobs: Sequence[Job], train: TrainFn, data_dir: Path, runtime: Runtim
                 log(f"{j.out}: FAILED: {e}")
         return failures
     fetch_once(todo, data_dir)
-    per_job = runtime.threads or max(1, (os.cpu_count() or 1) // n_jobs)
-    log(f"training {len(todo)} models, {n_jobs} at a time, {per_job} thread(s) each")
-    worker_runtime = dataclasses.replace(runtime, threads=per_job, progress=False)  # several bars on one terminal garble
-    devices = worker_devices(runtime, len(todo))  # on a machine with GPUs: the visible GPUs in turn
+    runtimes = worker_runtimes(runtime, len(todo), (os.cpu_count() or 1) // n_jobs)  # each its share of the cores
+    log(f"training {len(todo)} models, {n_jobs} at a time, {runtimes[0].threads} thread(s) each")
     # A fresh process per model (spawned: no forked thread pools): clean threads and its own peak-memory figure.
     with ProcessPoolExecutor(n_jobs, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
-        futures = [pool.submit(_worker, train, j, data_dir, dataclasses.replace(worker_runtime, device=d)) for j, d in zip(todo, devices)]
+        futures = [pool.submit(_worker, train, j, data_dir, r) for j, r in zip(todo, runtimes)]
         if keep_going:
             job_of = dict(zip(futures, todo))
             for f in as_completed(futures):

@@ -9,7 +9,6 @@ bn/seed0/ bn/seed1/ ... (several seeds). The figures themselves are drawn in ``f
 from __future__ import annotations
 
 import os
-import shlex
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,8 +21,8 @@ from normlab import figures
 from normlab.config import MAX_EPOCHS, Config, format_value, setting_fields
 from normlab.errors import ReportError
 from normlab.models import PARAM_BUDGET, Net, model_summary, receptive_field
-from normlab.norms import DEFAULT_NORMS, NORMS
-from normlab.rundir import FIGURES, REPORT, Run, find_runs
+from normlab.norms import NORMS
+from normlab.rundir import FIGURES, REPORT, Run, command, find_runs, shown_path
 
 TARGET_ACC = 0.70        # the assignment's floor for test accuracy
 N_MISCLASSIFIED = 10     # images per misclassified grid (5 rows x 2 columns)
@@ -60,16 +59,16 @@ def secs_cell(values: Sequence[float | None]) -> str:
 
 
 def _col(runs: list[Run], key: str) -> list[Any]:
-    return [r.results.get(key) for r in runs]
+    return [getattr(r.results, key) for r in runs]
 
 
 def limit_flags(runs: list[Run]) -> list[str]:
     """What lies outside the assignment's limits: params, epochs, mean test accuracy."""
     r = runs[0].results
     flags = []
-    if r["params"] >= r.get("param_budget", PARAM_BUDGET):
+    if r.params >= (r.param_budget or PARAM_BUDGET):
         flags.append(f"params ≥ {PARAM_BUDGET:,}")
-    if r["epochs"] > MAX_EPOCHS:
+    if r.epochs > MAX_EPOCHS:
         flags.append(f"epochs > {MAX_EPOCHS}")
     tests = [v for v in _col(runs, "test_acc") if v is not None]
     if tests and statistics.mean(tests) < TARGET_ACC:
@@ -77,14 +76,13 @@ def limit_flags(runs: list[Run]) -> list[str]:
     return flags
 
 
-def summary_table(parent: Path) -> str:
+def summary_table(models: dict[str, list[Run]]) -> str:
     """Fixed-width text table, one row per model; mean ± std over seeds where there are several."""
-    models, _ = find_runs(Path(parent))
     header = ["model", "seeds", "params", "epochs", "train acc (running, augmented)", "train acc (clean)", "test acc", "s/epoch (median)", "limits"]
-    rows = [[norm, str(len(runs)), f"{runs[0].results['params']:,}", str(runs[0].results["epochs"]),
+    rows = [[norm, str(len(runs)), f"{runs[0].results.params:,}", str(runs[0].results.epochs),
              acc_cell(_col(runs, "train_acc_running")), acc_cell(_col(runs, "train_acc_clean")),
              acc_cell(_col(runs, "test_acc")), secs_cell(_col(runs, "seconds_per_epoch")),
-             ", ".join(limit_flags(runs)) or ("ok" if runs[0].results.get("test_acc") is not None else "ok, no test")]
+             ", ".join(limit_flags(runs)) or ("ok" if runs[0].results.test_acc is not None else "ok, no test")]
             for norm, runs in models.items()]
     widths = [max(len(c) for c in col) for col in zip(header, *rows)]
     lines = ["  ".join(c.ljust(w) if i in (0, 8) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
@@ -117,7 +115,7 @@ def misclassified_grid_args(norm: str, r: Run, test_images: np.ndarray, name_see
     (which names the seed with ``name_seed``)."""
     idx = select_misclassified(r.labels, r.preds, r.probs)
     seed = f", seed {r.seed}" if name_seed else ""
-    title = f"{NORMS[norm].label} ({norm}{seed})\ntest accuracy {pct(r.results['test_acc'])}: the {len(idx)} most confident mistakes"
+    title = f"{NORMS[norm].label} ({norm}{seed})\ntest accuracy {pct(r.results.test_acc)}: the {len(idx)} most confident mistakes"
     return {"images": test_images, "labels": r.labels, "preds": r.preds, "probs": r.probs, "indices": idx, "title": title}
 
 
@@ -133,7 +131,7 @@ def curves_figure(models: dict[str, list[Run]]):
 
 
 def confusion_figure(norm: str, run: Run, fig=None):
-    title = f"{NORMS[norm].label}: confusion matrix (test accuracy {pct(run.results['test_acc'])})"
+    title = f"{NORMS[norm].label}: confusion matrix (test accuracy {pct(run.results.test_acc)})"
     return figures.confusion_matrix(run.labels, run.preds, title, fig=fig)
 
 
@@ -156,38 +154,15 @@ def _flags_cell(runs: list[Run]) -> str:
     flags = limit_flags(runs)
     if flags:
         return "⚠️ **no**: " + ", ".join(flags)
-    return "yes" if runs[0].results.get("test_acc") is not None else "params and epochs yes; test set not read"
-
-
-def shown_path(path: str | os.PathLike) -> str:
-    """``path`` as a report shows it: relative to the working directory, where its command lines run, when it lies
-    under that directory or its parent (the README's ``../shared/cifar10``), else absolute; a report of a run
-    made elsewhere then names no folder of the machine that made it that a reader's own does not have."""
-    path = Path(path).absolute()
-    try:
-        rel = os.path.relpath(path)
-    except ValueError:  # another drive (Windows)
-        return str(path)
-    return str(path) if rel.startswith(os.path.join(os.pardir, os.pardir)) else rel
+    return "yes" if runs[0].results.test_acc is not None else "params and epochs yes; test set not read"
 
 
 def _command(models: dict[str, list[Run]], run_dir: Path, is_parent: bool, data_dir: Path) -> str:
     """The normlab command line that trains this folder again: the data it read and the flags that differ from
     the defaults."""
-    first = next(iter(models.values()))[0]
-    cfg = first.config
-    parts = ["normlab", "run" if is_parent else "train", "--data-dir", shlex.quote(shown_path(data_dir))]
-    if not is_parent:
-        parts += ["--norm", cfg.norm]
-    elif tuple(models) != DEFAULT_NORMS:
-        parts += ["--norms", ",".join(models)]
-    parts += cfg.to_flags(skip=("norm", "seed"))
-    seeds = [r.seed for r in next(iter(models.values()))]
-    if len(seeds) > 1:
-        parts += ["--seeds", str(len(seeds))]
-    if seeds[0] != 0:
-        parts += ["--seed", str(seeds[0])]
-    return " ".join(parts + ["--out", shlex.quote(str(run_dir))])
+    runs = next(iter(models.values()))
+    return command("run" if is_parent else "train", run_dir, runs[0].config, tuple(models), seeds=len(runs),
+                   first_seed=runs[0].seed, data_dir=data_dir)
 
 
 def _by_seed(runs: list[Run], value, name=lambda r: f"seed {r.seed}") -> str:
@@ -202,7 +177,7 @@ def _by_seed(runs: list[Run], value, name=lambda r: f"seed {r.seed}") -> str:
 
 
 def _device(r: Run) -> str:
-    return f"{r.results.get('device', '?')}, {r.results.get('precision', '?')}"
+    return f"{r.results.device or '?'}, {r.results.precision or '?'}"
 
 
 def _header(models: dict[str, list[Run]], run_dir: Path, is_parent: bool, data_dir: Path) -> str:
@@ -215,10 +190,10 @@ def _header(models: dict[str, list[Run]], run_dir: Path, is_parent: bool, data_d
         values = {n: _by_seed(rs, lambda r: format_value(getattr(r.config, key))) for n, rs in models.items()}
         shown = set(values.values())
         rows.append([label, shown.pop() if len(shown) == 1 else "; ".join(f"{n}: {v}" for n, v in values.items())])
-    where = lambda r: f"{_device(r)}, {r.results.get('threads', '?')} threads"
+    where = lambda r: f"{_device(r)}, {r.results.threads or '?'} threads"
     model = lambda r: f"{r.config.norm} seed {r.seed}"
     rows.append(["device, precision", _by_seed(runs, where, model)])
-    rows.append(["torch", _by_seed(runs, lambda r: r.results.get("torch", "?"), model)])
+    rows.append(["torch", _by_seed(runs, lambda r: r.results.torch or '?', model)])
     seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"{len(seeds)} seeds ({', '.join(map(str, seeds))})"
     return "\n\n".join([
         f"# normlab report: `{run_dir}`",
@@ -235,7 +210,7 @@ def results_table(models: dict[str, list[Run]]) -> str:
     """The markdown table of the results, one row per model (mean ± std over seeds where there are several)."""
     header = ["model", "norm layer", "params", "epochs", "train acc (running, augmented)", "train acc (clean)",
               "**test acc**", "test acc, flip TTA", "s/epoch (median)", "device", "within limits"]
-    rows = [[f"{NORMS[n].label} ({n})", NORMS[n].describe(**rs[0].config.to_dict()), f"{rs[0].results['params']:,}", rs[0].results["epochs"],
+    rows = [[f"{NORMS[n].label} ({n})", NORMS[n].describe(**rs[0].config.to_dict()), f"{rs[0].results.params:,}", rs[0].results.epochs,
              acc_cell(_col(rs, "train_acc_running")), acc_cell(_col(rs, "train_acc_clean")),
              f"**{acc_cell(_col(rs, 'test_acc'))}**", acc_cell(_col(rs, "test_acc_flip_tta")),
              secs_cell(_col(rs, "seconds_per_epoch")), _by_seed(rs, _device),
@@ -246,11 +221,11 @@ def results_table(models: dict[str, list[Run]]) -> str:
 def _results_section(models: dict[str, list[Run]]) -> str:
     parts = ["## Results", results_table(models)]
     n_seeds = len(next(iter(models.values())))
-    has_val = any(r.results.get("val_acc") is not None for rs in models.values() for r in rs)
+    has_val = any(r.results.val_acc is not None for rs in models.values() for r in rs)
     if n_seeds > 1 or has_val:
-        seed_rows = [[n, r.seed, pct(r.results.get("train_acc_running")), pct(r.results.get("train_acc_clean")),
-                      pct(r.results.get("val_acc")), pct(r.results.get("test_acc")), pct(r.results.get("test_acc_flip_tta")),
-                      _secs(r.results["seconds_per_epoch"])] for n, rs in models.items() for r in rs]
+        seed_rows = [[n, r.seed, pct(r.results.train_acc_running), pct(r.results.train_acc_clean),
+                      pct(r.results.val_acc), pct(r.results.test_acc), pct(r.results.test_acc_flip_tta),
+                      _secs(r.results.seconds_per_epoch)] for n, rs in models.items() for r in rs]
         parts += ["Per seed:" if n_seeds > 1 else "With the validation split:",
                   md_table(["model", "seed", "train (running)", "train (clean)", "validation", "test", "test, flip TTA", "s/epoch (median)"],
                            seed_rows, "lrrrrrrr")]
@@ -343,7 +318,7 @@ def _summary_section(models) -> str:
              "specification (C = 3x3 conv, c = 1x1 conv, each followed by its norm and activation; P = max pool)."]
     for norm, runs in models.items():
         cfg = runs[0].config
-        params = runs[0].results["params"]
+        params = runs[0].results.params
         parts.append(f"<details>\n<summary>{NORMS[norm].label} ({norm}): {params:,} parameters</summary>\n\n"
                      f"```text\n{model_summary(cfg)}\n```\n\n</details>")
     return "\n\n".join(parts)
@@ -380,7 +355,7 @@ def _resolve_data_dir(models, data_dir) -> Path:
     """An explicit ``data_dir`` wins (the run folder may have moved); else the one the run recorded, else the default."""
     if data_dir is not None:
         return Path(data_dir)
-    recorded = next(iter(models.values()))[0].results.get("data_dir")
+    recorded = next(iter(models.values()))[0].results.data_dir
     if recorded and (Path(recorded) / D.FOLDER).is_dir():
         return Path(recorded)
     return D.resolve_data_dir(None)
@@ -396,12 +371,8 @@ def _load_images(data_dir: Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
 
 def write_report(run_dir: Path, data_dir: str | os.PathLike | None = None) -> Path:
     """Write ``run_dir/report.md`` and its PNGs in ``run_dir/figures/``; returns the path of report.md.
-    A ``normlab sweep`` folder (``sweep.json``) gets ``sweep.csv`` and ``sweep.md`` instead (``sweepdir.py``)."""
+    A ``normlab sweep`` folder has its own report (``sweepdir.write_sweep``; ``api.write_report`` picks)."""
     run_dir = Path(run_dir)
-    from normlab import sweepdir
-
-    if sweepdir.is_sweep(run_dir):
-        return sweepdir.write_sweep(run_dir).report
     models, is_parent = find_runs(run_dir)
     test_images = test_images_for(models, data_dir)
     data_dir = _resolve_data_dir(models, data_dir)

@@ -1,5 +1,6 @@
 """What the API returns: ``TrainResult`` (one model's folder), ``RunResult`` (a ``normlab run``
-parent) and ``Prediction`` (one image of your own), each read from the files training wrote.
+parent), each read from the files training wrote, and ``Prediction`` (one image of your own, by
+``predict``).
 
 In a notebook a result shows itself as the report's results table, and its ``plot_*`` methods
 return matplotlib figures (the same ones the report saves, from the same functions).
@@ -7,17 +8,24 @@ return matplotlib figures (the same ones the report saves, from the same functio
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from normlab import figures
+from normlab import images as I
 from normlab import report as R
 from normlab.config import Config
-from normlab.errors import ReportError
-from normlab.rundir import MODEL, REPORT, Run, find_runs
+from normlab.data import CLASSES
+from normlab.device import Runtime, runtime_with, setup
+from normlab.errors import ConfigError, ReportError, UsageError
+from normlab.loop import infer
+from normlab.rundir import MODEL, REPORT, Run, find_runs, load_model
 
 
 def _acc(x: float | None) -> str:
@@ -50,8 +58,9 @@ class TrainResult:
 
     @property
     def results(self) -> dict[str, Any]:
-        """results.json: parameters, epochs, train and test accuracy, seconds per epoch, device..."""
-        return self.run.results
+        """results.json: parameters, epochs, train and test accuracy, seconds per epoch, device... (``run.results``:
+        the same as a ``rundir.Results``)."""
+        return self.run.results.to_dict()
 
     @property
     def metrics(self) -> list[dict[str, Any]]:
@@ -71,9 +80,9 @@ class TrainResult:
         return {self.norm: [self.run]}
 
     def __repr__(self) -> str:
-        r = self.results
-        return (f"TrainResult(norm={self.norm!r}, epochs={r['epochs']}, train_acc_clean={_acc(r.get('train_acc_clean'))}, "
-                f"test_acc={_acc(r.get('test_acc'))}, path={str(self.path)!r})")
+        r = self.run.results
+        return (f"TrainResult(norm={self.norm!r}, epochs={r.epochs}, train_acc_clean={_acc(r.train_acc_clean)}, "
+                f"test_acc={_acc(r.test_acc)}, path={str(self.path)!r})")
 
     def _repr_markdown_(self) -> str:
         return f"{R.results_table(self._models())}\n\nRun folder: `{self.path}`"
@@ -102,8 +111,6 @@ class TrainResult:
 
     def predict(self, paths, **options) -> list["Prediction"]:
         """Top-3 classes of your own images (files or folders); see ``normlab.predict``."""
-        from normlab.api import predict
-
         return predict(self.model_path, [paths] if isinstance(paths, (str, os.PathLike)) else paths, **options)
 
 
@@ -137,8 +144,12 @@ class RunResult:
     def _runs(self) -> dict[str, list[Run]]:
         return {n: [t.run for t in ts] for n, ts in self.models.items()}
 
+    def table(self) -> str:
+        """A fixed-width text table, one row per model (mean ± std over seeds where there are several)."""
+        return R.summary_table(self._runs())
+
     def __repr__(self) -> str:
-        tests = ", ".join(f"{n}={_acc(ts[0].results.get('test_acc'))}" for n, ts in self.models.items())
+        tests = ", ".join(f"{n}={_acc(ts[0].run.results.test_acc)}" for n, ts in self.models.items())
         seeds = len(next(iter(self.models.values())))
         return f"RunResult(path={str(self.path)!r}, seeds={seeds}, test_acc: {tests}, report={str(self.report) if self.report else None!r})"
 
@@ -196,3 +207,51 @@ def plot_predictions(predictions: list[Prediction]):
     """Each image as the network saw it (32x32), titled with its top classes."""
     return figures.image_grid([p.image for p in predictions],
                               [f"{p.path.name}\n" + "\n".join(f"{c} {q:.1%}" for c, q in p.top) for p in predictions])
+
+
+def _warn(message: str) -> None:
+    print(f"normlab: warning: {message}", file=sys.stderr, flush=True)
+
+
+def predict(model_path: str | os.PathLike, paths: Sequence[str | os.PathLike], top: int = 3, runtime: Runtime | None = None,
+            warn: Callable[[str], None] = _warn, **runtime_options: Any) -> list[Prediction]:
+    """The ``top`` classes, with probabilities, of each image that ``paths`` name (files of any size, or folders,
+    expanded to their image files), by the model in ``model_path`` (a ``model.pt``).
+
+    Each image is cut to its centred square and resized to 32x32 (``images.py``). A path that gives no
+    image is reported on one line through ``warn`` (default: stderr) and the others are still predicted;
+    ``UsageError`` if none is."""
+    runtime = runtime_with(runtime, runtime_options)
+    if not 1 <= top <= len(CLASSES):
+        raise ConfigError(f"top must be between 1 and {len(CLASSES)} (got {top})")
+    model, cfg = load_model(Path(model_path))  # first: a bad model fails before any image is read
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    kept, pixels = _read_images(paths, warn)
+    if not kept:
+        raise UsageError(f"no image to predict among the {len(paths)} path(s) given ({I.DESCRIBED} files, or folders of them)")
+    place = setup(runtime, cfg.norm)
+    batch = torch.from_numpy(np.stack(pixels)).to(place.device)  # (N, 3, 32, 32) uint8
+    probs = infer(place.place(model), batch, place).softmax(1).cpu()
+    out = []
+    for f, image, p in zip(kept, pixels, probs.tolist()):
+        best = sorted(range(len(CLASSES)), key=lambda c: -p[c])[:top]
+        out.append(Prediction(f, dict(zip(CLASSES, p)), [(CLASSES[c], p[c]) for c in best], image))
+    return out
+
+
+def _read_images(paths: list, warn: Callable[[str], None]) -> tuple[list[Path], list[np.ndarray]]:
+    """The image files ``paths`` give and their pixels; each path or file that gives none is one ``warn`` line, in order."""
+    kept, pixels = [], []
+    for path in paths:
+        try:
+            files = I.expand(path)
+        except I.ImageError as e:
+            warn(str(e))
+            continue
+        for f in files:
+            try:
+                pixels.append(I.read_image(f))
+                kept.append(f)
+            except I.ImageError as e:
+                warn(str(e))
+    return kept, pixels

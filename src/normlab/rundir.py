@@ -10,11 +10,13 @@ hold wrong numbers, never code that runs.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
+import shlex
 import statistics
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +26,9 @@ import torch
 from normlab import folders
 from normlab.config import Config, format_value
 from normlab.data import CLASSES
-from normlab.errors import ReportError, TrainingError
-from normlab.norms import NORMS
+from normlab.errors import ReportError, TrainingError, UsageError
+from normlab.models import Net
+from normlab.norms import DEFAULT_NORMS, NORMS
 
 CONFIG = "config.json"          # the settings, written when the first epoch starts
 CHECKPOINT = "checkpoint.pt"    # written after every epoch: everything needed to resume
@@ -42,6 +45,60 @@ MARKERS = (CONFIG, RESULTS, CHECKPOINT)  # any of these marks a model's folder
 # took. Files of earlier versions lack the test columns: read_metrics gives None there.
 METRICS_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "seconds", "test_seconds"]
 MODEL_FORMAT = "normlab-model"
+
+
+# ---------------------------------------------------------------- the record of a finished model
+@dataclass(kw_only=True)
+class Results:
+    """results.json: what one finished model scored, on what, in how long. Written last (its presence marks the
+    model finished) by ``RunDir.write_results``, read by ``RunDir.read_results``; every reader (report, sweep
+    table, result objects) takes these fields, never the file's keys. Files of earlier versions lack some keys:
+    those fields are None, and keys this version does not know are kept in ``extra``."""
+
+    norm: str
+    norm_name: str | None = None
+    params: int
+    param_budget: int | None = None
+    epochs: int
+    over_epoch_limit: bool | None = None
+    seed: int | None = None
+    train_acc_running: float | None = None  # the last epoch's, on its augmented batches
+    train_acc_clean: float | None = None    # the final model's, on the un-augmented training images
+    val_acc: float | None = None
+    seconds_per_epoch: float | None = None  # the median of metrics.csv's seconds (read back from there)
+    compile_seconds: float | None = None    # None unless compiled: the first step, compilation included
+    torch: str | None = None
+    data_dir: str | None = None
+    test_acc: float | None = None           # absent without the test set (--no-test)
+    test_acc_flip_tta: float | None = None
+    device: str | None = None               # Placement.record(): device, precision, layout, compilation...
+    precision: str | None = None
+    channels_last: bool | None = None
+    compile: bool | None = None
+    cuda_graphs: bool | None = None         # written only where true
+    captured_step: bool | None = None
+    cuda_capability: str | None = None      # on CUDA: capability, peak GPU memory, cuDNN determinism
+    gpu_peak_mib: float | None = None
+    deterministic: bool | None = None
+    threads: int | None = None              # on a CPU
+    wall_seconds: float | None = None       # this call's: data loading, training, final evaluations
+    peak_rss_mib: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # Written only where they hold a value (as results.json always had them); the others are written as null.
+    OPTIONAL = ("test_acc", "test_acc_flip_tta", "cuda_graphs", "captured_step", "cuda_capability", "gpu_peak_mib",
+                "deterministic", "threads")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as results.json holds it."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {**{k: v for k, v in out.items() if v is not None or k not in self.OPTIONAL}, **self.extra}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Results":
+        """A results.json of this or an earlier version (TypeError where norm, params or epochs is missing)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in d.items() if k in names}, extra={k: v for k, v in d.items() if k not in names})
 
 
 # ---------------------------------------------------------------- writing
@@ -83,6 +140,23 @@ def csv_cell(v: Any) -> Any:
     return f"{v:.6g}" if isinstance(v, float) else format_value(v) if isinstance(v, tuple) else v
 
 
+def check_writable(path: Path) -> list[Path]:
+    """Create ``path`` (and its parents) if needed and prove it can be written (a run's or a sweep's --out); returns the
+    folders it created, innermost first."""
+    try:
+        created = folders.make(Path(path))
+        probe = Path(path) / ".normlab-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise unwritable(path, e) from None
+    return created
+
+
+def unwritable(path: Path, e: OSError) -> UsageError:
+    return UsageError(f"cannot write to output folder {path} ({e.strerror or e}); choose another with --out")
+
+
 class RunDir:
     """One model's run folder."""
 
@@ -114,14 +188,14 @@ class RunDir:
     def check_writable(self) -> list[Path]:
         """Create the folder (and its parents) if needed and prove it can be written; returns the folders it created,
         innermost first (``folders.remove_empty`` takes them back)."""
-        try:
-            created = folders.make(self.path)
-            probe = self.path / ".normlab-write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            raise TrainingError(f"cannot write to output folder {self.path} ({e.strerror or e}); choose another with --out") from None
-        return created
+        return check_writable(self.path)
+
+    def check_free(self, resume_hint: str) -> None:
+        """Refuse to start a model in a folder that holds one (finished, or stopped with a checkpoint) without --resume."""
+        if self.finished:
+            raise UsageError(f"{self} already holds a finished run; use --resume to skip finished models, or choose another --out")
+        if self.has_checkpoint:
+            raise UsageError(f"{self} holds an unfinished run; continue it with: {resume_hint}")
 
     # -- files
     def write_config(self, cfg: Config) -> None:
@@ -190,15 +264,18 @@ class RunDir:
             raise ReportError(f"{path} does not hold index,label,pred and 10 probabilities per test image in order; it was not written by normlab")
         return table[:, 1].astype(np.int64), table[:, 2].astype(np.int64), table[:, 3:]
 
-    def write_results(self, results: dict[str, Any]) -> None:
-        atomic_write_text(self.path / RESULTS, json.dumps(results, indent=2) + "\n")
+    def write_results(self, results: Results) -> None:
+        atomic_write_text(self.path / RESULTS, json.dumps(results.to_dict(), indent=2) + "\n")
 
-    def read_results(self, metrics: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    def read_results(self, metrics: list[dict[str, Any]] | None = None) -> Results:
         """results.json, its seconds per epoch taken from ``metrics`` (read here if not given) as their median: the
-        value normlab writes, and the median also for folders whose results.json (before 2026-11-27's seventh session)
-        holds the mean."""
-        results = _read_json(self.path / RESULTS)
-        results["seconds_per_epoch"] = median_epoch_seconds(self.read_metrics() if metrics is None else metrics)
+        value normlab writes, and the median also for folders whose results.json (of earlier versions) holds the mean."""
+        path = self.path / RESULTS
+        try:
+            results = Results.from_dict(_read_json(path))
+        except (TypeError, AttributeError) as e:
+            raise ReportError(f"{path} is not a normlab results.json ({e}); copy the run folder again") from None
+        results.seconds_per_epoch = median_epoch_seconds(self.read_metrics() if metrics is None else metrics)
         return results
 
     def write_data(self, record: dict[str, Any]) -> None:
@@ -240,8 +317,6 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def load_model(path: str | os.PathLike):
     """The network (on the CPU) and ``Config`` stored in a ``model.pt`` (or a per-epoch ``checkpoint.pt``)."""
-    from normlab.models import Net
-
     path = Path(path)
     if not path.is_file():
         raise TrainingError(f"no checkpoint at {path}; pass the model.pt of a run folder")
@@ -269,7 +344,7 @@ class Run:
 
     path: Path
     config: Config
-    results: dict[str, Any]
+    results: Results
     metrics: list[dict[str, Any]]  # rows of metrics.csv; val_* None without a validation split
     labels: np.ndarray | None      # (N,) true test labels, from predictions.csv (None: test set not read)
     preds: np.ndarray | None       # (N,) predicted labels
@@ -295,7 +370,7 @@ def load_run(folder: Path, resume_hint: str) -> Run:
     except TypeError as e:
         raise ReportError(f"{folder / CONFIG} does not describe a normlab run ({e})") from None
     labels = preds = probs = None
-    if "test_acc" in results:
+    if results.test_acc is not None:
         if not (folder / PREDICTIONS).is_file():
             raise ReportError(f"{folder} has a test accuracy but no {PREDICTIONS}: the run folder is incomplete; copy all of it again")
         labels, preds, probs = rd.read_predictions()
@@ -305,6 +380,54 @@ def load_run(folder: Path, resume_hint: str) -> Run:
 def model_folder(parent: Path, norm: str, seed: int, n_seeds: int) -> Path:
     """Where ``normlab run`` puts a model: ``parent/bn`` with one seed, ``parent/bn/seed3`` with several."""
     return parent / norm if n_seeds == 1 else parent / norm / f"seed{seed}"
+
+
+def cell_folder(parent: Path, norm: str, cell: dict[str, Any], seed: int) -> Path:
+    """Where ``normlab sweep`` puts a model: ``parent/bn/norm_batch=8/seed0``, one level per swept setting the norm
+    reads (widths written 16x32x24)."""
+    path = Path(parent) / norm
+    for k, v in cell.items():
+        path = path / f"{k}={format_value(v).replace(',', 'x')}"
+    return path / f"seed{seed}"
+
+
+# ---------------------------------------------------------------- the command that trains a folder again
+def shown_path(path: str | os.PathLike) -> str:
+    """``path`` as a report shows it: relative to the working directory, where its command lines run, when it lies
+    under that directory or its parent (the README's ``../shared/cifar10``), else absolute; a report of a run
+    made elsewhere then names no folder of the machine that made it that a reader's own does not have."""
+    path = Path(path).absolute()
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:  # another drive (Windows)
+        return str(path)
+    return str(path) if rel.startswith(os.path.join(os.pardir, os.pardir)) else rel
+
+
+def command(verb: str, out: str | os.PathLike, cfg: Config | None = None, norms: Sequence[str] | None = None,
+            grid: Mapping[str, Sequence[Any]] | None = None, seeds: int = 1, first_seed: int = 0,
+            data_dir: str | os.PathLike | None = None, runtime: Any = None, resume: bool = False) -> str:
+    """The normlab command line that trains ``out`` again (``resume``: that continues it): ``normlab train|run|sweep``,
+    the data it reads (where known), the norms, the swept settings, every setting of ``cfg`` that differs from the
+    defaults, the seeds, the runtime options that differ from ``Runtime()``'s (a ``device.Runtime``), ``--out``."""
+    parts = ["normlab", verb]
+    if data_dir is not None:
+        parts += ["--data-dir", shlex.quote(shown_path(data_dir))]
+    if verb == "train" and cfg is not None:
+        parts += ["--norm", cfg.norm]
+    elif norms is not None and tuple(norms) != DEFAULT_NORMS:
+        parts += ["--norms", ",".join(norms)]
+    for k, values in (grid or {}).items():
+        parts += ["--grid", f"{k}=" + ",".join(format_value(v).replace(",", "x") for v in values)]
+    if cfg is not None:
+        parts += cfg.to_flags(skip=("norm", "seed", *(grid or {})))
+    if seeds > 1:
+        parts += ["--seeds", str(seeds)]
+    if first_seed != 0:
+        parts += ["--seed", str(first_seed)]
+    if runtime is not None:
+        parts += runtime.to_flags()
+    return " ".join(parts + ["--out", shlex.quote(str(out))] + ["--resume"] * resume)
 
 
 def _seed_folders(norm_dir: Path) -> list[Path]:
@@ -318,9 +441,9 @@ def find_runs(run_dir: Path) -> tuple[dict[str, list[Run]], bool]:
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir} does not exist; pass a folder written by normlab run or normlab train")
     if RunDir(run_dir).is_run():  # a single normlab train folder
-        run = load_run(run_dir, f"normlab train --resume --out {run_dir}")
+        run = load_run(run_dir, command("train", run_dir, resume=True))
         return {run.config.norm: [run]}, False
-    hint = f"normlab run --resume --out {run_dir}"
+    hint = command("run", run_dir, resume=True)
     models: dict[str, list[Run]] = {}
     for norm in NORMS:
         norm_dir = run_dir / norm

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shlex
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,11 +20,13 @@ from typing import Any
 
 from normlab import figures
 from normlab.config import Config, format_value, setting_fields
+from normlab.device import Runtime
 from normlab.errors import ReportError, UsageError
-from normlab.norms import DEFAULT_NORMS, NORMS
-from normlab.plan import NOT_SWEPT, Grid, cell_folder, parse_grid, reads, sweep_cells
-from normlab.report import acc_cell, md_table, secs_cell, shown_path
-from normlab.rundir import CONFIG, FIGURES, RunDir, atomic_write, atomic_write_text, csv_cell
+from normlab.norms import NORMS
+from normlab.plan import NOT_SWEPT, Grid, parse_grid, reads, sweep_cells
+from normlab.report import acc_cell, md_table, secs_cell
+from normlab.rundir import (CONFIG, FIGURES, Results, RunDir, atomic_write, atomic_write_text, cell_folder, check_writable, command, csv_cell,
+                            unwritable)
 
 MANIFEST = "sweep.json"   # written before anything trains: the grid, norms, seeds and base settings
 TABLE = "sweep.csv"       # one row per cell and seed, from the run folders
@@ -63,22 +64,11 @@ class Manifest:
                 for seed in range(self.first_seed, self.first_seed + self.seeds)
                 for norm in self.norms for cell in sweep_cells(norm, self.grid)]
 
-    def command(self, parent: Path, data_dir: str | os.PathLike | None = None) -> str:
-        """The normlab command line that trains this sweep again: the data it reads (``data_dir``, where known) and
-        the settings that differ from the defaults."""
-        parts = ["normlab", "sweep"]
-        if data_dir is not None:
-            parts += ["--data-dir", shlex.quote(shown_path(data_dir))]
-        if self.norms != DEFAULT_NORMS:
-            parts += ["--norms", ",".join(self.norms)]
-        for k, values in self.grid.items():
-            parts += ["--grid", f"{k}=" + ",".join(format_value(v).replace(",", "x") for v in values)]
-        parts += self.base.to_flags(skip=("norm", "seed", *self.grid))
-        if self.seeds > 1:
-            parts += ["--seeds", str(self.seeds)]
-        if self.first_seed != 0:
-            parts += ["--seed", str(self.first_seed)]
-        return " ".join(parts + ["--out", shlex.quote(str(parent))])
+    def command(self, parent: Path, data_dir: str | os.PathLike | None = None, runtime: Runtime | None = None,
+                resume: bool = False) -> str:
+        """The normlab command line that trains this sweep again (``rundir.command``): the data it reads (``data_dir``,
+        where known) and the settings that differ from the defaults."""
+        return command("sweep", parent, self.base, self.norms, self.grid, self.seeds, self.first_seed, data_dir, runtime, resume)
 
 
 def is_sweep(path: str | os.PathLike) -> bool:
@@ -97,11 +87,11 @@ def write_manifest(parent: Path, manifest: Manifest, resume: bool) -> None:
         if not same:
             raise UsageError(f"{parent} already holds another sweep ({MANIFEST}); use --resume to continue it (with this grid), "
                              "or choose another --out")
+    check_writable(Path(parent))
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(manifest.to_dict(), indent=2) + "\n")
     except OSError as e:
-        raise UsageError(f"cannot write to output folder {parent} ({e.strerror or e}); choose another with --out") from None
+        raise unwritable(parent, e) from None
 
 
 def read_manifest(parent: Path) -> Manifest:
@@ -124,7 +114,7 @@ def collect(parent: Path, manifest: Manifest) -> list[dict[str, Any]]:
         rd = RunDir(folder)
         cfg = Config(**{**manifest.base.to_dict(), "norm": norm, "seed": seed, **cell})
         status = FINISHED if rd.finished else UNFINISHED if rd.is_run() else NOT_STARTED
-        results: dict[str, Any] = {}
+        results: Results | None = None
         if status == FINISHED:
             results = rd.read_results()
             try:
@@ -132,9 +122,9 @@ def collect(parent: Path, manifest: Manifest) -> list[dict[str, Any]]:
             except (OSError, ValueError, TypeError) as e:
                 raise ReportError(f"{folder / CONFIG} is unreadable ({type(e).__name__}); copy the run folder again") from None
         row = {"folder": folder.relative_to(parent).as_posix(), "norm": norm, "seed": seed, "status": status,
-               **{k: getattr(cfg, k) for k in SETTINGS}, **{k: results.get(k) for k in RESULT_COLUMNS}}
+               **{k: getattr(cfg, k) for k in SETTINGS}, **{k: getattr(results, k, None) for k in RESULT_COLUMNS}}
         row["cell"] = cell  # the swept settings this norm reads (not a column of sweep.csv)
-        row["data_dir"] = results.get("data_dir")  # the data the model read (not a column either)
+        row["data_dir"] = getattr(results, "data_dir", None)  # the data the model read (not a column either)
         rows.append(row)
     return rows
 
@@ -291,6 +281,11 @@ class SweepResult:
         manifest = read_manifest(Path(path))
         report = Path(path) / REPORT
         return cls(Path(path), manifest, collect(Path(path), manifest), report if report.is_file() else None)
+
+    @property
+    def csv(self) -> Path:
+        """The sweep's table, sweep.csv."""
+        return self.path / TABLE
 
     @property
     def unfinished(self) -> list[str]:

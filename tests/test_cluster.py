@@ -34,7 +34,8 @@ from normlab.cluster import WORKER  # noqa: E402
 from normlab.config import Config  # noqa: E402
 from normlab.sweepdir import TABLE  # noqa: E402
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals, a Ray head started with ray start")
+pytestmark = [pytest.mark.slow,  # a Ray head per module, killed workers: minutes (make test-quick leaves them out)
+              pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals, a Ray head started with ray start")]
 
 TRAIN_ARGS = ["--batch-size", "50", "--threads", "1", "--device", "cpu"]  # Ray tasks train on the CPU here, as in CI
 
