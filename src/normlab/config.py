@@ -34,12 +34,12 @@ class Config:
                                       "channels of C1-C2, C3-C5, C7-C9 (16,32,24 beat 16,24,32 on validation)")
     groups: int = _s(8, "groups (group norm)", "group count of group norm (8 beat 4 on validation)")
     norm_batch: int = _s(0, "images per batch-norm statistics (ghost batches; 0 = the whole batch)",
-                         "batch norm only: compute its training statistics over groups of this many images of each batch "
+                         "batch norm and batch renorm only: compute their training statistics over groups of this many images of each batch "
                          "(ghost batch norm; the last group may be smaller); 0, or a number no smaller than --batch-size, = "
                          "the whole batch; 32 gained on three validation seeds but not on five, and lost on the test set "
                          "(docs/experiments.md §25-27)")
     bn_momentum: float = _s(0.1, "batch norm's running-statistics momentum",
-                            "batch norm only: weight of each batch in the running statistics (PyTorch's convention; "
+                            "batch norm and batch renorm only: weight of each batch in the running statistics (PyTorch's convention; "
                             "airbench's 0.6 is 0.4 here); 0.4 with Lookahead lost on validation (docs/experiments.md §16)")
     precise_bn: int = _s(10000, "images re-estimating batch norm's statistics after the last epoch (0 = off)",
                          "batch norm only: after the last epoch, re-estimate its running statistics at the final weights "
@@ -48,7 +48,7 @@ class Config:
                          "the running averages of the training steps; +0.10 on five paired validation seeds, nothing on the test set "
                          "(docs/experiments.md §29)")
     weight_std: bool = _s(True, "weight-standardized convs", "plain convs instead of weight-standardized ones", "--no-weight-std")
-    act: str = _s("gelu", "activation", "activation after every norm: relu | gelu (gelu won on validation)")
+    act: str = _s("gelu", "activation", "activation after every norm: relu | gelu (gelu won on validation); frn brings its own (TLU)")
     pool_first: bool = _s(True, "c3, c6: max-pool before norm and activation",
                           "c3 and c6 as conv -> norm -> activation -> pool (default: conv -> pool -> norm -> activation)", "--no-pool-first")
     skips: str = _s("pairs", "skip additions",

@@ -198,8 +198,10 @@ class FilterResponseNormTlu2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
         nu2 = x.square().mean(dim=(2, 3), keepdim=True, dtype=torch.float32)  # (B, C, 1, 1)
         scale = (nu2 + self.eps).rsqrt() * self.weight[:, None, None]  # gamma / sqrt(nu2 + eps)
-        y = torch.addcmul(self.bias[:, None, None].to(x.dtype), x, scale.to(x.dtype))
-        return torch.maximum(y, self.tau[:, None, None].to(x.dtype))
+        # the TLU as max(y, tau) = relu(y - tau) + tau, tau folded into the shift: the same function (up to rounding),
+        # whose backward took a sixth of torch.maximum's on a CPU (bf16, one thread, 128x32x16x16 maps)
+        u = torch.addcmul((self.bias - self.tau)[:, None, None].to(x.dtype), x, scale.to(x.dtype))
+        return F.relu(u, inplace=True) + self.tau[:, None, None].to(x.dtype)
 
 
 def _batch_norm(channels: int, norm_batch: int = 0, bn_momentum: float = 0.1, **_: Any) -> nn.Module:
@@ -285,7 +287,10 @@ def _no_norm(channels: int, fan_in: int = 1, **_: Any) -> nn.Module:
 # CPU layouts measured on a 2-core AVX512-BF16 CPU (benchmarks/speed.py): PyTorch's group norm with
 # several groups is faster on NCHW maps there, batch norm and one-group (layer) norm on channels_last.
 # Instance norm (NCHW) and none (channels_last): benchmarks/profile_step.py --layout cl | nchw, one thread of a
-# 2-core fp32 CPU (docs/experiments.md, section 14).
+# 2-core fp32 CPU (docs/experiments.md, section 14). brn and frn: the same, bf16, one thread of a 2-core AVX512-BF16
+# CPU shared with other work (noisy): brn's step 206 / 285 ms channels_last against 284 / 420 NCHW (as bn, channels_last);
+# frn no clear winner in seven alternating pairs (medians 450 and 446 ms), so NCHW, as instance norm, its nearest kin.
+# On CUDA (not measured) neither runs PyTorch's GroupNorm kernels, so both keep the convolutions' channels_last.
 NORMS: dict[str, Norm] = {n.name: n for n in (
     Norm("bn", "Batch Normalization", _batch_norm, _describe_batch_norm, True, "tab:blue", ("norm_batch", "bn_momentum", "precise_bn")),
     Norm("gn", "Group Normalization", _group_norm, "GroupNorm, {groups} groups", False, "tab:orange", ("groups",), cuda_channels_last=False),
