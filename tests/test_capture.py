@@ -50,14 +50,15 @@ def graphed(t, x, y, lr):
 
 def trainer(cifar_dir, place, epochs=2, **settings):
     images, labels = D.load_split(cifar_dir, train=True)
-    cfg = Config(norm="bn", batch_size=30, epochs=epochs, **settings)  # 200 images: 6 full batches and 20 left
+    cfg = Config(**{"norm": "bn", "batch_size": 30, "epochs": epochs, **settings})  # 200 images: 6 full batches and 20 left
     return T.build(cfg, place, images, labels, progress=False)
 
 
 CPU = Placement(torch.device("cpu"), "fp32", False)
 
 
-@pytest.mark.parametrize("settings", [{}, {"ema": 0.9, "lookahead": 0.5}, {"norm_bias_lr": 3.0}, {"muon_lr": 0}])
+@pytest.mark.parametrize("settings", [{}, {"ema": 0.9, "lookahead": 0.5}, {"norm_bias_lr": 3.0}, {"muon_lr": 0},
+                                      {"norm": "brn", "norm_batch": 10}])
 def test_a_captured_run_trains_as_the_same_run_never_captured(cifar_dir, monkeypatch, settings):
     """Warm-up steps, then one recording and replays (the partial batch eager) = every step eager, bit for bit."""
     captured = trainer(cifar_dir, dataclasses.replace(CPU, capture=True), **settings)

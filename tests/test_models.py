@@ -5,10 +5,10 @@ from torch import nn
 
 from normlab.config import Config, ConfigError
 from normlab.models import LAYER_ORDER, PARAM_BUDGET, ConvBlock, Net, PoolBlock, WSConv2d, count_params, norm_layers, whiten_
-from normlab.norms import DEFAULT_NORMS, NORMS, GhostBatchNorm2d, ScaledAffine2d, make_norm
+from normlab.norms import DEFAULT_NORMS, NORMS, BatchRenorm2d, FilterResponseNormTlu2d, GhostBatchNorm2d, ScaledAffine2d, make_norm
 
 ALL_NORMS = list(NORMS)  # every norm of the registry
-NORM_KINDS = (nn.BatchNorm2d, nn.GroupNorm, ScaledAffine2d)  # the layers the registry makes
+NORM_KINDS = (nn.BatchNorm2d, nn.GroupNorm, ScaledAffine2d, FilterResponseNormTlu2d)  # the layers the registry makes
 
 
 def norm_layers(model: Net) -> list[nn.Module]:
@@ -16,8 +16,8 @@ def norm_layers(model: Net) -> list[nn.Module]:
     return [m[1] if isinstance(m, ConvBlock) else m.norm for m in model.modules() if isinstance(m, (ConvBlock, PoolBlock))]
 
 
-def test_norms_are_the_five_and_the_default_run_the_three():
-    assert ALL_NORMS == ["bn", "gn", "ln", "in", "none"]
+def test_norms_are_the_seven_and_the_default_run_the_three():
+    assert ALL_NORMS == ["bn", "gn", "ln", "in", "none", "brn", "frn"]
     assert DEFAULT_NORMS == ("bn", "gn", "ln")
 
 
@@ -46,8 +46,9 @@ def test_weight_standardized_conv_is_the_formula_written_out(channels_last):
 
 
 def test_parameter_counts():
-    # every norm has a scale and a bias per channel (none: its affine layer), so all have the same count
-    assert {norm: count_params(Net(norm)) for norm in ALL_NORMS} == dict.fromkeys(ALL_NORMS, 47_978)
+    # every norm has a scale and a bias per channel (none: its affine layer), so all have the same count, but frn,
+    # whose TLU adds a threshold per channel (256 over the ten norms)
+    assert {norm: count_params(Net(norm)) for norm in ALL_NORMS} == {**dict.fromkeys(ALL_NORMS, 47_978), "frn": 48_234}
     assert count_params(Net("bn", norm_batch=32)) == 47_978  # ghost batches add no parameters
 
 
@@ -81,6 +82,10 @@ def test_norm_layers_are_the_named_kind(norm):
     assert norms == [m for m in model.modules() if isinstance(m, NORM_KINDS)]  # and no other norm anywhere
     if norm == "bn":
         assert all(type(m) is nn.BatchNorm2d for m in norms)  # exactly batch norm (not ghost) by default
+    elif norm == "brn":
+        assert all(type(m) is BatchRenorm2d and m.norm_batch == 0 for m in norms)
+    elif norm == "frn":
+        assert all(type(m) is FilterResponseNormTlu2d for m in norms) and not list(model.buffers())
     elif norm == "none":
         assert all(type(m) is ScaledAffine2d for m in norms) and not list(model.buffers())
     else:
@@ -148,7 +153,8 @@ def test_variants_keep_order_budget_and_shape(norm, pool_first, act):
     assert tuple(name for name, _ in model.named_children()) == LAYER_ORDER
     assert count_params(model) == count_params(Net(norm))  # the options move layers, they add no parameters
     kinds = {type(m) for m in model.modules()}
-    assert (nn.GELU in kinds) == (act == "gelu") and (nn.ReLU in kinds) == (act == "relu")
+    own = NORMS[norm].own_activation  # frn: its TLU instead (tests/test_brn_frn.py)
+    assert (nn.GELU in kinds) == (act == "gelu" and not own) and (nn.ReLU in kinds) == (act == "relu" and not own)
     # pool first: the pools carry the norms of c3 and c6; otherwise the 1x1 convs do.
     assert any(isinstance(m, NORM_KINDS) for m in model.P1.modules()) == pool_first
     assert model(torch.randn(3, 3, 32, 32)).shape == (3, 10)

@@ -12,18 +12,20 @@ from normlab.norms import DEFAULT_NORMS, NORMS, GhostBatchNorm2d, ScaledAffine2d
 ALL_NORMS = list(NORMS)
 
 
-def test_registry_holds_five_norms_and_runs_the_assignments_three_by_default():
-    assert list(NORMS) == ["bn", "gn", "ln", "in", "none"]
+def test_registry_holds_seven_norms_and_runs_the_assignments_three_by_default():
+    assert list(NORMS) == ["bn", "gn", "ln", "in", "none", "brn", "frn"]
     assert DEFAULT_NORMS == ("bn", "gn", "ln")
     assert NORMS["in"].label == "Instance Normalization" and NORMS["none"].label == "No normalization"
+    assert NORMS["brn"].label == "Batch Renormalization" and NORMS["frn"].label == "Filter Response Normalization + TLU"
     assert len({n.colour for n in NORMS.values()}) == len(NORMS)  # every norm its own colour in the figures
 
 
-def test_options_name_config_settings_and_only_batch_norm_reads_norm_batch():
+def test_options_name_config_settings_and_only_batch_norm_and_renorm_read_norm_batch():
     fields = set(Config.__dataclass_fields__)
     assert all(set(n.options) <= fields for n in NORMS.values())
     assert NORMS["bn"].options == ("norm_batch", "bn_momentum", "precise_bn") and NORMS["gn"].options == ("groups",)
-    assert all(not {"norm_batch", "precise_bn"} & set(NORMS[n].options) for n in ("gn", "ln", "in", "none"))
+    assert NORMS["brn"].options == ("norm_batch", "bn_momentum")  # not precise_bn (norms.BatchRenorm2d)
+    assert all(not {"norm_batch", "precise_bn"} & set(NORMS[n].options) for n in ("gn", "ln", "in", "none", "frn"))
 
 
 @pytest.mark.parametrize("norm", ALL_NORMS)
@@ -147,7 +149,7 @@ def test_from_config_passes_norm_batch_to_batch_norm_only():
     bn = Net.from_config(Config(norm="bn", norm_batch=16))
     ghosts = [m for m in bn.modules() if isinstance(m, nn.BatchNorm2d)]
     assert len(ghosts) == 10 and all(type(m) is GhostBatchNorm2d and m.norm_batch == 16 for m in ghosts)
-    for norm in ("gn", "ln", "in", "none"):
+    for norm in ("gn", "ln", "in", "none", "frn"):
         a, b = Net.from_config(Config(norm=norm, norm_batch=16)), Net.from_config(Config(norm=norm))
         assert str(a) == str(b)
 
@@ -271,7 +273,7 @@ def test_ghost_batches_of_32_and_a_batch_of_32_or_fewer_is_plain_batch_norm():
 def test_a_norms_own_defaults_replace_the_settings_left_at_configs_default():
     import dataclasses
 
-    assert NORMS["none"].defaults == {"lr": 0.1} and all(not NORMS[n].defaults for n in ("bn", "gn", "ln", "in"))
+    assert NORMS["none"].defaults == {"lr": 0.1} and all(not NORMS[n].defaults for n in ("bn", "gn", "ln", "in", "brn", "frn"))
     assert Config().lr == 0.2 and Config(norm="none").lr == 0.1
     assert dataclasses.replace(Config(), norm="none").lr == 0.1  # how normlab run makes each norm's config
     assert Config(norm="none", lr=0.05).lr == 0.05  # a value that was asked for is kept

@@ -33,18 +33,18 @@ def _s(default: Any, label: str, help: str, flag: str | None = None) -> Any:
 
 @dataclass(frozen=True)
 class Config:
-    norm: str = _s("bn", "norm", "normalization layer: bn | gn | ln | in | none")
+    norm: str = _s("bn", "norm", "normalization layer: bn | gn | ln | in | none | brn | frn")
     widths: tuple[int, int, int] = _s((16, 32, 24), "widths (C1–C2, c3–C5, c6–C9)",
                                       "channels of C1-C2, c3-C5, c6-C9; under 50,000 parameters in all")
     groups: int = _s(8, "groups (group norm)", "group norm's group count; must divide every width")
     norm_batch: int = _s(0, "images per batch-norm statistics (ghost batches; 0 = the whole batch)",
-                         "batch norm: images per statistics group (ghost batch norm); 0 = the whole batch")
+                         "batch norm and renorm: images per statistics group (ghost batches); 0 = the whole batch")
     bn_momentum: float = _s(0.1, "batch norm's running-statistics momentum",
-                            "batch norm: weight of each batch in the running statistics, in (0, 1]")
+                            "batch norm and renorm: weight of each batch in the running statistics, in (0, 1]")
     precise_bn: int = _s(10000, "images re-estimating batch norm's statistics after the last epoch (0 = off)",
                          "batch norm: re-estimate its statistics on N training images after training; 0 = off")
     weight_std: bool = _s(True, "weight-standardized convs", "plain convs instead of weight-standardized ones", "--no-weight-std")
-    act: str = _s("gelu", "activation", "activation after every norm: relu | gelu")
+    act: str = _s("gelu", "activation", "activation after every norm: relu | gelu (frn brings its own TLU)")
     pool_first: bool = _s(True, "c3, c6: max-pool before norm and activation",
                           "pool c3 and c6 after their norm and activation instead of before", "--no-pool-first")
     skips: str = _s("pairs", "skip additions",

@@ -23,6 +23,7 @@ from normlab.config import Config
 from normlab.device import Placement, Runtime, setup
 from normlab.errors import TrainingError
 from normlab.models import Net, whiten_
+from normlab.norms import get_norm, progress_layers
 from normlab.optim import Lookahead, lr_at, make_ema, make_optimizer, set_lr
 
 WHITEN_IMAGES = 5000  # training images whose 3x3 patches set a whitened C1 (airbench: 5,000)
@@ -47,9 +48,10 @@ def recalibrate_bn(model: torch.nn.Module, images: torch.Tensor, labels: torch.T
     re-estimated at the model's present weights, as the plain average over full training batches of their batch
     statistics (``cfg.precise_bn`` images, all if fewer, drawn with the seed's own generator, augmented as in the last
     epoch: ``crops``), instead of the running averages the training steps left, which mix in the last steps' weights.
-    A model without batch norm (or ``precise_bn`` 0) is left alone; nothing but those buffers changes."""
+    A model without batch norm, of a norm that does not read ``precise_bn`` (batch renorm: ``norms.NORMS``), or with
+    ``precise_bn`` 0 is left alone; nothing but those buffers changes."""
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not bns or not cfg.precise_bn:
+    if not bns or not cfg.precise_bn or "precise_bn" not in get_norm(cfg.norm).options:
         return
     generator = torch.Generator().manual_seed(cfg.seed)
     n = min(cfg.precise_bn, len(labels))
@@ -117,8 +119,11 @@ def train_epoch(model, opt, batches, cfg: Config, step: int, total: int, place: 
     model.train()
     dev = batches.labels.device
     loss_sum, correct, bad = torch.zeros((), device=dev), torch.zeros((), device=dev, dtype=torch.long), torch.tensor(-1, device=dev)
+    renorms = progress_layers(model)  # batch renorm's limits follow the run's progress, as the learning rate does
     for i, (x, y) in enumerate(tqdm(batches, desc=desc, leave=False, disable=None if progress else True, unit="batch")):
         lr = lr_at(step, total, cfg.lr, cfg.warmup, cfg.hold)
+        for m in renorms:
+            m.set_progress(step / total)
         if graphed is not None and len(y) == batches.batch_size:
             set_lr(opt, lr)
             loss, logits = graphed(x, y)

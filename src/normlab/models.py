@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normlab.norms import make_norm
+from normlab.norms import get_norm, make_norm
 
 PARAM_BUDGET = 50_000  # parameters, trainable or frozen, strictly fewer (the assignment's limit)
 NUM_CLASSES = 10
@@ -22,6 +22,14 @@ LAYER_ORDER = ("C1", "C2", "c3", "P1", "C3", "C4", "C5", "c6", "P2", "C7", "C8",
 
 
 ACTS: dict[str, Callable[[], nn.Module]] = {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU}
+
+
+def make_activation(norm: str, act: str) -> nn.Module:
+    """The activation after a norm: ``ACTS[act]``, or the identity where the norm ends with its own nonlinearity
+    (``Norm.own_activation``: FRN's TLU), so that the blocks stay norm -> activation whatever the norm."""
+    return nn.Identity() if get_norm(norm).own_activation else ACTS[act]()
+
+
 # --skips: the blocks whose output is added to their input ("residual branches"); each list ends its stage's run of convs
 SKIPS: dict[str, tuple[str, ...]] = {
     "pairs": ("C2", "C5", "C9"),  # C1 -> C2, C3 -> C5 (over C4, C5), C7 -> C9 (over C8, C9)
@@ -64,7 +72,7 @@ def make_conv(cin: int, cout: int, kernel: int, weight_std: bool) -> nn.Conv2d:
 
 
 class ConvBlock(nn.Sequential):
-    """conv (3x3 or 1x1, 'same' padding, no bias: the norm has one) -> norm -> activation.
+    """conv (3x3 or 1x1, 'same' padding, no bias: the norm has one) -> norm -> activation (``make_activation``).
 
     ``norm_kw``: the settings a norm may read (groups, norm_batch); the conv's fan-in is added.
     """
@@ -74,7 +82,7 @@ class ConvBlock(nn.Sequential):
         super().__init__(
             make_conv(cin, cout, kernel, weight_std),
             make_norm(norm, cout, fan_in=cin * kernel * kernel, **norm_kw),
-            ACTS[act](),
+            make_activation(norm, act),
         )
 
 
@@ -89,7 +97,8 @@ class PoolBlock(nn.Module):
 
     def __init__(self, channels: int, norm: str, norm_kw: dict[str, Any], fan_in: int, act: str = "relu"):
         super().__init__()  # fan_in: that of the 1x1 conv before the pool
-        self.pool, self.norm, self.act = nn.MaxPool2d(2), make_norm(norm, channels, fan_in=fan_in, **norm_kw), ACTS[act]()
+        self.pool, self.norm = nn.MaxPool2d(2), make_norm(norm, channels, fan_in=fan_in, **norm_kw)
+        self.act = make_activation(norm, act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cl = x.is_contiguous(memory_format=torch.channels_last)
@@ -103,7 +112,8 @@ class Net(nn.Module):
     Every conv but C10 is weight-standardized (``WSConv2d``) unless ``weight_std`` is False.
     With ``pool_first`` (the default) c3 and c6 are bare convs and P1, P2 are ``PoolBlock``s
     (pool -> norm -> activation); without it c3 and c6 are conv -> norm -> activation and P1, P2
-    plain pools. ``act`` is the activation after every norm (``ACTS``: relu, gelu).
+    plain pools. ``act`` is the activation after every norm (``ACTS``: relu, gelu), except after a norm that brings
+    its own (frn's TLU).
     ``groups`` and ``norm_batch`` reach the norms that read them (group norm; batch norm's ghost
     batches, 0 = the whole batch).
     ``widths = (w1, w2, w3)``: C1 and C2 have w1 channels at 32x32; c3 maps w1 -> w2 and
