@@ -201,7 +201,7 @@ def _train_epochs(trainer: Trainer, rd: RunDir, log: Log) -> None:
 
 def _header_line(trainer: Trainer) -> str:
     cfg, place = trainer.cfg, trainer.place
-    limit = "" if cfg.epochs <= MAX_EPOCHS else f"  [{cfg.epochs} epochs: OUTSIDE the assignment's limit of {MAX_EPOCHS}]"
+    limit = "" if cfg.epochs <= MAX_EPOCHS else f"  [{cfg.epochs} epochs: outside the prescribed limit of {MAX_EPOCHS}]"
     return (f"{NORMS[cfg.norm].label} ({cfg.norm}; {NORMS[cfg.norm].describe(**cfg.to_dict())}): {count_params(trainer.model):,} parameters, "
             f"{len(trainer.train_y):,} training / {len(trainer.val_y):,} validation images, {place.device.type}, {place.precision}, "
             f"{place.layout}, {torch.get_num_threads()} threads{limit}")

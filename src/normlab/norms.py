@@ -55,7 +55,7 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
     own batch-norm kernels; the reshape (B, C, H, W) -> (B/k, k*C, H, W) of those versions needs
     a batch divisible by k and copies channels_last maps, and per-image statistics combined by
     hand made a CPU training step 1.7x slower than batch norm's (this: 1.14x for groups of 32;
-    docs/experiments.md, section 14).
+    docs/experiments.md, 2026-11-27: "Instance norm, no norm, ghost batch norm").
     """
 
     def __init__(self, channels: int, norm_batch: int):
@@ -127,7 +127,7 @@ class ScaledAffine2d(nn.Module):
     propagation to close the performance gap in unnormalized ResNets"), and the learnable gain
     starts at 1 as theirs does. A learnable scale that starts at 1/sqrt(fan-in) instead gets a
     fan-in times larger step and diverged on the validation split even at lr 0.05; this form
-    trains at lr 0.1 (docs/experiments.md, section 14).
+    trains at lr 0.1 (docs/experiments.md, 2026-11-27: "Instance norm, no norm, ghost batch norm").
     """
 
     def __init__(self, channels: int, fan_in: int = 1):
@@ -150,7 +150,7 @@ def _no_norm(channels: int, fan_in: int = 1, **_: Any) -> nn.Module:
 # CPU layouts measured on a 2-core AVX512-BF16 CPU (benchmarks/speed.py): PyTorch's group norm with
 # several groups is faster on NCHW maps there, batch norm and one-group (layer) norm on channels_last.
 # Instance norm (NCHW) and none (channels_last): benchmarks/profile_step.py --layout cl | nchw, one thread of a
-# 2-core fp32 CPU (docs/experiments.md, section 14).
+# 2-core fp32 CPU (docs/experiments.md, 2026-11-27: "Instance norm, no norm, ghost batch norm").
 NORMS: dict[str, Norm] = {n.name: n for n in (
     Norm("bn", "Batch Normalization", _batch_norm, _describe_batch_norm, True, "tab:blue", ("norm_batch", "bn_momentum", "precise_bn")),
     Norm("gn", "Group Normalization", _group_norm, "GroupNorm, {groups} groups", False, "tab:orange", ("groups",), cuda_channels_last=False),
@@ -158,11 +158,11 @@ NORMS: dict[str, Norm] = {n.name: n for n in (
     Norm("in", "Instance Normalization", _instance_norm, "GroupNorm, 1 channel per group (over H, W)", False, "tab:red",
          cuda_channels_last=False),
     Norm("none", "No normalization", _no_norm, "per-channel gain and bias after a fixed 1/sqrt(fan-in), no statistics",
-         True, "tab:gray", defaults={"lr": 0.1}),  # diverged at lr 0.2 on the validation split (docs/experiments.md, section 14)
+         True, "tab:gray", defaults={"lr": 0.1}),  # diverged at lr 0.2 on the validation split (docs/experiments.md, 2026-11-27)
 )}
 
 
-DEFAULT_NORMS = ("bn", "gn", "ln")  # the assignment's three: what normlab run trains unless told otherwise
+DEFAULT_NORMS = ("bn", "gn", "ln")  # the three the study compares: what normlab run trains unless told otherwise
 
 
 def get_norm(name: str) -> Norm:

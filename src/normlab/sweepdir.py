@@ -221,7 +221,7 @@ def paired_differences(manifest: Manifest, rows: list[dict[str, Any]]) -> list[d
 
 
 def paired_table(manifest: Manifest, rows: list[dict[str, Any]]) -> str:
-    """The markdown table of ``paired_differences``, with issue 17's rule: a change is kept only if its mean gain
+    """The markdown table of ``paired_differences``, with the decision rule: a change is kept only if its mean gain
     exceeds the spread (sample standard deviation) of the paired differences."""
     what = {"test_acc": "test", "val_acc": "validation"}.get(metric(rows) or "", "")
     table = []
