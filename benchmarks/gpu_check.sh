@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (issue 14): on a machine with a CUDA GPU, from the repository root, in one device call
+# The GPU check: on a machine with a CUDA GPU, from the repository root, in one device call
 # (run(command="bash benchmarks/gpu_check.sh", carry=[".gpu"], timeout_s=540), after benchmarks/gpu_prepare.sh
 # here), then, on the still-warm machine, what the first call had no time for:
 # run(command='GPU_CHECK_STEPS="j e b" bash benchmarks/gpu_check.sh', carry=[".gpu"], timeout_s=240) (the steps not reached).

@@ -185,7 +185,7 @@ def main() -> None:
                         "or off (default: auto = graphs on CUDA, off on a CPU)")
     p.add_argument("--layout", default="auto", choices=["auto", "cl", "nchw"], help="force a memory layout (default: normlab's choice)")
     p.add_argument("--config", default="{}", help='Config fields as JSON for the network and normlab\'s trainer, e.g. \'{"act": "relu"}\' (default: {})')
-    p.add_argument("--rounds", type=int, default=1, help="measure every variant this many times, in turn, and report the "
+    p.add_argument("--rounds", type=int, default=1, help="measure every variant this many times, one after another, and report the "
                    "medians and the median of each round's ratio (a shared or noisy machine; default: 1)")
     p.add_argument("--profile", action="store_true", help="after timing, run normlab's timed batches once more under "
                    "torch.profiler: the ops that took the most time, the data pipeline's share of a step, and on a GPU the "

@@ -131,7 +131,7 @@ def test_more_than_20_epochs_allowed_but_flagged(tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["train", "--data-dir", str(data), "--norm", "ln", "--epochs", "21", "--batch-size", "50", "--threads", "1", "--out", str(out)])
     assert rc == 0
-    assert "OUTSIDE" in capsys.readouterr().out
+    assert "[21 epochs: outside the prescribed limit of 20]" in capsys.readouterr().out
     r = json.loads((out / "results.json").read_text())
     assert r["epochs"] == 21 and r["over_epoch_limit"] is True
     assert len(metrics_rows(out / "metrics.csv")) == 21

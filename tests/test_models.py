@@ -181,13 +181,13 @@ def test_old_configs_describe_the_old_network():
     assert Config.from_dict({"norm": "bn", "muon_lr": 0.05}).muon_norm is False
     assert old.norm_batch == 0  # batch norm over the whole batch, before ghost batches of 32 became the default
     assert old.precise_bn == 0  # and the running averages of training, before --precise-bn
-    assert old.lookahead == 0  # no Lookahead before --lookahead existed (0.95 the default since the twenty-third session)
+    assert old.lookahead == 0  # no Lookahead before --lookahead existed (0.95 the default since 0.7.0)
     new = Config.from_dict(Config().to_dict())
     assert new.pool_first is True and new.alt_flip is True and new.muon_lr == 0.02 and new.muon_norm is True
     assert new.precise_bn == Config().precise_bn
     assert new.lookahead == Config().lookahead == 0.95
-    assert new.norm_batch == 0  # ghost batches of 32 were the default for one session, until section 27 of experiments.md
-    assert (old.crop_fill, old.clean_epochs) == ("zero", 0)  # zero-padded crops in every epoch before the twenty-fifth session
+    assert new.norm_batch == 0  # ghost batches of 32 were the default for a few hours of 2026-12-03, never released
+    assert (old.crop_fill, old.clean_epochs) == ("zero", 0)  # zero-padded crops in every epoch before 0.8.0
     assert (new.crop_fill, new.clean_epochs) == (Config().crop_fill, Config().clean_epochs) == ("reflect", 2)
 
 

@@ -12,7 +12,7 @@ from normlab.norms import DEFAULT_NORMS, NORMS, GhostBatchNorm2d, ScaledAffine2d
 ALL_NORMS = list(NORMS)
 
 
-def test_registry_holds_seven_norms_and_runs_the_assignments_three_by_default():
+def test_registry_holds_seven_norms_and_runs_bn_gn_ln_by_default():
     assert list(NORMS) == ["bn", "gn", "ln", "in", "none", "brn", "frn"]
     assert DEFAULT_NORMS == ("bn", "gn", "ln")
     assert NORMS["in"].label == "Instance Normalization" and NORMS["none"].label == "No normalization"
@@ -247,14 +247,14 @@ def test_norm_batch_validation():
 
 
 def test_report_names_the_ghost_batches():
-    assert NORMS["bn"].describe(**Config().to_dict()) == "BatchNorm2d"  # the default: the whole batch (§27)
+    assert NORMS["bn"].describe(**Config().to_dict()) == "BatchNorm2d"  # the default: the whole batch
     assert "groups of 32 images" in NORMS["bn"].describe(**Config(norm_batch=32).to_dict())
     assert "groups of 16 images" in NORMS["bn"].describe(**Config(norm_batch=16).to_dict())
     assert NORMS["bn"].describe(**Config(norm_batch=32, batch_size=32).to_dict()) == "BatchNorm2d"  # one group: the whole batch
 
 
 def test_ghost_batches_of_32_and_a_batch_of_32_or_fewer_is_plain_batch_norm():
-    """The default is plain batch norm (docs/experiments.md §27); --norm-batch 32 puts a GhostBatchNorm2d in each
+    """The default is plain batch norm (docs/experiments.md, 2026-12-03: "back to the whole batch"); --norm-batch 32 puts a GhostBatchNorm2d in each
     norm's place, and on a batch of 32 or fewer that is plain batch norm, bit for bit."""
     default = [m for m in Net.from_config(Config()).modules() if isinstance(m, nn.BatchNorm2d)]
     assert len(default) == 10 and all(type(m) is nn.BatchNorm2d for m in default)

@@ -20,10 +20,13 @@ from normlab.config import Config
 from normlab.models import Net, model_summary, receptive_field
 from normlab.norms import DEFAULT_NORMS, NORMS
 from normlab.errors import ReportError
-from normlab.report import select_misclassified, summary_table, write_report
+from normlab.report import COMMAND_LEAD, select_misclassified, summary_table, write_report
 from normlab.rundir import Results, find_runs, shown_path
 
 TINY = ["--epochs", "1", "--batch-size", "32", "--threads", "1"]
+# Results first: the table and the images it got wrong, then the curves, then the settings, then the rest.
+SECTIONS = ["## Results", "## Misclassified test images", "## Training curves", "## Settings", "## Per-class test accuracy",
+            "## Model summaries", "## Receptive field", "## Sample training images", "## Notes"]
 FIGURES = [f"{kind}_{n}.png" for kind in ("misclassified", "curves", "confusion") for n in DEFAULT_NORMS] + ["curves_all.png", "samples.png"]
 
 
@@ -61,9 +64,7 @@ def test_report_writes_markdown_and_every_figure(report):
         assert f"figures/{name}" in links, name
     for link in links:
         assert (report.parent / link).is_file(), link  # relative links that resolve
-    for section in ("## Results", "## Misclassified test images", "## Training curves", "## Per-class test accuracy",
-                    "## Model summaries", "## Receptive field", "## Sample training images"):
-        assert section in text
+    assert [line for line in text.splitlines() if line.startswith("## ")] == SECTIONS
     for norm in DEFAULT_NORMS:  # 5 rows x 2 columns of square tiles: a tall figure
         h, w, _ = matplotlib.image.imread(report.parent / "figures" / f"misclassified_{norm}.png").shape
         assert h > 2 * w
@@ -77,15 +78,47 @@ def test_report_states_the_accuracies_of_results_json(report, run_parent):
         assert f"**{100 * r['test_acc']:.2f}%**" in row
         assert f"{100 * r['test_acc_flip_tta']:.2f}%" in row
         assert f"{r['params']:,}" in row
-        assert "test acc < 70%" in row  # one epoch on noise is far below the assignment's floor
+        assert "test acc < 70%" in row  # one epoch on noise is far below the prescribed floor
     assert "10 test images it got wrong with the highest predicted-class probability" in text
+
+
+def test_report_leads_with_the_results_table_and_grids(report):
+    """Before any heading: the title, what was trained, the versions and the command; then the results table, the
+    three misclassified grids, the curves, and only then the settings table."""
+    text = report.read_text()
+    at = lambda s: text.index(s)
+    assert at("Trained by normlab") < at(COMMAND_LEAD) < at("## Results") < at("| model | norm layer |")
+    assert at("| model | norm layer |") < at("figures/misclassified_bn.png") < at("figures/misclassified_ln.png")
+    assert at("figures/misclassified_ln.png") < at("figures/curves_all.png") < at("## Settings") < at("| setting | value |")
+    assert at("| setting | value |") < at("## Per-class test accuracy")
+
+
+def test_results_json_and_the_report_name_the_normlab_version(report, run_parent):
+    for norm in DEFAULT_NORMS:
+        assert results(run_parent / norm)["version"] == normlab.__version__
+    assert f"Trained by normlab {normlab.__version__}; this report written by normlab {normlab.__version__}." in report.read_text()
+
+
+def test_models_without_a_recorded_version_were_trained_before_1_0_0(tmp_path):
+    """results.json of earlier versions names none: "before 1.0.0"; a mix names each version with its models."""
+    from normlab.report import _header, trained_by
+    from normlab.rundir import Run
+
+    def run(seed, version):
+        results = Results(norm="bn", params=1, epochs=1, version=version)
+        return Run(tmp_path / f"seed{seed}", Config(norm="bn", seed=seed), results, [], None, None, None)
+
+    assert trained_by([run(0, None), run(1, None)]) == "before 1.0.0"
+    assert trained_by([run(0, "1.0.0"), run(1, None), run(2, "1.0.0")]) == "1.0.0 (bn seed 0, bn seed 2), before 1.0.0 (bn seed 1)"
+    text = _header({"bn": [run(0, None)]}, tmp_path, False, tmp_path)
+    assert f"Trained by normlab before 1.0.0; this report written by normlab {normlab.__version__}." in text
 
 
 def test_report_command_reads_the_same_data_and_settings_again(report, run_parent, data_dir):
     """The report's "trains it again" line, parsed by normlab's own parser: the data folder the run read, its
     folder, and every model's settings but norm and seed (run_parent's settings differ from the defaults)."""
     text = report.read_text()
-    line = text.split("The command line that trains it again:\n\n```sh\n", 1)[1].split("\n```", 1)[0]
+    line = text.split(f"{COMMAND_LEAD}\n\n```sh\n", 1)[1].split("\n```", 1)[0]
     argv = shlex.split(line)
     assert argv[:2] == ["normlab", "run"]
     args = build_parser().parse_args(argv[1:])
@@ -218,7 +251,7 @@ def test_several_seeds_give_mean_and_std(data_dir, tmp_path):
 def test_a_compiled_runs_first_step_is_stated_apart(tmp_path):
     """results.json's compile_seconds (a compiled network's first step, compilation included) gets its own note;
     a run without it (CPU, eager) gets none."""
-    from normlab.report import _results_section
+    from normlab.report import _notes_section
     from normlab.rundir import Run
 
     def run(norm, compile_seconds):
@@ -227,22 +260,22 @@ def test_a_compiled_runs_first_step_is_stated_apart(tmp_path):
                    "compile_seconds": compile_seconds}
         return Run(tmp_path / norm, Config(norm=norm), Results.from_dict(results), [], None, None, None)
 
-    text = _results_section({"bn": [run("bn", 31.5)], "gn": [run("gn", 40.25)]})
+    text = _notes_section({"bn": [run("bn", 31.5)], "gn": [run("gn", 40.25)]}, tmp_path, tmp_path)
     assert "first training step, compilation included, took 31.5 s (bn), 40.2 s (gn)" in text
-    assert "compilation" not in _results_section({"bn": [run("bn", None)]})
+    assert "compilation" not in _notes_section({"bn": [run("bn", None)]}, tmp_path, tmp_path)
 
 
 def test_the_settings_table_shows_seeds_that_differ(tmp_path):
     """A norm whose seeds were trained with different settings (or on different devices) shows each value with its
     seeds, not its first seed's value alone; settings all models share are shown once."""
-    from normlab.report import _header
+    from normlab.report import _settings_section
     from normlab.rundir import Run
 
     def run(seed, muon_lr, precision):
         results = Results(norm="bn", params=1, epochs=1, device="cpu", precision=precision, threads=2, torch="2.14.1")
         return Run(tmp_path / f"seed{seed}", Config(norm="bn", seed=seed, muon_lr=muon_lr), results, [], None, None, None)
 
-    text = _header({"bn": [run(0, 0.05, "fp32"), run(1, 0.05, "fp32"), run(2, 0.0, "bf16")]}, tmp_path, True, tmp_path)
+    text = _settings_section({"bn": [run(0, 0.05, "fp32"), run(1, 0.05, "fp32"), run(2, 0.0, "bf16")]})
     row = lambda label: next(line for line in text.splitlines() if line.startswith(f"| {label}"))
     assert "0.05 (seed 0, seed 1), 0.0 (seed 2)" in row("Muon's peak learning rate")
     assert "cpu, fp32, 2 threads (bn seed 0, bn seed 1), cpu, bf16, 2 threads (bn seed 2)" in row("device, precision")

@@ -33,7 +33,7 @@ def test_atomic_save_keeps_old_file_on_a_crash(tmp_path, monkeypatch):
 def _results(**changes) -> R.Results:
     fields = dict(norm="gn", norm_name="Group Normalization", params=47_978, param_budget=50_000, epochs=2, over_epoch_limit=False,
                   seed=0, train_acc_running=0.5, train_acc_clean=0.55, val_acc=None, seconds_per_epoch=3.0, compile_seconds=None,
-                  torch="2.14.1", data_dir="/data", test_acc=0.5, test_acc_flip_tta=0.52, device="cpu", precision="fp32",
+                  version="1.0.0", torch="2.14.1", data_dir="/data", test_acc=0.5, test_acc_flip_tta=0.52, device="cpu", precision="fp32",
                   channels_last=False, compile=False, threads=2, wall_seconds=9.0, peak_rss_mib=800.0)
     return R.Results(**{**fields, **changes})
 
@@ -51,7 +51,7 @@ def test_results_are_written_as_results_json_always_was_and_read_back(tmp_path):
     rd.write_results(results)
     saved = json.loads((tmp_path / R.RESULTS).read_text())
     assert list(saved) == ["norm", "norm_name", "params", "param_budget", "epochs", "over_epoch_limit", "seed", "train_acc_running",
-                           "train_acc_clean", "val_acc", "seconds_per_epoch", "compile_seconds", "torch", "data_dir", "test_acc",
+                           "train_acc_clean", "val_acc", "seconds_per_epoch", "compile_seconds", "version", "torch", "data_dir", "test_acc",
                            "test_acc_flip_tta", "device", "precision", "channels_last", "compile", "threads", "wall_seconds", "peak_rss_mib"]
     assert saved["val_acc"] is None and "gpu_peak_mib" not in saved and "cuda_graphs" not in saved
     assert rd.read_results() == results
@@ -59,8 +59,8 @@ def test_results_are_written_as_results_json_always_was_and_read_back(tmp_path):
 
 
 def test_results_json_of_an_earlier_version_is_read(tmp_path):
-    """An old folder: no compile_seconds, wall time, torch or data folder, a key this version does not know, the mean
-    seconds per epoch: read with None there, the unknown key kept, the median of metrics.csv's seconds."""
+    """An old folder: no normlab version, compile_seconds, wall time, torch or data folder, a key this version does not
+    know, the mean seconds per epoch: read with None there, the unknown key kept, the median of metrics.csv's seconds."""
     rd = R.RunDir(tmp_path)
     rd.write_metrics(_metrics([2.0, 3.0, 9.0]))
     old = {"norm": "bn", "params": 47_978, "epochs": 3, "train_acc_running": 0.6, "train_acc_clean": 0.7, "test_acc": 0.65,
@@ -68,7 +68,7 @@ def test_results_json_of_an_earlier_version_is_read(tmp_path):
     (tmp_path / R.RESULTS).write_text(json.dumps(old))
     results = rd.read_results()
     assert (results.norm, results.params, results.epochs, results.test_acc) == ("bn", 47_978, 3, 0.65)
-    assert results.wall_seconds is results.compile_seconds is results.torch is results.data_dir is None
+    assert results.version is results.wall_seconds is results.compile_seconds is results.torch is results.data_dir is None
     assert results.seconds_per_epoch == 3.0 and results.extra == {"mean_seconds": 4.6667}
     assert results.to_dict()["mean_seconds"] == 4.6667
 

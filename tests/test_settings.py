@@ -1,4 +1,4 @@
-"""Every Config setting round-trips: flag -> config -> config.json -> report header and the command
+"""Every Config setting round-trips: flag -> config -> config.json -> the report's settings table and the command
 that trains it again -> the same config. A setting that the CLI or the report forgets fails here."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 from normlab.cli import build_parser, config_from
 from normlab.config import Config, setting_fields
-from normlab.report import _header
+from normlab.report import _header, _settings_section
 from normlab.rundir import Results, Run
 
 # A value other than the default for every setting (all valid together but norm_scale, which cannot go with zero_init_res).
@@ -57,13 +57,14 @@ def _run(cfg: Config, folder: Path) -> Run:
 
 @pytest.mark.parametrize("cfg", _configs(), ids=["all", *OTHER])
 @pytest.mark.parametrize("seeds", [1, 2])
-def test_report_header_shows_every_setting_and_trains_it_again(cfg, seeds, tmp_path):
+def test_report_shows_every_setting_and_the_command_that_trains_it_again(cfg, seeds, tmp_path):
     is_parent = seeds > 1
     runs = [_run(dataclasses.replace(cfg, seed=cfg.seed + s), tmp_path / f"seed{s}") for s in range(seeds)]
     header = _header({cfg.norm: runs}, tmp_path, is_parent, tmp_path)
+    settings = _settings_section({cfg.norm: runs})
     for f in setting_fields():
         if f.name not in ("norm", "seed"):
-            assert f"| {f.metadata['label']} |" in header, f.name
+            assert f"| {f.metadata['label']} |" in settings, f.name
     command = re.search(r"```sh\n(.*)\n```", header).group(1)
     argv = shlex.split(command)
     assert argv[0] == "normlab" and argv[1] == ("run" if is_parent else "train")

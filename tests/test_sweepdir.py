@@ -91,6 +91,19 @@ def test_sweep_report_table_figures_and_command(swept, data_dir):
     assert config_from(args) == Config(epochs=1, batch_size=50) and parse_grid(args.grid) == read_manifest(swept).grid
 
 
+def test_sweep_report_names_the_versions_that_trained_it_and_wrote_it(swept, tmp_path):
+    """sweep.md names this normlab and the one(s) in the models' results.json; a model without it ("before 1.0.0")
+    shows beside the others, with the number of models of each, in the order of the models."""
+    assert f"Trained by normlab {normlab.__version__}; this page written by normlab {normlab.__version__}." in (swept / REPORT).read_text()
+    copy = tmp_path / "copy"
+    shutil.copytree(swept, copy)
+    old = copy / "bn" / "lr=0.05" / "seed0" / "results.json"
+    old.write_text(json.dumps({k: v for k, v in json.loads(old.read_text()).items() if k != "version"}))
+    assert main(["report", str(copy)]) == 0
+    text = (copy / REPORT).read_text()
+    assert f"Trained by normlab before 1.0.0 (1 model), {normlab.__version__} (11 models); this page written by" in text
+
+
 def test_report_rebuilds_the_sweep_files(swept, tmp_path, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(swept, copy)

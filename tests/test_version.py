@@ -1,4 +1,4 @@
-"""The version: one home (normlab.__version__), read by pyproject.toml, printed by --version, and the
+"""The version: one home (normlab/version.py, re-exported as normlab.__version__), read by pyproject.toml, printed by --version, and the
 newest entry of CHANGELOG.md."""
 import re
 import subprocess
@@ -33,7 +33,7 @@ def test_pyproject_reads_the_version_from_the_package():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11 and later
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
-    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "normlab.__version__"}
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "normlab.version.__version__"}
 
 
 def test_the_newest_changelog_entry_is_this_version():

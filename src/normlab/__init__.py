@@ -17,8 +17,8 @@ from normlab.errors import ConfigError, DataError, NormlabError, ReportError, Tr
 from normlab.models import Net, count_params
 from normlab.norms import NORMS, make_norm
 from normlab.result import Prediction, RunResult, TrainResult, plot_predictions, predictions_table
+from normlab.version import __version__
 
-__version__ = "1.0.0"  # the one home of the version: pyproject.toml reads it; CHANGELOG.md says what changed
 __all__ = ["Config", "ConfigError", "DataError", "NORMS", "Net", "NormlabError", "Prediction", "ReportError", "RunResult", "Runtime",
            "TrainResult", "TrainingError", "UsageError", "count_params", "evaluate", "load", "make_norm", "plot_predictions",
            "predict", "predictions_table", "run", "sweep", "train", "__version__"]

@@ -34,6 +34,7 @@ from normlab.result import RunResult, TrainResult, predict, predictions_table
 from normlab.rundir import (CHECKPOINT, CONFIG, Results, RunDir, check_same_data, command, find_runs, load_model,
                             median_epoch_seconds)
 from normlab.sweepdir import Manifest, SweepResult, is_sweep, write_manifest, write_sweep
+from normlab.version import __version__
 
 # What the command line reads from here (it talks to this module, config and errors only).
 __all__ = ["COMPILE", "DEFAULT_NORMS", "NORMS", "PRECISIONS", "Runtime", "command", "evaluate", "load", "parse_grid", "predict",
@@ -200,7 +201,7 @@ def _train_epochs(trainer: Trainer, rd: RunDir, log: Log) -> None:
 
 def _header_line(trainer: Trainer) -> str:
     cfg, place = trainer.cfg, trainer.place
-    limit = "" if cfg.epochs <= MAX_EPOCHS else f"  [{cfg.epochs} epochs: OUTSIDE the assignment's limit of {MAX_EPOCHS}]"
+    limit = "" if cfg.epochs <= MAX_EPOCHS else f"  [{cfg.epochs} epochs: outside the prescribed limit of {MAX_EPOCHS}]"
     return (f"{NORMS[cfg.norm].label} ({cfg.norm}; {NORMS[cfg.norm].describe(**cfg.to_dict())}): {count_params(trainer.model):,} parameters, "
             f"{len(trainer.train_y):,} training / {len(trainer.val_y):,} validation images, {place.device.type}, {place.precision}, "
             f"{place.layout}, {torch.get_num_threads()} threads{limit}")
@@ -227,7 +228,7 @@ def _record(trainer: Trainer, scores: FinalScores, rd: RunDir, data_dir: Path, s
         train_acc_running=rows[-1]["train_acc"] if rows else None, train_acc_clean=scores.train_acc_clean,
         val_acc=rows[-1]["val_acc"] if rows else None,
         seconds_per_epoch=median_epoch_seconds(rd.read_metrics()),  # as RunDir.read_results reads it back
-        compile_seconds=trainer.compile_seconds, torch=torch.__version__, data_dir=str(Path(data_dir).resolve()),
+        compile_seconds=trainer.compile_seconds, version=__version__, torch=torch.__version__, data_dir=str(Path(data_dir).resolve()),
         test_acc=scores.test_acc, test_acc_flip_tta=scores.test_acc_flip_tta,
         **trainer.place.record(),  # device, precision, layout; threads on a CPU; capability and peak GPU memory on CUDA
         # This call's wall time (data loading, training, final evaluations; a resumed run counts from

@@ -15,6 +15,7 @@ from normlab import api
 from normlab.api import COMPILE, DEFAULT_NORMS, NORMS, PRECISIONS, Runtime, set_threads
 from normlab.config import Config, flag_of, format_value, parse_widths, setting_fields
 from normlab.errors import NormlabError
+from normlab.version import __version__
 
 DEFAULTS = Config()
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
@@ -163,8 +164,6 @@ def cmd_report(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from normlab import __version__
-
     p = argparse.ArgumentParser(prog="normlab", description="Batch vs group vs layer norm on one small CNN for CIFAR-10.")
     p.add_argument("--version", action="version", version=f"normlab {__version__}")
     sub = p.add_subparsers(dest="command", required=True)

@@ -20,7 +20,7 @@ from normlab.errors import ConfigError
 from normlab.models import ACTS, PARAM_BUDGET, SKIPS, Net, count_params
 from normlab.norms import NORMS, get_norm
 
-MAX_EPOCHS = 20  # the assignment's limit; more is allowed for experiments but flagged
+MAX_EPOCHS = 20  # the prescribed limit (<= 20 epochs); more is allowed for experiments but flagged
 WHITEN = ("off", "frozen", "train")  # --whiten: C1 from the patch covariance, then frozen or trained
 
 __all__ = ["Config", "ConfigError", "MAX_EPOCHS", "setting_fields", "parse_widths"]
@@ -176,7 +176,7 @@ class Config:
         kwargs.setdefault("act", "relu")
         kwargs.setdefault("alt_flip", False)
         kwargs.setdefault("muon_lr", 0.0)  # and trained every filter with SGD;
-        kwargs.setdefault("muon_norm", False)  # those of the eleventh to fourteenth sessions used Muon unrenormalized
+        kwargs.setdefault("muon_norm", False)  # those of 0.5.0 used Muon without renormalizing the filters
         kwargs.setdefault("norm_batch", 0)  # and batch norm's statistics came from the whole batch
         kwargs.setdefault("precise_bn", 0)  # and kept the running averages of the training steps
         kwargs.setdefault("lookahead", 0.0)  # and trained without Lookahead
@@ -186,7 +186,7 @@ class Config:
             kwargs["widths"] = tuple(kwargs["widths"])
         cfg = cls(**kwargs)
         for name, value in kwargs.items():  # a saved value is what the run trained with, even where a norm's own
-            object.__setattr__(cfg, name, value)  # default would replace it in a new Config (none's lr 0.1 since section 14)
+            object.__setattr__(cfg, name, value)  # default would replace it in a new Config (none's lr 0.1, since 0.5.0)
         return cfg
 
     def save(self, path: Path) -> None:

@@ -84,7 +84,7 @@ def runtime_with(runtime: Runtime | None, keywords: dict[str, Any], others: tupl
 def worker_runtimes(runtime: Runtime, n: int, cpus: float, spread_gpus: bool = True) -> list[Runtime]:
     """The runtimes of ``n`` worker processes (models trained at once) given ``cpus`` CPUs each: the threads asked for,
     else that share (at least 1); no progress bars (several garble one terminal); with ``spread_gpus``, on a machine
-    with GPUs, the visible GPUs in turn (``worker_devices``). The local and the Ray executor both ask this."""
+    with GPUs, the visible GPUs one after another (``worker_devices``). The local and the Ray executor both ask this."""
     worker = dataclasses.replace(runtime, threads=runtime.threads or max(1, math.ceil(cpus)), progress=False)
     devices = worker_devices(runtime, n) if spread_gpus else [runtime.device] * n
     return [dataclasses.replace(worker, device=d) for d in devices]
@@ -150,7 +150,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def worker_devices(runtime: Runtime, n_jobs: int) -> list[str]:
-    """The device of each of ``n_jobs`` worker processes: the visible GPUs in turn (several jobs may
+    """The device of each of ``n_jobs`` worker processes: the visible GPUs one after another (several jobs may
     share one), or the asked device unchanged where there is no GPU or one was named."""
     if runtime.device not in ("auto", "cuda") or not torch.cuda.is_available():
         return [runtime.device] * n_jobs

@@ -16,7 +16,7 @@ from torch import nn
 
 from normlab.norms import get_norm, make_norm
 
-PARAM_BUDGET = 50_000  # parameters, trainable or frozen, strictly fewer (the assignment's limit)
+PARAM_BUDGET = 50_000  # parameters, trainable or frozen, strictly fewer (the prescribed limit: < 50,000)
 NUM_CLASSES = 10
 LAYER_ORDER = ("C1", "C2", "c3", "P1", "C3", "C4", "C5", "c6", "P2", "C7", "C8", "C9", "GAP", "C10")
 
@@ -49,9 +49,9 @@ class WSConv2d(nn.Conv2d):
     Each filter is standardized by ``F.layer_norm`` over its (in, k, k) weights, without affine:
     (w - mean) / sqrt(biased var + 1e-5), one kernel forward and one backward instead of the five
     ops (and eight backward) of writing the formula out: a bn training step does 327 ATen ops that
-    work instead of 517, each about one kernel launch on a GPU (docs/performance.md, ninth session;
-    filters in their own memory order, below). Runs made before that session wrote
-    the formula out: the same filters within 1e-6 but rounded differently, so those runs do not repeat
+    work instead of 517, each about one kernel launch on a GPU (docs/performance.md, 2026-11-28:
+    "Fewer launches per step"; filters in their own memory order, below). Runs made before that
+    change wrote the formula out: the same filters within 1e-6 but rounded differently, so those runs do not repeat
     bit for bit on this code (within seed noise they do).
     """
 
@@ -59,7 +59,7 @@ class WSConv2d(nn.Conv2d):
         w = self.weight
         # channels_last filters (a channels_last model) are the same memory as a contiguous (out, k, k, in) tensor:
         # standardized in that order, no copy either way (layer_norm would otherwise make them contiguous, and the
-        # conv turn them back, forward and backward)
+        # conv convert them back, forward and backward)
         cl = not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
         w = w.permute(0, 2, 3, 1) if cl else w
         w = F.layer_norm(w, w.shape[1:], eps=1e-5)

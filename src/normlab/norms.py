@@ -57,7 +57,7 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
     own batch-norm kernels; the reshape (B, C, H, W) -> (B/k, k*C, H, W) of those versions needs
     a batch divisible by k and copies channels_last maps, and per-image statistics combined by
     hand made a CPU training step 1.7x slower than batch norm's (this: 1.14x for groups of 32;
-    docs/experiments.md, section 14).
+    docs/experiments.md, 2026-11-27: "Instance norm, no norm, ghost batch norm").
     """
 
     def __init__(self, channels: int, norm_batch: int):
@@ -266,7 +266,7 @@ class ScaledAffine2d(nn.Module):
     propagation to close the performance gap in unnormalized ResNets"), and the learnable gain
     starts at 1 as theirs does. A learnable scale that starts at 1/sqrt(fan-in) instead gets a
     fan-in times larger step and diverged on the validation split even at lr 0.05; this form
-    trains at lr 0.1 (docs/experiments.md, section 14).
+    trains at lr 0.1 (docs/experiments.md, 2026-11-27: "Instance norm, no norm, ghost batch norm").
     """
 
     def __init__(self, channels: int, fan_in: int = 1):
@@ -289,8 +289,8 @@ def _no_norm(channels: int, fan_in: int = 1, **_: Any) -> nn.Module:
 # CPU layouts measured on a 2-core AVX512-BF16 CPU (benchmarks/speed.py): PyTorch's group norm with
 # several groups is faster on NCHW maps there, batch norm and one-group (layer) norm on channels_last.
 # Instance norm (NCHW) and none (channels_last): benchmarks/profile_step.py --layout cl | nchw, one thread of a
-# 2-core fp32 CPU (docs/experiments.md, section 14). brn and frn: the same, bf16, one thread of a 2-core AVX512-BF16
-# CPU shared with other work (noisy): brn's step 206 / 285 ms channels_last against 284 / 420 NCHW (as bn, channels_last);
+# 2-core fp32 CPU (docs/experiments.md, 2026-11-27: "Instance norm, no norm, ghost batch norm"). brn and frn: the
+# same, bf16, one thread of a 2-core AVX512-BF16 CPU shared with other work (noisy): brn's step 206 / 285 ms channels_last against 284 / 420 NCHW (as bn, channels_last);
 # frn no clear winner in seven alternating pairs (medians 450 and 446 ms), so NCHW, as instance norm, its nearest kin.
 # On CUDA (not measured) neither runs PyTorch's GroupNorm kernels, so both keep the convolutions' channels_last.
 NORMS: dict[str, Norm] = {n.name: n for n in (
@@ -300,7 +300,7 @@ NORMS: dict[str, Norm] = {n.name: n for n in (
     Norm("in", "Instance Normalization", _instance_norm, "GroupNorm, 1 channel per group (over H, W)", False, "tab:red",
          cuda_channels_last=False),
     Norm("none", "No normalization", _no_norm, "per-channel gain and bias after a fixed 1/sqrt(fan-in), no statistics",
-         True, "tab:gray", defaults={"lr": 0.1}),  # diverged at lr 0.2 on the validation split (docs/experiments.md, section 14)
+         True, "tab:gray", defaults={"lr": 0.1}),  # diverged at lr 0.2 on the validation split (docs/experiments.md, 2026-11-27)
     # Not precise_bn: batch renorm ends training normalizing by its running statistics (r and d unclipped), so the
     # layers after it learned, and their running statistics describe, maps normalized that way; precise BN's
     # re-estimate forwards with plain batch statistics, the mismatch that batch renorm removes (BatchRenorm2d).
@@ -311,7 +311,7 @@ NORMS: dict[str, Norm] = {n.name: n for n in (
 )}
 
 
-DEFAULT_NORMS = ("bn", "gn", "ln")  # the assignment's three: what normlab run trains unless told otherwise
+DEFAULT_NORMS = ("bn", "gn", "ln")  # the three the study compares: what normlab run trains unless told otherwise
 
 
 def get_norm(name: str) -> Norm:

@@ -23,11 +23,13 @@ from normlab.errors import ReportError
 from normlab.models import PARAM_BUDGET, Net, model_summary, receptive_field
 from normlab.norms import NORMS
 from normlab.rundir import FIGURES, REPORT, Run, command, find_runs, shown_path
+from normlab.version import UNRECORDED, __version__
 
-TARGET_ACC = 0.70        # the assignment's floor for test accuracy
+TARGET_ACC = 0.70        # the prescribed floor for test accuracy
 N_MISCLASSIFIED = 10     # images per misclassified grid (5 rows x 2 columns)
 SAMPLES_PER_CLASS = 8    # training images per class in the sample grid
 FIGURES_DIR = FIGURES  # PNGs go here, beside report.md, linked relatively
+COMMAND_LEAD = "The command that made it (and trains it again):"  # above rundir.command's line in report.md and sweep.md
 
 
 # ---------------------------------------------------------------- formatting
@@ -63,7 +65,7 @@ def _col(runs: list[Run], key: str) -> list[Any]:
 
 
 def limit_flags(runs: list[Run]) -> list[str]:
-    """What lies outside the assignment's limits: params, epochs, mean test accuracy."""
+    """What lies outside the prescribed limits: params, epochs, mean test accuracy (the prescribed floor)."""
     r = runs[0].results
     flags = []
     if r.params >= (r.param_budget or PARAM_BUDGET):
@@ -180,10 +182,29 @@ def _device(r: Run) -> str:
     return f"{r.results.device or '?'}, {r.results.precision or '?'}"
 
 
+def trained_by(runs: list[Run]) -> str:
+    """The normlab version(s) that trained ``runs``, from their results.json ("before 1.0.0" where it names none), once if
+    they all share one, else each with its models."""
+    return _by_seed(runs, lambda r: r.results.version or UNRECORDED, lambda r: f"{r.config.norm} seed {r.seed}")
+
+
 def _header(models: dict[str, list[Run]], run_dir: Path, is_parent: bool, data_dir: Path) -> str:
-    runs = [r for rs in models.values() for r in rs]
+    """The title, what was trained, the versions of normlab that trained it and wrote this report, and the command."""
     seeds = [r.seed for r in next(iter(models.values()))]
     names = ", ".join(f"{NORMS[n].label} ({n})" for n in models)
+    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"{len(seeds)} seeds ({', '.join(map(str, seeds))})"
+    return "\n\n".join([
+        f"# normlab report: `{run_dir}`",
+        f"{names} in one network (C1 C2 c3 P1 C3 C4 C5 c6 P2 C7 C8 C9 GAP C10) trained on CIFAR-10; {seed_text}.",
+        f"Trained by normlab {trained_by([r for rs in models.values() for r in rs])}; "
+        f"this report written by normlab {__version__}.",
+        f"{COMMAND_LEAD}\n\n```sh\n{_command(models, run_dir, is_parent, data_dir)}\n```",
+    ])
+
+
+def _settings_section(models: dict[str, list[Run]]) -> str:
+    """Every setting of the models (one value where they share it), the device and torch."""
+    runs = [r for rs in models.values() for r in rs]
     settings = [(f.metadata["label"], f.name) for f in setting_fields() if f.name not in ("norm", "seed")]
     rows = []
     for label, key in settings:
@@ -194,16 +215,8 @@ def _header(models: dict[str, list[Run]], run_dir: Path, is_parent: bool, data_d
     model = lambda r: f"{r.config.norm} seed {r.seed}"
     rows.append(["device, precision", _by_seed(runs, where, model)])
     rows.append(["torch", _by_seed(runs, lambda r: r.results.torch or '?', model)])
-    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"{len(seeds)} seeds ({', '.join(map(str, seeds))})"
-    return "\n\n".join([
-        f"# normlab report: `{run_dir}`",
-        f"{names} in one network (C1 C2 c3 P1 C3 C4 C5 c6 P2 C7 C8 C9 GAP C10) trained on CIFAR-10; {seed_text}.",
-        md_table(["setting", "value"], rows, "ll"),
-        f"The command line that trains it again:\n\n```sh\n{_command(models, run_dir, is_parent, data_dir)}\n```",
-        "Every table and figure below is computed from the files in this folder (`config.json`, `metrics.csv`, "
-        f"`results.json`, `predictions.csv` of each model) and the CIFAR-10 images in `{shown_path(data_dir)}`; "
-        f"rebuild it with `normlab report {run_dir}`.",
-    ])
+    return "\n\n".join(["## Settings", "From each model's `config.json` and `results.json`; where models differ, each value "
+                         "with the models that have it.", md_table(["setting", "value"], rows, "ll")])
 
 
 def results_table(models: dict[str, list[Run]]) -> str:
@@ -229,10 +242,18 @@ def _results_section(models: dict[str, list[Run]]) -> str:
         parts += ["Per seed:" if n_seeds > 1 else "With the validation split:",
                   md_table(["model", "seed", "train (running)", "train (clean)", "validation", "test", "test, flip TTA", "s/epoch (median)"],
                            seed_rows, "lrrrrrrr")]
-    notes = [f"Limits of the assignment: fewer than {PARAM_BUDGET:,} parameters (trainable or frozen, all counted), at most {MAX_EPOCHS} epochs, "
-             f"test accuracy of at least {TARGET_ACC:.0%}; anything outside them is marked ⚠️."]
+    parts.append("What the columns mean, and the prescribed limits that ⚠️ marks: see [Notes](#notes) at the end.")
+    return "\n\n".join(parts)
+
+
+def _notes_section(models: dict[str, list[Run]], run_dir: Path, data_dir: Path) -> str:
+    """What the results table's columns mean, the prescribed limits, and where every number comes from."""
+    n_seeds = len(next(iter(models.values())))
+    notes = [f"The prescribed limits: fewer than {PARAM_BUDGET:,} parameters (trainable or frozen, all counted), at most {MAX_EPOCHS} "
+             f"epochs, and a test accuracy of at least {TARGET_ACC:.0%} (the prescribed floor); anything outside them is marked ⚠️."]
     if n_seeds > 1:
-        notes.append(f"With several seeds: mean ± sample standard deviation over the {n_seeds} seeds; the per-seed values are above.")
+        notes.append(f"With several seeds: mean ± sample standard deviation over the {n_seeds} seeds; the per-seed values are in "
+                     "the second table.")
     notes += ["*Running* train accuracy is measured on the augmented batches of the last epoch while the weights were still "
               "changing; *clean* train accuracy is the final model's on the un-augmented training images. "
               "*Flip TTA* averages the logits of each test image and its mirror image; it is reported beside the plain "
@@ -242,7 +263,10 @@ def _results_section(models: dict[str, list[Run]]) -> str:
         notes.append("The network was compiled (torch.compile): its first training step, compilation included, took "
                      + ", ".join(f"{secs_cell(vs)} s ({n})" for n, vs in compiled.items())
                      + "; that time is part of the first epoch's seconds.")
-    return "\n\n".join(parts + ["\n".join(f"- {n}" for n in notes)])
+    notes.append("Every table and figure is computed from the files in this folder (`config.json`, `metrics.csv`, "
+                 f"`results.json`, `predictions.csv` of each model) and the CIFAR-10 images in `{shown_path(data_dir)}`; "
+                 f"rebuild it with `normlab report {run_dir}`.")
+    return "\n\n".join(["## Notes", "\n".join(f"- {n}" for n in notes)])
 
 
 def _misclassified_section(models, fig_dir: Path, test_images: np.ndarray | None) -> str:
@@ -383,16 +407,20 @@ def write_report(run_dir: Path, data_dir: str | os.PathLike | None = None) -> Pa
         raise ReportError(f"cannot write the report into {run_dir} ({e.strerror or e})") from None
     train_images, train_labels = _load_images(data_dir, train=True)
     samples = figures.save(figures.sample_grid(train_images, train_labels, SAMPLES_PER_CLASS), fig_dir / "samples.png")
+    # Results first (the table, then the images it got wrong), then how training went, then what it was trained
+    # with, then the rest.
     sections = [
         _header(models, run_dir, is_parent, data_dir.resolve()),
         _results_section(models),
         _misclassified_section(models, fig_dir, test_images),
         _curves_section(models, fig_dir),
+        _settings_section(models),
         _per_class_section(models, fig_dir),
         _summary_section(models),
         _rf_section(models),
         f"## Sample training images\n\nThe first {SAMPLES_PER_CLASS} training images of each class in file order:"
         f"\n\n![CIFAR-10 training images]({FIGURES_DIR}/{samples.name})",
+        _notes_section(models, run_dir, data_dir.resolve()),
     ]
     path = run_dir / REPORT
     tmp = path.with_name(path.name + ".tmp")

@@ -67,6 +67,7 @@ class Results:
     val_acc: float | None = None
     seconds_per_epoch: float | None = None  # the median of metrics.csv's seconds (read back from there)
     compile_seconds: float | None = None    # None unless compiled: the first step, compilation included
+    version: str | None = None              # the normlab that trained it (None: before 1.0.0, which did not write it)
     torch: str | None = None
     data_dir: str | None = None
     test_acc: float | None = None           # absent without the test set (--no-test)

@@ -13,6 +13,7 @@ import csv
 import json
 import os
 import statistics
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +25,10 @@ from normlab.device import Runtime
 from normlab.errors import ReportError, UsageError
 from normlab.norms import NORMS
 from normlab.plan import NOT_SWEPT, Grid, parse_grid, reads, sweep_cells
-from normlab.report import acc_cell, md_table, secs_cell
+from normlab.report import COMMAND_LEAD, acc_cell, md_table, secs_cell
 from normlab.rundir import (CONFIG, FIGURES, Results, RunDir, atomic_write, atomic_write_text, cell_folder, check_writable, command, csv_cell,
                             unwritable)
+from normlab.version import UNRECORDED, __version__
 
 MANIFEST = "sweep.json"   # written before anything trains: the grid, norms, seeds and base settings
 TABLE = "sweep.csv"       # one row per cell and seed, from the run folders
@@ -125,6 +127,7 @@ def collect(parent: Path, manifest: Manifest) -> list[dict[str, Any]]:
                **{k: getattr(cfg, k) for k in SETTINGS}, **{k: getattr(results, k, None) for k in RESULT_COLUMNS}}
         row["cell"] = cell  # the swept settings this norm reads (not a column of sweep.csv)
         row["data_dir"] = getattr(results, "data_dir", None)  # the data the model read (not a column either)
+        row["version"] = getattr(results, "version", None)    # the normlab version that trained it (not a column either)
         rows.append(row)
     return rows
 
@@ -218,7 +221,7 @@ def paired_differences(manifest: Manifest, rows: list[dict[str, Any]]) -> list[d
 
 
 def paired_table(manifest: Manifest, rows: list[dict[str, Any]]) -> str:
-    """The markdown table of ``paired_differences``, with issue 17's rule: a change is kept only if its mean gain
+    """The markdown table of ``paired_differences``, with the decision rule: a change is kept only if its mean gain
     exceeds the spread (sample standard deviation) of the paired differences."""
     what = {"test_acc": "test", "val_acc": "validation"}.get(metric(rows) or "", "")
     table = []
@@ -336,6 +339,15 @@ def _data_dir(finished: list[dict[str, Any]]) -> str | None:
     return next((r["data_dir"] for r in finished if r.get("data_dir")), None)
 
 
+def _trained_by(finished: list[dict[str, Any]]) -> str:
+    """The normlab version(s) that trained the finished models ("before 1.0.0" where results.json names none), each
+    with its number of models where they differ."""
+    counts = Counter(r["version"] or UNRECORDED for r in finished)
+    if len(counts) == 1:
+        return next(iter(counts))
+    return ", ".join(f"{v} ({n} model{'s' * (n > 1)})" for v, n in counts.items())
+
+
 def _write_report(parent: Path, manifest: Manifest, rows: list[dict[str, Any]]) -> Path:
     finished = [r for r in rows if r["status"] == FINISHED]
     shown = metric(finished)
@@ -346,7 +358,8 @@ def _write_report(parent: Path, manifest: Manifest, rows: list[dict[str, Any]]) 
     parts = [f"# normlab sweep: `{parent}`",
              f"{', '.join(f'{NORMS[n].label} ({n})' for n in manifest.norms)} x {grid} x {seeds}: "
              f"{len(rows)} models, {len(finished)} finished.",
-             f"The command line that trains it again:\n\n```sh\n{manifest.command(parent, _data_dir(finished))}\n```",
+             (f"Trained by normlab {_trained_by(finished)}; this page" if finished else "This page") + f" written by normlab {__version__}.",
+             f"{COMMAND_LEAD}\n\n```sh\n{manifest.command(parent, _data_dir(finished))}\n```",
              "Every other setting is the same in every model: `config.json` of each run folder has them all; `sweep.csv` has one "
              f"row per model (every setting, accuracies, seconds per epoch, wall time, device). Rebuild this page with "
              f"`normlab report {parent}`.",
