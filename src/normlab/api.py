@@ -23,16 +23,16 @@ import numpy as np
 import torch
 
 from normlab import data as D
-from normlab import folders
 from normlab.capture import settle
 from normlab.config import MAX_EPOCHS, Config, parse_widths, setting_fields
 from normlab.device import Runtime, device_name, peak_rss_mib, set_threads, setup
-from normlab.errors import ConfigError, TrainingError, UsageError
+from normlab.errors import ConfigError, DiskFullError, NormlabError, TrainingError, UsageError
+from normlab.lock import FolderLock
 from normlab.models import PARAM_BUDGET, count_params
 from normlab.norms import DEFAULT_NORMS, NORMS
 from normlab.plan import execute, parse_grid, plan_models, plan_sweep, same_data
 from normlab.result import Prediction, RunResult, TrainResult
-from normlab.rundir import RunDir, check_same_data, find_runs, load_model, median_epoch_seconds
+from normlab.rundir import CONFIG, DATA, RunDir, check_same_data, find_runs, load_model, median_epoch_seconds
 from normlab.loop import Diverged, Trainer, evaluate as evaluate_model, infer
 
 if TYPE_CHECKING:
@@ -112,30 +112,35 @@ def train(cfg: Config | None = None, data_dir: str | os.PathLike | None = None, 
     cfg.validate()
     started = time.perf_counter()
     rd = RunDir(out)
-    if resume:
-        if not rd.has_config:
-            raise TrainingError(f"{rd} is not a normlab run that can be resumed (no config.json); start it with normlab train --out {rd}")
-        cfg = rd.read_config()  # a resumed run keeps the settings it was started with
-        if not rd.has_checkpoint:  # stopped within its first epoch: nothing to keep, start it again
-            resume = False
-            log(f"{rd} stopped before its first epoch ended; starting it again with its saved settings")
-    elif rd.finished or rd.has_checkpoint:
-        raise TrainingError(f"{rd} already holds a run; resume it with --resume, or choose another --out")
-    had_config = rd.has_config
-    recorded = rd.read_data() if had_config else None
-    if data_dir is None and recorded is not None:  # a resumed run finds its own data, not $NORMLAB_DATA's
-        data_dir = recorded["data_dir"]
+    if resume and not rd.has_config:
+        raise TrainingError(f"{rd} is not a normlab run that can be resumed (no config.json); start it with normlab train --out {rd}")
     created = rd.check_writable()
-    try:
-        _train(cfg, D.resolve_data_dir(data_dir), rd, resume, runtime, log, started, recorded)
-    except KeyboardInterrupt:
-        raise  # resumable: config.json (and any checkpoint) stay, and the CLI prints the command that resumes
-    except BaseException:
-        if not rd.has_checkpoint:  # nothing worth keeping: remove what this call made
-            if not had_config:
-                (rd / "config.json").unlink(missing_ok=True)
-            folders.remove_empty(created)
-        raise
+    with FolderLock(rd.path, created):  # one writer per folder for the whole training; a second one is refused (Busy)
+        # Looked at under the lock: a run that another process ended a moment ago is seen
+        if resume:
+            cfg = rd.read_config()  # a resumed run keeps the settings it was started with
+            rd.check_record()
+            if not rd.has_checkpoint:  # stopped within its first epoch: nothing to keep, start it again
+                resume = False
+                log(f"{rd} stopped before its first epoch ended; starting it again with its saved settings")
+        elif rd.has_results or rd.has_checkpoint:
+            raise TrainingError(f"{rd} already holds a run; resume it with --resume, or choose another --out")
+        had_config = rd.has_config
+        recorded = rd.read_data() if had_config else None
+        if data_dir is None and recorded is not None:  # a resumed run finds its own data, not $NORMLAB_DATA's
+            data_dir = recorded["data_dir"]
+        try:
+            _train(cfg, D.resolve_data_dir(data_dir), rd, resume, runtime, log, started, recorded)
+        except KeyboardInterrupt:
+            raise  # resumable: config.json (and any checkpoint) stay, and the CLI prints the command that resumes
+        except BaseException as e:
+            if not rd.has_checkpoint and not had_config:  # nothing worth keeping: remove what this call wrote
+                for name in (CONFIG, DATA):  # (the folders it made go once the lock is released)
+                    (rd / name).unlink(missing_ok=True)
+            if isinstance(e, DiskFullError):
+                kept = "its last complete epoch is kept: resume it with --resume once there is room" if rd.has_checkpoint else "nothing was kept"
+                raise DiskFullError(f"{e}; {kept}") from None
+            raise
     return TrainResult.load(rd.path)
 
 
@@ -286,13 +291,19 @@ def sweep(base: Config | None = None, data_dir: str | os.PathLike | None = None,
         failures = execute_ray(plan, train, data_dir, runtime, ray_options, parent, resume, log)
     else:  # data_dir stays None if not given: a resumed model then finds the data it started on (data.json)
         failures = execute(plan, train, data_dir, runtime, jobs, log, keep_going=True)
-    result = S.write_sweep(parent, report=report)
+    try:
+        result, unwritten = S.write_sweep(parent, report=report), None
+    except NormlabError as e:  # e.g. a full disk: the failed models still come first
+        if not failures:
+            raise
+        result, unwritten = None, e
     if failures:
         from normlab.errors import SweepError
 
         failed = "; ".join(f"{j.out.relative_to(parent).as_posix()} ({' '.join(str(e).split()) or type(e).__name__})" for j, e in failures)
+        table = f"{S.TABLE} in {parent} has them all" if unwritten is None else f"the sweep's files could not be written ({unwritten})"
         raise SweepError(f"{len(failures)} of the {len(todo)} models of the sweep failed: {failed}. The others finished and "
-                         f"{S.TABLE} in {parent} has them all; once the cause is fixed, train the failed ones with: {hint}", result)
+                         f"{table}; once the cause is fixed, train the failed ones with: {hint}", result)
     return result
 
 

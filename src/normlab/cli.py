@@ -109,6 +109,7 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     cfg, runtime = config_from(args), training_runtime(args, argv)
     out = Path(args.resume or args.out or f"runs/{cfg.norm}")
     if args.resume is not None and RunDir(out).finished:
+        RunDir(out).check_record()  # a folder two runs wrote into is no finished run
         print(f"{out}: finished earlier, nothing to resume")  # and nothing is rewritten
         return 0
     api.train(cfg, args.data_dir, out, resume=args.resume is not None, runtime=runtime)

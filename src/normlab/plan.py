@@ -24,7 +24,7 @@ from normlab.config import Config, format_value, parse_widths, setting_fields
 from normlab.device import Runtime, set_threads, worker_devices
 from normlab.errors import ConfigError, UsageError
 from normlab.norms import NORMS
-from normlab.rundir import RunDir, check_same_data, model_folder
+from normlab.rundir import RunDir, check_same_data, missing_model, model_folder
 
 SKIP, RESUME, NEW = "skip", "resume", "new"
 
@@ -68,11 +68,16 @@ def _check_norms_and_seeds(norms: Sequence[str], seeds: int) -> None:
 def _job(cfg: Config, folder: Path, resume: bool, resume_hint: str) -> Job:
     """The job of one model folder: skip it (finished), resume it, or start it; refused without ``resume`` if it holds a run."""
     rd = RunDir(folder)
-    if rd.finished:
+    if rd.has_results:
         if not resume:
             raise UsageError(f"{rd} already holds a finished run; use --resume to skip finished models, or choose another --out")
+        rd.check_record(UsageError)
         check_same_settings(rd.path, cfg)
-        return Job(cfg, rd.path, SKIP)
+        if rd.finished:
+            return Job(cfg, rd.path, SKIP)
+        if not rd.has_checkpoint:
+            raise UsageError(missing_model(rd.path, resume_hint))
+        return Job(cfg, rd.path, RESUME)  # its model.pt was deleted: its last checkpoint writes it again
     if rd.has_checkpoint:
         if not resume:
             raise UsageError(f"{rd} holds an unfinished run; continue it with: {resume_hint}")

@@ -23,7 +23,7 @@ from normlab.config import MAX_EPOCHS, Config, format_value, setting_fields
 from normlab.errors import ReportError
 from normlab.models import PARAM_BUDGET, Net, model_summary, receptive_field
 from normlab.norms import DEFAULT_NORMS, NORMS
-from normlab.rundir import FIGURES, REPORT, Run, find_runs
+from normlab.rundir import FIGURES, REPORT, Run, atomic_write_text, find_runs
 
 TARGET_ACC = 0.70        # the assignment's floor for test accuracy
 N_MISCLASSIFIED = 10     # images per misclassified grid (5 rows x 2 columns)
@@ -424,7 +424,5 @@ def write_report(run_dir: Path, data_dir: str | os.PathLike | None = None) -> Pa
         f"\n\n![CIFAR-10 training images]({FIGURES_DIR}/{samples.name})",
     ]
     path = run_dir / REPORT
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n\n".join(sections) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n\n".join(sections) + "\n")
     return path
