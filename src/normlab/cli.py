@@ -9,16 +9,18 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import sys
 from pathlib import Path
 
+from normlab import stops
 from normlab.config import MAX_EPOCHS, Config, flag_of, format_value, parse_widths, setting_fields
 from normlab.device import COMPILE, PRECISIONS, Runtime, set_threads
-from normlab.errors import NormlabError
+from normlab.errors import NormlabError, no_space
 from normlab.norms import DEFAULT_NORMS, NORMS
 
 DEFAULTS = Config()
-EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
+EXIT_ERROR = 2
 
 
 def _widths(text: str) -> tuple[int, int, int]:
@@ -275,16 +277,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args, argv)
-    except KeyboardInterrupt:
-        hint = resume_command(argv, args) if args.command in ("train", "run", "sweep") else None
-        msg = "normlab: interrupted; the last complete epoch is kept" + (f". Resume with: {hint}" if hint else "")
-        print(msg, file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except (NormlabError, ValueError, OSError) as e:
-        print("normlab: error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, always
-        return EXIT_ERROR
+    with stops.sigterm_stops():  # SIGTERM ends a command as Ctrl-C does: workers stopped, the resume line, no traceback
+        try:
+            return args.func(args, argv)
+        except KeyboardInterrupt as stop:
+            hint = resume_command(argv, args) if args.command in ("train", "run", "sweep") else None
+            what = "stopped (SIGTERM)" if stops.received(stop) == signal.SIGTERM else "interrupted"
+            msg = f"normlab: {what}; the last complete epoch is kept" + (f". Resume with: {hint}" if hint else "")
+            print(msg, file=sys.stderr)
+            return stops.exit_status(stop)  # 130 after Ctrl-C, 143 after SIGTERM
+        except (NormlabError, ValueError, OSError) as e:
+            if isinstance(e, OSError) and e.filename and no_space(e, e.filename):  # e.g. --json on a full disk
+                e = no_space(e, e.filename)
+            print("normlab: error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, always
+            return EXIT_ERROR
 
 
 if __name__ == "__main__":

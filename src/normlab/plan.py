@@ -11,15 +11,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import itertools
-import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, as_completed, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from normlab import data as D
+from normlab import workers
 from normlab.config import Config, format_value, parse_widths, setting_fields
 from normlab.device import Runtime, set_threads, worker_devices
 from normlab.errors import ConfigError, UsageError
@@ -215,7 +214,7 @@ def execute(jobs: Sequence[Job], train: TrainFn, data_dir: Path, runtime: Runtim
     """Train the jobs not skipped: one after another here, or ``n_jobs`` at a time in worker processes.
 
     By default a first failure stops the plan (with workers: the models not yet started are
-    cancelled, those training finish) and is raised. With ``keep_going`` (a sweep) every other job
+    not started, those training finish) and is raised. With ``keep_going`` (a sweep) every other job
     still trains and the failures are returned. Every finished model keeps its folder either way."""
     if n_jobs < 1:
         raise ConfigError(f"--jobs must be at least 1 (got {n_jobs})")
@@ -237,20 +236,20 @@ def execute(jobs: Sequence[Job], train: TrainFn, data_dir: Path, runtime: Runtim
     worker_runtime = dataclasses.replace(runtime, threads=per_job, progress=False)  # several bars on one terminal garble
     devices = worker_devices(runtime, len(todo))  # on a machine with GPUs: the visible GPUs in turn
     # A fresh process per model (spawned: no forked thread pools): clean threads and its own peak-memory figure.
-    with ProcessPoolExecutor(n_jobs, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
-        futures = [pool.submit(_worker, train, j, data_dir, dataclasses.replace(worker_runtime, device=d)) for j, d in zip(todo, devices)]
-        if keep_going:
-            job_of = dict(zip(futures, todo))
-            for f in as_completed(futures):
-                if f.exception() is not None:
-                    failures.append((job_of[f], f.exception()))
-                    log(f"{job_of[f].out}: FAILED: {f.exception()}")
-            return failures
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        failed = next((f.exception() for f in done if f.exception()), None)
-        if failed:
-            pool.shutdown(cancel_futures=True)  # drops the models not yet started, waits for the running ones
-            raise failed
+    tasks = [(_worker, (train, j, data_dir, dataclasses.replace(worker_runtime, device=d))) for j, d in zip(todo, devices)]
+    first: list[BaseException] = []
+
+    def done(i: int, error: BaseException | None) -> bool:
+        if error is not None and keep_going:
+            failures.append((todo[i], error))
+            log(f"{todo[i].out}: FAILED: {error}")
+        elif error is not None:
+            first.append(error)  # the models not yet started are not started, those training finish
+        return not first
+
+    workers.run(tasks, n_jobs, done)  # Ctrl-C or SIGTERM: queued models never start, running ones stop at once
+    if first:
+        raise first[0]
     return failures
 
 
