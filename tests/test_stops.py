@@ -55,11 +55,12 @@ def gone(pid: int) -> bool:
         return True
 
 
-def start_and_stop(argv: list[str], out: Path, sig: int, group: bool) -> tuple[subprocess.Popen, str, list[int]]:
-    """Start ``argv`` in its own process group; once a model has saved an epoch, send ``sig`` to it or to the group."""
+def start_and_stop(argv: list[str], out: Path, sig: int, group: bool, early: bool = False) -> tuple[subprocess.Popen, str, list[int]]:
+    """Start ``argv`` in its own process group; once a model has saved an epoch (``early``: once its worker processes
+    are starting up), send ``sig`` to it or to the group."""
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
     deadline = time.monotonic() + 180
-    while not list(out.rglob("checkpoint.pt")):
+    while not (len(workers_of(p.pid)) == 2 if early else list(out.rglob("checkpoint.pt"))):
         assert p.poll() is None, p.communicate()
         assert time.monotonic() < deadline, "no epoch saved in 180 s"
         time.sleep(0.02)
@@ -69,12 +70,13 @@ def start_and_stop(argv: list[str], out: Path, sig: int, group: bool) -> tuple[s
     return p, err, workers
 
 
-@pytest.mark.parametrize("sig, group", [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGINT, True)],
-                         ids=["sigterm-main", "sigint-main", "ctrl-c-group"])
-def test_a_stopped_sweep_stops_its_workers_and_resumes(data_dir, tmp_path, sig, group):
+@pytest.mark.parametrize("sig, group, early", [(signal.SIGTERM, False, False), (signal.SIGINT, False, False), (signal.SIGINT, True, False),
+                                               (signal.SIGINT, True, True)],
+                         ids=["sigterm-main", "sigint-main", "ctrl-c-group", "ctrl-c-group-in-start-up"])
+def test_a_stopped_sweep_stops_its_workers_and_resumes(data_dir, tmp_path, sig, group, early):
     out = tmp_path / "sweep"
     p, err, workers = start_and_stop(normlab("sweep", "--data-dir", str(data_dir), *SWEEP, "--jobs", "2", "--out", str(out)),
-                                     out, sig, group)
+                                     out, sig, group, early)
     assert p.returncode == STATUS[sig]
     what = "interrupted" if sig == signal.SIGINT else "stopped (SIGTERM)"
     assert err.count("\n") == 1 and "Traceback" not in err, err
@@ -82,7 +84,7 @@ def test_a_stopped_sweep_stops_its_workers_and_resumes(data_dir, tmp_path, sig, 
     assert workers and all(gone(w) for w in workers)  # no worker outlives the command
     assert not (out / "ln").exists()  # the queued model never started
     assert not list(out.rglob("results.json")) and not list(out.rglob("*.tmp")) and not list(out.rglob(LOCK))
-    if group:  # the printed command, at once: the workers' folders are free
+    if group and not early:  # the printed command, at once: the workers' folders are free
         command = shlex.split(err.split("Resume with: ", 1)[1])
         done = subprocess.run(normlab(*command[1:]), capture_output=True, text=True, env=ENV, timeout=300)
         assert done.returncode == 0, done.stderr

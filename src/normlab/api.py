@@ -106,7 +106,8 @@ def train(cfg: Config | None = None, data_dir: str | os.PathLike | None = None, 
     into a fresh folder runs/NORM-DATE-TIME. With ``resume`` the folder's own settings are used and
     training continues from its last complete epoch. A run that fails before its first epoch is
     complete leaves nothing behind (except after Ctrl-C, when its saved settings let ``--resume``
-    start it again)."""
+    start it again). The folder is locked while it trains: another process writing into it is
+    refused (``lock.Busy``), and so is this call if another holds it."""
     cfg, runtime = options(cfg, runtime, settings)  # the runtime validated
     out = out_folder(out, resume, cfg.norm, "the run folder to continue: pass out=RUN_FOLDER")
     cfg.validate()

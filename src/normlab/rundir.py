@@ -23,10 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from normlab import folders
+from normlab import folders, lock
 from normlab.config import Config, format_value
 from normlab.data import CLASSES
-from normlab import lock
 from normlab.errors import NormlabError, ReportError, TrainingError, no_space
 from normlab.norms import NORMS
 
@@ -281,6 +280,8 @@ RECORD_KEYS = ("norm", "seed", "epochs")  # in config.json, results.json and che
 def check_agree(folder: Path, config: dict[str, Any], name: str, other: dict[str, Any], error: type[NormlabError] = ReportError) -> None:
     """Refuse a run folder whose config.json (``config``) and ``name`` (``other``) name another norm, seed or number of
     epochs: two runs wrote into it at once, and its files mix them."""
+    if not (isinstance(config, dict) and isinstance(other, dict)):
+        return  # not a record at all: its readers say so in their own words
     diff = [k for k in RECORD_KEYS if k in other and other.get(k) != config.get(k)]
     if diff:
         says = lambda d: ", ".join(f"{k} {d.get(k)}" for k in diff)  # noqa: E731
