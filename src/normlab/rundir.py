@@ -74,8 +74,8 @@ def atomic_save(obj: Any, path: Path) -> None:
         try:
             torch.save(obj, tmp)  # to the path: the archive inside is named after the file, as it always was
             return
-        except RuntimeError as e:  # its traceback holds torch's writer, whose open file would keep the space taken
-            failed = e.with_traceback(None)
+        except RuntimeError as e:  # its traceback and context hold torch's writer, whose open file keeps the space taken
+            failed = RuntimeError(str(e))
         # torch's writer says "unexpected pos", not why: the same bytes written by Python say it (ENOSPC...)
         blob = _serialized(obj)
         try:
