@@ -325,7 +325,7 @@ def test_missing_data_and_no_network(tmp_path, capsys):
 
 def test_data_dir_is_a_file(tmp_path, capsys):
     (tmp_path / "file.txt").write_text("x")
-    fails(capsys, train_argv(tmp_path / "file.txt", tmp_path / "run"), "cannot create data folder", "--data-dir")
+    fails(capsys, train_argv(tmp_path / "file.txt", tmp_path / "run"), f"the data folder {tmp_path / 'file.txt'} is a file, not a folder", "--data-dir")
 
 
 def test_empty_data_folder(tmp_path, capsys):

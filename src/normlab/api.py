@@ -20,25 +20,27 @@ from typing import Any
 import torch
 
 from normlab import data as D
-from normlab import folders
 from normlab.cluster import RayOptions, execute_ray, import_ray
 from normlab.config import MAX_EPOCHS, Config, parse_widths, setting_fields
 from normlab.device import COMPILE, PRECISIONS, Runtime, device_name, peak_rss_mib, runtime_with, set_threads, setup
-from normlab.errors import ConfigError, SweepError, TrainingError, UsageError
+from normlab.errors import ConfigError, DiskFullError, NormlabError, SweepError, TrainingError, UsageError
+from normlab.lock import FolderLock
+from normlab.stops import exit_status as stop_exit_status, received as stop_signal, sigterm_stops
 from normlab.loop import Diverged, FinalScores, Trainer, build, evaluate as evaluate_model, placement
 from normlab.models import PARAM_BUDGET, count_params, model_summary
 from normlab.norms import DEFAULT_NORMS, NORMS
 from normlab.plan import SKIP, check_sizes, execute, parse_grid, plan_models, plan_sweep, same_data
 from normlab.report import write_report as write_run_report
 from normlab.result import RunResult, TrainResult, predict, predictions_table
-from normlab.rundir import (CHECKPOINT, CONFIG, Results, RunDir, check_same_data, command, find_runs, load_model,
+from normlab.rundir import (CHECKPOINT, CONFIG, DATA, Results, RunDir, check_same_data, command, find_runs, load_model,
                             median_epoch_seconds)
-from normlab.sweepdir import Manifest, SweepResult, is_sweep, write_manifest, write_sweep
+from normlab.sweepdir import TABLE, Manifest, SweepResult, is_sweep, write_manifest, write_sweep
 from normlab.version import __version__
 
 # What the command line reads from here (it talks to this module, config and errors only).
 __all__ = ["COMPILE", "DEFAULT_NORMS", "NORMS", "PRECISIONS", "Runtime", "command", "evaluate", "load", "parse_grid", "predict",
-           "predictions_table", "run", "set_threads", "summary", "sweep", "train", "write_report"]
+           "predictions_table", "run", "set_threads", "sigterm_stops", "stop_exit_status", "stop_signal", "summary", "sweep", "train",
+           "write_report"]
 
 Log = Callable[[str], None]
 
@@ -93,32 +95,50 @@ def train(cfg: Config | None = None, data_dir: str | os.PathLike | None = None, 
     into a fresh folder runs/NORM-DATE-TIME. With ``resume`` the folder's own settings are used and
     training continues from its last complete epoch (a finished folder is left as it is). A run that
     fails before its first epoch is complete leaves nothing behind (except after Ctrl-C, when its saved
-    settings let ``--resume`` start it again)."""
+    settings let ``--resume`` start it again). The folder is locked while it trains: another process
+    writing into it is refused (``lock.Busy``), and so is this call if another holds it."""
     cfg, runtime = options(cfg, runtime, settings)  # the runtime validated
     out = out_folder(out, resume, cfg.norm, "the run folder to continue: pass out=RUN_FOLDER")
     cfg.validate()
     started = time.perf_counter()
     rd = RunDir(out)
-    if resume and rd.finished:
-        log(f"{rd}: finished earlier, nothing to resume")  # and nothing is rewritten
-        return TrainResult.load(rd.path)
+    created = rd.check_writable()
+    with FolderLock(rd.path, created):  # one writer per folder for the whole training; a second one is refused (Busy)
+        # Looked at under the lock: a run that another process ended a moment ago is seen
+        if resume and rd.finished:
+            rd.check_record()  # a folder two runs wrote into is no finished run
+            log(f"{rd}: finished earlier, nothing to resume")  # and nothing is rewritten
+        else:
+            _train_locked(rd, cfg, resume, data_dir, runtime, log, started)
+    return TrainResult.load(rd.path)  # read once the lock is released: a reader refuses a folder being written
+
+
+def _train_locked(rd: RunDir, cfg: Config, resume: bool, data_dir: str | os.PathLike | None, runtime: Runtime, log: Log,
+                  started: float) -> None:
+    """Train into ``rd`` while holding its lock: resumed or fresh, its data found, what a failure leaves taken back."""
     cfg, resume = _resumed(rd, cfg, resume, data_dir, runtime, log)
     had_config = rd.has_config
     recorded = rd.read_data() if had_config else None
     if data_dir is None and recorded is not None:  # a resumed run finds its own data, not $NORMLAB_DATA's
         data_dir = recorded["data_dir"]
-    created = rd.check_writable()
     try:
         _train(cfg, D.resolve_data_dir(data_dir), rd, resume, runtime, log, started, recorded)
     except KeyboardInterrupt:
         raise  # resumable: config.json (and any checkpoint) stay, and the CLI prints the command that resumes
-    except BaseException:
-        if not rd.has_checkpoint:  # nothing worth keeping: remove what this call made
-            if not had_config:
-                (rd / CONFIG).unlink(missing_ok=True)
-            folders.remove_empty(created)
+    except BaseException as e:
+        _discard_failed(rd, had_config, e)
         raise
-    return TrainResult.load(rd.path)
+
+
+def _discard_failed(rd: RunDir, had_config: bool, error: BaseException) -> None:
+    """After a failed training: remove the records this call wrote if no epoch was kept (the folders it made go once
+    the lock is released), and say on a full disk what was kept."""
+    if not rd.has_checkpoint and not had_config:
+        for name in (CONFIG, DATA):
+            (rd / name).unlink(missing_ok=True)
+    if isinstance(error, DiskFullError):
+        kept = "its last complete epoch is kept: resume it with --resume once there is room" if rd.has_checkpoint else "nothing was kept"
+        raise DiskFullError(f"{error}; {kept}") from None
 
 
 def _resumed(rd: RunDir, cfg: Config, resume: bool, data_dir: str | os.PathLike | None, runtime: Runtime,
@@ -131,6 +151,7 @@ def _resumed(rd: RunDir, cfg: Config, resume: bool, data_dir: str | os.PathLike 
     if not rd.has_config:
         raise TrainingError(f"{rd} is not a normlab run that can be resumed (no {CONFIG}); start it with normlab train --out {rd}")
     cfg = rd.read_config()  # a resumed run keeps the settings it was started with
+    rd.check_record()  # config.json and the results or checkpoint of one run, not of two
     if not rd.has_checkpoint:  # stopped within its first epoch: nothing to keep, start it again
         log(f"{rd} stopped before its first epoch ended; starting it again with its saved settings")
         return cfg, False
@@ -300,11 +321,17 @@ def sweep(base: Config | None = None, data_dir: str | os.PathLike | None = None,
         failures = execute_ray(plan, train, data_dir, runtime, ray_options, parent, resume, log)
     else:  # data_dir stays None if not given: a resumed model then finds the data it started on (data.json)
         failures = execute(plan, train, data_dir, runtime, jobs, log, keep_going=True)
-    result = write_sweep(parent, report=report)
+    try:
+        result, unwritten = write_sweep(parent, report=report), None
+    except NormlabError as e:  # e.g. a full disk: the failed models still come first
+        if not failures:
+            raise
+        result, unwritten = None, e
     if failures:
         failed = "; ".join(f"{j.out.relative_to(parent).as_posix()} ({' '.join(str(e).split()) or type(e).__name__})" for j, e in failures)
+        table = f"{TABLE} in {parent} has them all" if unwritten is None else f"the sweep's files could not be written ({unwritten})"
         raise SweepError(f"{len(failures)} of the {len(todo)} models of the sweep failed: {failed}. The others finished and "
-                         f"{result.csv.name} in {parent} has them all; once the cause is fixed, train the failed ones with: {hint}", result)
+                         f"{table}; once the cause is fixed, train the failed ones with: {hint}", result)
     return result
 
 

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
 from normlab import api
 from normlab.api import COMPILE, DEFAULT_NORMS, NORMS, PRECISIONS, Runtime, set_threads
 from normlab.config import Config, flag_of, format_value, parse_widths, setting_fields
-from normlab.errors import NormlabError
+from normlab.errors import NormlabError, no_space
 from normlab.version import __version__
 
 DEFAULTS = Config()
-EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
+EXIT_ERROR = 2
 
 
 def _widths(text: str) -> tuple[int, int, int]:
@@ -259,16 +260,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args, argv)
-    except KeyboardInterrupt:
-        hint = _resume_hint(args)
-        msg = "normlab: interrupted; the last complete epoch is kept" + (f". Resume with: {hint}" if hint else "")
-        print(msg, file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except (NormlabError, ValueError, OSError) as e:
-        print("normlab: error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, always
-        return EXIT_ERROR
+    with api.sigterm_stops():  # SIGTERM ends a command as Ctrl-C does: workers stopped, the resume line, no traceback
+        try:
+            return args.func(args, argv)
+        except KeyboardInterrupt as stop:
+            hint = _resume_hint(args)
+            what = "stopped (SIGTERM)" if api.stop_signal(stop) == signal.SIGTERM else "interrupted"
+            msg = f"normlab: {what}; the last complete epoch is kept" + (f". Resume with: {hint}" if hint else "")
+            print(msg, file=sys.stderr)
+            return api.stop_exit_status(stop)  # 130 after Ctrl-C, 143 after SIGTERM
+        except (NormlabError, ValueError, OSError) as e:
+            if isinstance(e, OSError) and e.filename and no_space(e, e.filename):  # e.g. --json on a full disk
+                e = no_space(e, e.filename)
+            print("normlab: error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, always
+            return EXIT_ERROR
 
 
 def _resume_hint(args: argparse.Namespace) -> str | None:

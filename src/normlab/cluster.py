@@ -37,11 +37,13 @@ from pathlib import Path
 from typing import Any
 
 from normlab import data as D
+from normlab import folders, stops
 from normlab.config import Config
 from normlab.device import Runtime, set_threads, worker_runtimes
-from normlab.errors import ConfigError, NormlabError, UsageError
+from normlab.errors import ConfigError, DiskFullError, NormlabError, UsageError
+from normlab.lock import FolderLock
 from normlab.plan import RESUME, SKIP, Failures, Job, TrainFn
-from normlab.rundir import CHECKPOINT, CONFIG, RESULTS, RunDir, atomic_write, atomic_write_bytes, load_pt
+from normlab.rundir import CHECKPOINT, CONFIG, RESULTS, RunDir, atomic_write_bytes, load_pt
 
 EXTRA = "pip install 'normlab[ray]'"
 SCRATCH = "normlab-scratch"   # under the node's temporary folder, unless --ray-scratch names another
@@ -208,7 +210,10 @@ def execute_ray(jobs: Sequence[Job], train: TrainFn, data_dir: str | os.PathLike
     if not todo:
         return []
     owned = connect(options, log)
+    stops.retake()  # ray.init's own SIGTERM handler exits at once: SIGTERM cancels the tasks as Ctrl-C does
     pending: dict[Any, Job] = {}
+    locks: dict[Path, FolderLock] = {}  # the driver writes each model's files: it holds their folders until they are in
+    failures: Failures = []
     try:
         check_resources(options)
         digest, files = data_payload(data_dir)
@@ -219,27 +224,37 @@ def execute_ray(jobs: Sequence[Job], train: TrainFn, data_dir: str | os.PathLike
         task = ray.remote(num_cpus=options.cpus, num_gpus=options.gpus, max_retries=options.retries, retry_exceptions=False)(_run_model)
         key, attempt = sweep_key(parent), uuid.uuid4().hex
         for j in todo:
+            try:
+                locks[j.out] = FolderLock(j.out, folders.make(j.out)).acquire()
+            except (NormlabError, OSError) as e:  # Busy: another normlab writes there, this model is left to it
+                e = e if isinstance(e, NormlabError) else UsageError(f"cannot write into {j.out} ({e.strerror or e})")
+                failures.append((j, e))
+                log(f"{j.out}: FAILED: {e}")
+                continue
             rel = j.out.relative_to(parent).as_posix()
             shipped = _folder_files(j.out) if j.action == RESUME else {}
             ref = task.options(name=f"normlab {rel}").remote(train, j.cfg.to_dict(), f"{key}/{rel}", attempt, shipped, data,
                                                               worker_runtime, options.scratch, resume)
             pending[ref] = j
         gpus = f", {options.gpus:g} GPU(s)" if options.gpus else ""
-        log(f"Ray: {len(todo)} model{'s' * (len(todo) > 1)} submitted, each with {options.cpus:g} CPU(s){gpus} and {threads} thread(s); "
+        log(f"Ray: {len(pending)} model{'s' * (len(pending) > 1)} submitted, each with {options.cpus:g} CPU(s){gpus} and {threads} thread(s); "
             f"cluster: {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs")
-        return _collect(ray, pending, options, log)
+        return _collect(ray, pending, options, log, locks, failures)
     except KeyboardInterrupt:
         for ref in pending:  # the nodes keep each model's last checkpoint in their scratch folder for --resume
             ray.cancel(ref, force=True)
         raise
     finally:
+        for held in locks.values():
+            held.release()
         if owned:
             ray.shutdown()
 
 
-def _collect(ray, pending: dict[Any, Job], options: RayOptions, log: Callable[[str], None]) -> Failures:
-    """Each task's files into its model's folder as it finishes (``pending`` empties as they do); the failures."""
-    failures: Failures = []
+def _collect(ray, pending: dict[Any, Job], options: RayOptions, log: Callable[[str], None], locks: dict[Path, FolderLock],
+             failures: Failures) -> Failures:
+    """Each task's files into its model's folder as it finishes (``pending`` empties as they do, and each folder's lock is
+    released once its files are in); ``failures`` with those of these tasks added."""
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         job = pending.pop(done[0])
@@ -263,6 +278,13 @@ def _collect(ray, pending: dict[Any, Job], options: RayOptions, log: Callable[[s
             failures.append((job, UsageError(f"trained, but its files cannot be written into {job.out} ({e.strerror or e})")))
             log(f"{job.out}: FAILED: cannot write its files ({e.strerror or e})")
             continue
+        except DiskFullError as e:  # what it wrote stays, results.json (written last) not: --resume ships it back
+            failures.append((job, e))
+            log(f"{job.out}: FAILED: {e}")
+            continue
+        finally:
+            if job.out in locks:
+                locks.pop(job.out).release()
         log(f"{job.out}: finished on {payload['host']}{_history(payload)}")
     return failures
 

@@ -12,7 +12,6 @@ import os
 import pickle
 import shutil
 import tarfile
-import tempfile
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from numpy._core.multiarray import _reconstruct
 from numpy._core.numeric import _frombuffer
 
 from normlab import folders
-from normlab.errors import DataError
+from normlab.errors import DataError, no_space
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -36,6 +35,7 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 MEAN = (125.31 / 255, 122.95 / 255, 113.87 / 255)  # training-set channel means (of 1)
 STD = (0.2470, 0.2435, 0.2616)                     # training-set channel standard deviations
 DEFAULT_DIR = "./data"
+NEEDED_BYTES = 341_000_000  # the archive (163 MB), kept, and what it extracts to (178 MB)
 REPLACE_BATCH = "replace the file or delete the folder to download it again"  # the way out of a damaged batch file
 
 
@@ -71,7 +71,8 @@ def download(root: Path, url: str | None = None, md5: str | None = None) -> None
     try:
         made = folders.make(root)  # removed again if the download fails
     except OSError as e:
-        raise DataError(f"cannot create data folder {root} ({e.strerror or e}); pass --data-dir DIR (a folder that holds {FOLDER}/ or can receive it)") from None
+        raise (no_space(e, root / FOLDER, NEEDED_BYTES) or DataError(
+            f"cannot create data folder {root} ({e.strerror or e}); pass --data-dir DIR (a folder that holds {FOLDER}/ or can receive it)")) from None
     archive = root / Path(url).name
     if not archive.exists():
         partial = archive.with_suffix(archive.suffix + ".part")
@@ -82,6 +83,8 @@ def download(root: Path, url: str | None = None, md5: str | None = None) -> None
         except OSError as e:
             partial.unlink(missing_ok=True)
             folders.remove_empty(made)
+            if (full := no_space(e, partial, NEEDED_BYTES)) is not None:
+                raise full from None
             raise DataError(
                 f"CIFAR-10 not found in {root / FOLDER} and the download from {url} failed ({e}); "
                 "point normlab at a folder that holds cifar-10-batches-py/ with --data-dir DIR or NORMLAB_DATA=DIR"
@@ -94,7 +97,13 @@ def download(root: Path, url: str | None = None, md5: str | None = None) -> None
         partial.rename(archive)
     elif _md5(archive) != md5:
         raise DataError(f"archive {archive} has the wrong MD5 (expected {md5}); delete it and run again to download it afresh")
-    safe_extract(archive, root)
+    had_folder = (root / FOLDER).exists()
+    try:
+        safe_extract(archive, root)
+    except OSError as e:
+        if not had_folder:  # half a data set would later read as damaged batches
+            shutil.rmtree(root / FOLDER, ignore_errors=True)
+        raise (no_space(e, root / FOLDER, NEEDED_BYTES) or e) from None
 
 
 def _latin1_bytes(text: str, encoding: str) -> bytes:
@@ -167,10 +176,24 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data, labels.astype(np.int64)
 
 
+def _check_folder(root: Path) -> None:
+    """A data folder given as a file, or as a loop of symbolic links, is named as such (not "cannot create ... exists")."""
+    if root.is_dir():
+        return
+    if root.exists():
+        what = "is a file, not a folder"
+    elif (why := folders.why_missing(root)) != folders.MISSING:
+        what = f"cannot be opened: {why}"
+    else:
+        return  # absent: CIFAR-10 is downloaded into it
+    raise DataError(f"the data folder {root} {what}; pass --data-dir DIR, a folder that holds {FOLDER}/ (or none yet, to download CIFAR-10 into)")
+
+
 def load_split(root: str | os.PathLike, train: bool, allow_download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (N, 3, 32, 32) uint8 and labels (N,) int64 of the training or test split."""
     root = Path(root)
     folder = root / FOLDER
+    _check_folder(root)
     if not folder.is_dir():
         if not allow_download:
             raise DataError(f"no CIFAR-10 in {folder}; pass --data-dir DIR (a folder that holds {FOLDER}/) or set NORMLAB_DATA=DIR")

@@ -15,6 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure, SubFigure
 
 from normlab.data import CLASSES
+from normlab.rundir import atomic_write
 
 DPI = 110
 GRID_ROWS, GRID_COLS = 5, 2  # the misclassified grid: 5 rows x 2 columns = 10 images
@@ -24,8 +25,8 @@ MONITORING_NOTE = "test: monitoring only: no epoch, seed or setting is chosen by
 
 
 def save(fig: Figure, path: Path) -> Path:
-    """Write ``fig`` as a PNG at ``path``; returns the path."""
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    """Write ``fig`` as a PNG at ``path`` (whole or not at all); returns the path."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight"))
     return path
 
 

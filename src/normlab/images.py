@@ -9,11 +9,13 @@ formats below are ever used: a file is read as pixels, never handed to an outsid
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from normlab import folders
 from normlab.data import IMAGE_SIZE as SIZE  # CIFAR-10's side, in pixels
 from normlab.errors import UsageError
 
@@ -36,7 +38,7 @@ def expand(path: str | os.PathLike) -> list[Path]:
             raise ImageError(f"{path}: the folder holds no image files ({', '.join(SUFFIXES)}); skipped")
         return found
     if not path.is_file():
-        raise ImageError(f"{path}: no such file or folder; skipped")
+        raise ImageError(f"{path}: {folders.why_missing(path)}; skipped")
     return [path]  # named on purpose: tried whatever its suffix
 
 
@@ -44,7 +46,14 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     """The image at ``path`` as the network sees it: (3, 32, 32) uint8 RGB. ``ImageError`` if it cannot be read."""
     path = Path(path)
     try:
-        with Image.open(path, formats=FORMATS) as im:
+        with warnings.catch_warnings():  # Pillow warns of images above MAX_IMAGE_PIXELS: refused below in one line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path, formats=FORMATS)
+        with im:
+            w, h = im.size
+            if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+                raise ImageError(f"{path}: too large to read safely ({w:,}x{h:,} = {w * h:,} pixels; normlab reads up to "
+                                 f"{Image.MAX_IMAGE_PIXELS:,}, Pillow's guard against decompression bombs); shrink it first; skipped")
             im.load()  # Pillow decodes lazily: a truncated file fails here, not later
             im = ImageOps.exif_transpose(im)
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
@@ -60,7 +69,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     except (PermissionError, FileNotFoundError, IsADirectoryError) as e:
         raise ImageError(f"{path}: cannot be read ({e.strerror or type(e).__name__}); skipped") from None
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{path}: too large to read safely ({e}); skipped") from None
+        raise ImageError(f"{path}: too large to read safely ({e}); shrink it first; skipped") from None
     except (OSError, ValueError, SyntaxError) as e:  # truncated or damaged data (Pillow raises all three)
         raise ImageError(f"{path}: a damaged or truncated image ({' '.join(str(e).split()) or type(e).__name__}); skipped") from None
     return np.ascontiguousarray(np.asarray(small, dtype=np.uint8).transpose(2, 0, 1))  # (32, 32, 3) -> (3, 32, 32)

@@ -11,20 +11,19 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import itertools
-import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, as_completed, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from normlab import data as D
+from normlab import workers
 from normlab.config import Config, format_value, parse_widths, setting_fields
 from normlab.device import Runtime, set_threads, worker_runtimes
 from normlab.errors import ConfigError, UsageError
 from normlab.norms import NORMS
-from normlab.rundir import CONFIG, RunDir, cell_folder, check_same_data, model_folder
+from normlab.rundir import CONFIG, RunDir, cell_folder, check_same_data, missing_model, model_folder
 
 SKIP, RESUME, NEW = "skip", "resume", "new"
 
@@ -70,9 +69,17 @@ def _job(cfg: Config, folder: Path, resume: bool, resume_hint: str) -> Job:
     rd = RunDir(folder)
     if not resume:
         rd.check_free(resume_hint)
-    if rd.finished or rd.has_checkpoint:
+    if rd.has_results:
+        rd.check_record(UsageError)
         check_same_settings(rd.path, cfg)
-        return Job(cfg, rd.path, SKIP if rd.finished else RESUME)
+        if rd.finished:
+            return Job(cfg, rd.path, SKIP)
+        if not rd.has_checkpoint:
+            raise UsageError(missing_model(rd.path, resume_hint))
+        return Job(cfg, rd.path, RESUME)  # its model.pt was deleted: its last checkpoint writes it again
+    if rd.has_checkpoint:
+        check_same_settings(rd.path, cfg)
+        return Job(cfg, rd.path, RESUME)
     return Job(cfg, rd.path, NEW)
 
 
@@ -197,7 +204,7 @@ def execute(jobs: Sequence[Job], train: TrainFn, data_dir: Path, runtime: Runtim
     """Train the jobs not skipped: one after another here, or ``n_jobs`` at a time in worker processes.
 
     By default a first failure stops the plan (with workers: the models not yet started are
-    cancelled, those training finish) and is raised. With ``keep_going`` (a sweep) every other job
+    not started, those training finish) and is raised. With ``keep_going`` (a sweep) every other job
     still trains and the failures are returned. Every finished model keeps its folder either way."""
     check_sizes((), 1, n_jobs)
     todo = [j for j in jobs if j.action != SKIP]
@@ -216,20 +223,20 @@ def execute(jobs: Sequence[Job], train: TrainFn, data_dir: Path, runtime: Runtim
     runtimes = worker_runtimes(runtime, len(todo), (os.cpu_count() or 1) // n_jobs)  # each its share of the cores
     log(f"training {len(todo)} models, {n_jobs} at a time, {runtimes[0].threads} thread(s) each")
     # A fresh process per model (spawned: no forked thread pools): clean threads and its own peak-memory figure.
-    with ProcessPoolExecutor(n_jobs, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
-        futures = [pool.submit(_worker, train, j, data_dir, r) for j, r in zip(todo, runtimes)]
-        if keep_going:
-            job_of = dict(zip(futures, todo))
-            for f in as_completed(futures):
-                if f.exception() is not None:
-                    failures.append((job_of[f], f.exception()))
-                    log(f"{job_of[f].out}: FAILED: {f.exception()}")
-            return failures
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        failed = next((f.exception() for f in done if f.exception()), None)
-        if failed:
-            pool.shutdown(cancel_futures=True)  # drops the models not yet started, waits for the running ones
-            raise failed
+    tasks = [(_worker, (train, j, data_dir, r)) for j, r in zip(todo, runtimes)]
+    first: list[BaseException] = []
+
+    def done(i: int, error: BaseException | None) -> bool:
+        if error is not None and keep_going:
+            failures.append((todo[i], error))
+            log(f"{todo[i].out}: FAILED: {error}")
+        elif error is not None:
+            first.append(error)  # the models not yet started are not started, those training finish
+        return not first
+
+    workers.run(tasks, n_jobs, done)  # Ctrl-C or SIGTERM: queued models never start, running ones stop at once
+    if first:
+        raise first[0]
     return failures
 
 

@@ -22,7 +22,7 @@ from normlab.config import MAX_EPOCHS, Config, format_value, setting_fields
 from normlab.errors import ReportError
 from normlab.models import PARAM_BUDGET, Net, model_summary, receptive_field
 from normlab.norms import NORMS
-from normlab.rundir import FIGURES, REPORT, Run, command, find_runs, shown_path
+from normlab.rundir import FIGURES, REPORT, Run, atomic_write_text, command, find_runs, shown_path
 from normlab.version import UNRECORDED, __version__
 
 TARGET_ACC = 0.70        # the prescribed floor for test accuracy
@@ -423,7 +423,5 @@ def write_report(run_dir: Path, data_dir: str | os.PathLike | None = None) -> Pa
         _notes_section(models, run_dir, data_dir.resolve()),
     ]
     path = run_dir / REPORT
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n\n".join(sections) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n\n".join(sections) + "\n")
     return path

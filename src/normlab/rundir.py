@@ -9,8 +9,10 @@ hold wrong numbers, never code that runs.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import io
 import json
 import os
 import shlex
@@ -23,10 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from normlab import folders
+from normlab import folders, lock
 from normlab.config import Config, format_value
 from normlab.data import CLASSES
-from normlab.errors import ReportError, TrainingError, UsageError
+from normlab.errors import NormlabError, ReportError, TrainingError, UsageError, no_space
 from normlab.models import Net
 from normlab.norms import DEFAULT_NORMS, NORMS
 
@@ -110,23 +112,51 @@ def median_epoch_seconds(rows: list[dict[str, Any]]) -> float | None:
     return statistics.median(secs) if secs else None
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write`` a temporary file beside ``path``, then rename it over ``path``."""
+def atomic_write(path: Path, write: Callable[[Path], None], size: int | None = None) -> None:
+    """``write`` a temporary file beside ``path``, then rename it over ``path``. A failed write removes the temporary
+    file (the old ``path`` stays whole); one for want of room (``size`` bytes, if known) is one ``DiskFullError`` line."""
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and (full := no_space(e, path, size)) is not None:
+            raise full from None
+        raise
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    def write(tmp: Path) -> None:
+        try:
+            torch.save(obj, tmp)  # to the path: the archive inside is named after the file, as it always was
+            return
+        except RuntimeError as e:  # its traceback and context hold torch's writer, whose open file keeps the space taken
+            failed = RuntimeError(str(e))
+        # torch's writer says "unexpected pos", not why: the same bytes written by Python say it (ENOSPC...)
+        blob = _serialized(obj)
+        try:
+            tmp.write_bytes(blob)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise (no_space(e, path, len(blob)) or e) from None
+        raise failed
+    atomic_write(path, write)
+
+
+def _serialized(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+    atomic_write_bytes(path, text.encode())
 
 
 def atomic_write_bytes(path: Path, blob: bytes) -> None:
-    atomic_write(path, lambda tmp: tmp.write_bytes(blob))
+    atomic_write(path, lambda tmp: tmp.write_bytes(blob), len(blob))
 
 
 def load_pt(path: Path) -> Any:
@@ -146,7 +176,7 @@ def check_writable(path: Path) -> list[Path]:
     folders it created, innermost first."""
     try:
         created = folders.make(Path(path))
-        probe = Path(path) / ".normlab-write-test"
+        probe = Path(path) / f".normlab-write-test-{os.getpid()}"  # two writers starting at once each have their own
         probe.write_text("")
         probe.unlink()
     except OSError as e:
@@ -173,6 +203,12 @@ class RunDir:
     # -- state
     @property
     def finished(self) -> bool:
+        """results.json and model.pt: a model whose model.pt was deleted is resumed from its last checkpoint, which
+        writes it again (the final evaluation only, no epoch trained)."""
+        return self.has_results and (self.path / MODEL).is_file()
+
+    @property
+    def has_results(self) -> bool:
         return (self.path / RESULTS).is_file()
 
     @property
@@ -193,7 +229,7 @@ class RunDir:
 
     def check_free(self, resume_hint: str) -> None:
         """Refuse to start a model in a folder that holds one (finished, or stopped with a checkpoint) without --resume."""
-        if self.finished:
+        if self.has_results:
             raise UsageError(f"{self} already holds a finished run; use --resume to skip finished models, or choose another --out")
         if self.has_checkpoint:
             raise UsageError(f"{self} holds an unfinished run; continue it with: {resume_hint}")
@@ -210,6 +246,11 @@ class RunDir:
             raise TrainingError(f"{self.path / CONFIG} is not a readable normlab config ({type(e).__name__}); "
                                 f"{self.path} cannot be resumed, start afresh with another --out") from None
 
+    def check_record(self, error: type[NormlabError] = TrainingError) -> None:
+        """Refuse a folder whose config.json and results.json disagree (norm, seed, epochs): two runs wrote into it."""
+        if self.has_config and self.has_results:
+            check_agree(self.path, _read_json(self.path / CONFIG), RESULTS, _read_json(self.path / RESULTS), error)
+
     def save_checkpoint(self, state: dict[str, Any], cfg: Config) -> None:
         atomic_save({**state, "config": cfg.to_dict()}, self.path / CHECKPOINT)
 
@@ -222,6 +263,8 @@ class RunDir:
                                 f"written by normlab (normlab loads no code from it); delete it to start the run afresh") from None
         if not isinstance(ck, dict):
             raise TrainingError(f"{path} is not a normlab checkpoint; delete it to start the run afresh")
+        if self.has_config and isinstance(ck.get("config"), dict):
+            check_agree(self.path, _read_json(self.path / CONFIG), CHECKPOINT, ck["config"], TrainingError)
         return ck
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
@@ -309,6 +352,21 @@ def check_same_data(folder: Path, data_dir: Path, recorded: dict[str, Any] | Non
             f"pass --data-dir {recorded['data_dir']} (or leave it out), or start afresh with another --out")
 
 
+RECORD_KEYS = ("norm", "seed", "epochs")  # in config.json, results.json and checkpoint.pt alike
+
+
+def check_agree(folder: Path, config: dict[str, Any], name: str, other: dict[str, Any], error: type[NormlabError] = ReportError) -> None:
+    """Refuse a run folder whose config.json (``config``) and ``name`` (``other``) name another norm, seed or number of
+    epochs: two runs wrote into it at once, and its files mix them."""
+    if not (isinstance(config, dict) and isinstance(other, dict)):
+        return  # not a record at all: its readers say so in their own words
+    diff = [k for k in RECORD_KEYS if k in other and other.get(k) != config.get(k)]
+    if diff:
+        says = lambda d: ", ".join(f"{k} {d.get(k)}" for k in diff)  # noqa: E731
+        raise error(f"{folder} holds the files of two runs: {CONFIG} says {says(config)}, {name} says {says(other)}; "
+                    "nothing in it can be trusted: train the model again into another --out")
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
@@ -320,7 +378,8 @@ def load_model(path: str | os.PathLike):
     """The network (on the CPU) and ``Config`` stored in a ``model.pt`` (or a per-epoch ``checkpoint.pt``)."""
     path = Path(path)
     if not path.is_file():
-        raise TrainingError(f"no checkpoint at {path}; pass the model.pt of a run folder")
+        why = "" if path.is_dir() or folders.why_missing(path) == folders.MISSING else f" ({folders.why_missing(path)})"
+        raise TrainingError(f"no checkpoint at {path}{why}; pass the model.pt of a run folder")
     try:
         ck = load_pt(path)
     except Exception as e:
@@ -359,23 +418,37 @@ class Run:
 def load_run(folder: Path, resume_hint: str) -> Run:
     """Read one finished model folder; ``resume_hint`` is the command that would finish it."""
     rd = RunDir(folder)
-    if not rd.finished:
+    if (pid := lock.holder(folder)) is not None:
+        raise ReportError(f"{folder} is being written by {lock.who(pid)} (normlab): run the report once it has finished")
+    if not rd.has_results:
         raise ReportError(f"{folder} has no {RESULTS}: the run did not finish; resume it with {resume_hint}")
     for name in (CONFIG, METRICS):
         if not (folder / name).is_file():
             raise ReportError(f"{folder} has {RESULTS} but no {name}: the run folder is incomplete; copy all of it again")
+    if not rd.finished:
+        raise ReportError(missing_model(folder, resume_hint))
     metrics = rd.read_metrics()
     results = rd.read_results(metrics)
     try:
         config = Config.from_dict(_read_json(folder / CONFIG))
     except TypeError as e:
         raise ReportError(f"{folder / CONFIG} does not describe a normlab run ({e})") from None
+    check_agree(folder, config.to_dict(), RESULTS, results.to_dict())
     labels = preds = probs = None
     if results.test_acc is not None:
         if not (folder / PREDICTIONS).is_file():
             raise ReportError(f"{folder} has a test accuracy but no {PREDICTIONS}: the run folder is incomplete; copy all of it again")
         labels, preds, probs = rd.read_predictions()
     return Run(folder, config, results, metrics, labels, preds, probs)
+
+
+def missing_model(folder: Path, resume_hint: str) -> str:
+    """What to do about a finished model whose model.pt is gone: its checkpoint writes it again, else nothing can."""
+    if RunDir(folder).has_checkpoint:
+        return (f"{folder} has {RESULTS} but no {MODEL} (deleted?); {resume_hint} writes it again from {CHECKPOINT} "
+                "(its final evaluation only, no epoch trained)")
+    return (f"{folder} has {RESULTS} but neither {MODEL} nor {CHECKPOINT}: its trained weights are gone; "
+            "move the folder away and train the model again")
 
 
 def model_folder(parent: Path, norm: str, seed: int, n_seeds: int) -> Path:
@@ -440,7 +513,8 @@ def find_runs(run_dir: Path) -> tuple[dict[str, list[Run]], bool]:
     """Models of ``run_dir`` as {norm: runs sorted by seed}, and whether it is a ``normlab run`` parent."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ReportError(f"{run_dir} does not exist; pass a folder written by normlab run or normlab train")
+        why = "does not exist" if folders.why_missing(run_dir) == folders.MISSING else f"cannot be opened: {folders.why_missing(run_dir)}"
+        raise ReportError(f"{run_dir} {why}; pass a folder written by normlab run or normlab train")
     if RunDir(run_dir).is_run():  # a single normlab train folder
         run = load_run(run_dir, command("train", run_dir, resume=True))
         return {run.config.norm: [run]}, False

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from normlab import figures
+from normlab import figures, lock
 from normlab.config import Config, format_value, setting_fields
 from normlab.device import Runtime
 from normlab.errors import ReportError, UsageError
@@ -383,7 +383,8 @@ def _write_report(parent: Path, manifest: Manifest, rows: list[dict[str, Any]]) 
                   paired_table(manifest, rows)]
     unfinished = [r["folder"] for r in rows if r["status"] != FINISHED]
     if unfinished:
-        parts.append(f"**Not finished ({len(unfinished)}):** {', '.join(f'`{f}`' for f in unfinished)}. "
+        busy = {f: pid for f in unfinished if (pid := lock.holder(parent / f)) is not None}  # a sweep still running
+        parts.append(f"**Not finished ({len(unfinished)}):** {', '.join(f'`{f}`' + (f' (being trained by {lock.who(busy[f])})' if f in busy else '') for f in unfinished)}. "
                      f"Train them with the command above and `--resume`.")
     fig_dir = parent / FIGURES
     if shown and manifest.grid:
