@@ -103,7 +103,7 @@ def test_report_rebuilds_the_sweep_files(swept, tmp_path, capsys):
     assert (copy / REPORT).is_file() and (copy / "figures" / "sweep_lr.png").is_file()
     result = normlab.load(copy)
     assert isinstance(result, SweepResult) and result.unfinished == [] and len(result.rows) == 12
-    assert result.plot("groups").axes[0].get_xlabel() == "groups"
+    assert result.plot("groups").axes[0].get_xlabel() == "groups (group norm)"  # the setting's label, in words
 
 
 def test_a_sweep_model_is_the_model_train_makes(swept, data_dir, tmp_path):
@@ -117,7 +117,7 @@ def test_a_sweep_model_is_the_model_train_makes(swept, data_dir, tmp_path):
 def test_figure_log_axis_and_flat_band_for_a_norm_that_does_not_read_the_setting():
     assert log_x([2, 4, 8, 16, 32, 128]) and log_x([1e-3, 1e-2]) and not log_x([0.05, 0.1]) and not log_x([0, 8, 32])
     assert not log_x(["relu", "gelu"]) and not log_x([True, False])
-    manifest = Manifest(Config(), ("bn", "gn"), parse_grid(["norm_batch=2,8,32"]), 2, 0)
+    manifest = Manifest.sweep(Config(), ("bn", "gn"), parse_grid(["norm_batch=2,8,32"]), 2, 0)
     rows = []
     for norm, cell, seed, folder in manifest.models(Path("s")):
         rows.append({"norm": norm, "seed": seed, "status": "finished", "cell": cell, "test_acc": 0.5 + 0.01 * seed,
@@ -125,14 +125,14 @@ def test_figure_log_axis_and_flat_band_for_a_norm_that_does_not_read_the_setting
     fig = sweep_figure(manifest, rows, "norm_batch")
     ax = fig.axes[0]
     assert ax.get_xscale() == "log"
-    labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert labels == ["bn", "gn (does not read norm_batch)"]
-    flat = [line for line in ax.get_lines() if line.get_label().startswith("gn")][0]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["Batch Normalization (bn)", "Group Normalization (gn)"]
+    flat = [line for line in ax.get_lines() if line.get_label().startswith("Group")][0]
     assert list(flat.get_ydata()) == [pytest.approx(50.5)] * 2  # a horizontal line at gn's mean over seeds
 
 
 def test_paired_differences_pair_each_value_with_the_first_seed_by_seed():
-    manifest = Manifest(Config(), ("bn", "gn"), parse_grid(["identity_init=False,True", "norm_batch=0,8"]), 3, 0)
+    manifest = Manifest.sweep(Config(), ("bn", "gn"), parse_grid(["identity_init=False,True", "norm_batch=0,8"]), 3, 0)
     acc = {  # (norm, identity_init, norm_batch) -> validation accuracy per seed
         ("bn", False, 0): [0.80, 0.81, 0.79], ("bn", True, 0): [0.82, 0.83, 0.80],
         ("bn", False, 8): [0.78, 0.79, 0.77], ("bn", True, 8): [0.77, 0.80, 0.77],
@@ -242,7 +242,7 @@ def test_ray_without_the_extra_names_it(data_dir, tmp_path, capsys, monkeypatch)
 
 
 def test_manifest_command_names_the_data_and_quotes_the_folders(tmp_path):
-    manifest = Manifest(Config(epochs=2), ("bn",), {"lr": (0.05, 0.1)}, 1, 0)
+    manifest = Manifest.sweep(Config(epochs=2), ("bn",), {"lr": (0.05, 0.1)}, 1, 0)
     out, data = tmp_path / "my sweep", tmp_path / "cifar data"
     command = manifest.command(out, data)
     assert command == f"normlab sweep --data-dir '{data}' --norms bn --grid lr=0.05,0.1 --epochs 2 --out '{out}'"
