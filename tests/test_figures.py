@@ -44,3 +44,72 @@ def test_confusion_matrix_counts_each_true_and_predicted_pair():
     fig = figures.confusion_matrix(labels, preds, "three classes")
     texts = [t.get_text() for t in fig.axes[0].texts]
     assert texts.count("1") == 4 and fig.axes[0].get_title() == "three classes"
+
+
+# ---------------------------------------------------------------- the sweep figure, for readers: its data, then its drawing
+def study_rows(manifest, shown="test_acc"):
+    """Finished rows of every model of ``manifest``: accuracy 0.5 + 0.01 x seed (+ 0.001 x norm_batch), clean train 0.1 more."""
+    from pathlib import Path
+
+    rows = []
+    for norm, cell, seed, _ in manifest.models(Path("s")):
+        acc = 0.5 + 0.01 * seed + 0.001 * cell.get("norm_batch", 0)
+        rows.append({"norm": norm, "seed": seed, "status": "finished", "cell": cell, "test_acc": None, "val_acc": None,
+                     shown: acc, "train_acc_clean": acc + 0.1})
+    return rows
+
+
+def test_study_figure_data_lines_bands_points_error_bars_and_words():
+    from normlab import studies
+    from normlab.config import Config
+    from normlab.sweepdir import Manifest, sweep_series
+
+    manifest = Manifest(Config(), studies.parts(), 3, 0)
+    spec = sweep_series(manifest, study_rows(manifest), "norm_batch")
+    assert spec["xlabel"] == "images per normalization statistic" and spec["log_x"]
+    assert spec["ticks"] == [2, 4, 8, 16, 32, 128] and spec["tick_labels"][-1] == "128\n(whole batch)"  # 0 drawn at the batch size
+    assert "norm_batch" not in spec["title"] and "mean ± std over 3 seeds" in spec["title"]
+    test, train = spec["panels"]
+    assert (test["ylabel"], train["ylabel"]) == ("test accuracy (%)", "clean train accuracy (%)")
+    lines = {line["label"]: line for line in test["lines"]}
+    assert list(lines) == ["Batch Normalization (bn)", "Batch Normalization (bn), without precise BN", "Batch Renormalization (brn)",
+                           "Group Normalization (gn)", "Layer Normalization (ln)", "Instance Normalization (in)",
+                           "No normalization (none)", "Filter Response Normalization + TLU (frn)"]  # the lines, then the bands
+    bn = lines["Batch Normalization (bn)"]
+    assert bn["x"] == [2, 4, 8, 16, 32, 128] and not bn["band"] and bn["seeds"] == [3] * 6
+    assert bn["mean"][0] == pytest.approx(100 * (0.5 + 0.01 + 0.002)) and bn["std"][0] == pytest.approx(1.0)  # seeds 0, 1, 2
+    assert bn["mean"][-1] == pytest.approx(51.0)  # the whole batch: norm_batch 0
+    assert lines["Batch Normalization (bn), without precise BN"]["x"] == [2, 4]
+    assert lines["Batch Renormalization (brn)"]["x"] == [2, 4, 8, 32]
+    gn = lines["Group Normalization (gn)"]
+    assert gn["band"] and gn["x"] == [None] and gn["mean"] == [pytest.approx(51.0)] and gn["std"] == [pytest.approx(1.0)]
+    assert [line["mean"] for line in train["lines"]][0][0] == pytest.approx(bn["mean"][0] + 10)
+    assert "read no batch statistics" in spec["note"]
+
+
+def test_study_figure_draws_error_bars_a_log_axis_and_a_legend_in_words():
+    from normlab import studies
+    from normlab.config import Config
+    from normlab.sweepdir import Manifest, sweep_figure
+
+    manifest = Manifest(Config(), studies.parts(), 2, 0)
+    fig = sweep_figure(manifest, study_rows(manifest), "norm_batch")
+    test, train = fig.axes
+    assert test.get_xscale() == "log" and test.get_xlabel() == "images per normalization statistic"
+    assert (test.get_ylabel(), train.get_ylabel()) == ("test accuracy (%)", "clean train accuracy (%)")
+    assert len(test.containers) == 3  # error bars: bn, bn without precise BN, brn
+    assert [t.get_text() for t in test.get_xticklabels()][-1] == "128\n(whole batch)"
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "Filter Response Normalization + TLU (frn)" in legend and not any("_" in t for t in legend)
+
+
+def test_a_sweep_without_the_test_set_draws_validation_accuracy_and_says_so():
+    from normlab.config import Config
+    from normlab.plan import parse_grid
+    from normlab.sweepdir import Manifest, sweep_series
+
+    manifest = Manifest.sweep(Config(eval_test=False), ("bn", "ln"), parse_grid(["norm_batch=4,16"]), 1, 0)
+    spec = sweep_series(manifest, study_rows(manifest, shown="val_acc"), "norm_batch")
+    assert spec["panels"][0]["ylabel"] == "validation accuracy (%)" and spec["title"].startswith("Validation accuracy")
+    assert "over" not in spec["title"]  # one seed: no error bars to speak of
+    assert spec["ticks"] == [4, 16] and not spec["log_x"]  # a span under 8 times: a linear axis

@@ -116,7 +116,7 @@ def test_report_rebuilds_the_sweep_files(swept, tmp_path, capsys):
     assert (copy / REPORT).is_file() and (copy / "figures" / "sweep_lr.png").is_file()
     result = normlab.load(copy)
     assert isinstance(result, SweepResult) and result.unfinished == [] and len(result.rows) == 12
-    assert result.plot("groups").axes[0].get_xlabel() == "groups"
+    assert result.plot("groups").axes[0].get_xlabel() == "groups (group norm)"  # the setting's label, in words
 
 
 def test_a_sweep_model_is_the_model_train_makes(swept, data_dir, tmp_path):
@@ -130,7 +130,7 @@ def test_a_sweep_model_is_the_model_train_makes(swept, data_dir, tmp_path):
 def test_figure_log_axis_and_flat_band_for_a_norm_that_does_not_read_the_setting():
     assert log_x([2, 4, 8, 16, 32, 128]) and log_x([1e-3, 1e-2]) and not log_x([0.05, 0.1]) and not log_x([0, 8, 32])
     assert not log_x(["relu", "gelu"]) and not log_x([True, False])
-    manifest = Manifest(Config(), ("bn", "gn"), parse_grid(["norm_batch=2,8,32"]), 2, 0)
+    manifest = Manifest.sweep(Config(), ("bn", "gn"), parse_grid(["norm_batch=2,8,32"]), 2, 0)
     rows = []
     for norm, cell, seed, folder in manifest.models(Path("s")):
         rows.append({"norm": norm, "seed": seed, "status": "finished", "cell": cell, "test_acc": 0.5 + 0.01 * seed,
@@ -138,14 +138,14 @@ def test_figure_log_axis_and_flat_band_for_a_norm_that_does_not_read_the_setting
     fig = sweep_figure(manifest, rows, "norm_batch")
     ax = fig.axes[0]
     assert ax.get_xscale() == "log"
-    labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert labels == ["bn", "gn (does not read norm_batch)"]
-    flat = [line for line in ax.get_lines() if line.get_label().startswith("gn")][0]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["Batch Normalization (bn)", "Group Normalization (gn)"]
+    flat = [line for line in ax.get_lines() if line.get_label().startswith("Group")][0]
     assert list(flat.get_ydata()) == [pytest.approx(50.5)] * 2  # a horizontal line at gn's mean over seeds
 
 
 def test_paired_differences_pair_each_value_with_the_first_seed_by_seed():
-    manifest = Manifest(Config(), ("bn", "gn"), parse_grid(["identity_init=False,True", "norm_batch=0,8"]), 3, 0)
+    manifest = Manifest.sweep(Config(), ("bn", "gn"), parse_grid(["identity_init=False,True", "norm_batch=0,8"]), 3, 0)
     acc = {  # (norm, identity_init, norm_batch) -> validation accuracy per seed
         ("bn", False, 0): [0.80, 0.81, 0.79], ("bn", True, 0): [0.82, 0.83, 0.80],
         ("bn", False, 8): [0.78, 0.79, 0.77], ("bn", True, 8): [0.77, 0.80, 0.77],
@@ -255,10 +255,117 @@ def test_ray_without_the_extra_names_it(data_dir, tmp_path, capsys, monkeypatch)
 
 
 def test_manifest_command_names_the_data_and_quotes_the_folders(tmp_path):
-    manifest = Manifest(Config(epochs=2), ("bn",), {"lr": (0.05, 0.1)}, 1, 0)
+    manifest = Manifest.sweep(Config(epochs=2), ("bn",), {"lr": (0.05, 0.1)}, 1, 0)
     out, data = tmp_path / "my sweep", tmp_path / "cifar data"
     command = manifest.command(out, data)
     assert command == f"normlab sweep --data-dir '{data}' --norms bn --grid lr=0.05,0.1 --epochs 2 --out '{out}'"
     args = build_parser().parse_args(shlex.split(command)[1:])
     assert (args.data_dir, args.out) == (str(data), str(out))
     assert "--data-dir" not in manifest.command(out)  # not known: the command leaves it to $NORMLAB_DATA or ./data
+
+
+# ---------------------------------------------------------------- records are enough: resume and report without heavy files
+HEAVY = ("checkpoint.pt", "model.pt", "predictions.csv")
+
+
+def strip_heavy(folder: Path) -> None:
+    for name in HEAVY:
+        for p in folder.rglob(name):
+            p.unlink()
+
+
+def test_a_sweep_of_records_only_resumes_training_nothing_and_reports_the_same_table(swept, data_dir, tmp_path, capsys):
+    copy = tmp_path / "records"
+    shutil.copytree(swept, copy)
+    strip_heavy(copy)
+    table = (copy / TABLE).read_text()
+    before = {p: p.stat().st_mtime_ns for p in copy.rglob("results.json")}
+    assert main(sweep_argv(data_dir, copy, "--resume")) == 0
+    assert "12 models, 12 finished earlier, 0 to train" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in copy.rglob("results.json")} == before and not list(copy.rglob("model.pt"))
+    for name in (TABLE, REPORT):
+        (copy / name).unlink()
+    shutil.rmtree(copy / "figures")
+    assert main(["report", str(copy)]) == 0
+    assert (copy / TABLE).read_text() == table
+    assert (copy / "figures" / "sweep_lr.png").is_file() and "| Group Normalization (gn) | 0.05 | 4 | 2/2 |" in (copy / REPORT).read_text()
+
+
+def test_an_unfinished_model_without_its_checkpoint_trains_afresh_and_the_data_may_lie_elsewhere(swept, data_dir, tmp_path, capsys):
+    copy = tmp_path / "records"
+    shutil.copytree(swept, copy)
+    strip_heavy(copy)
+    cell = copy / "gn" / "lr=0.1" / "groups=8" / "seed1"
+    (cell / "results.json").unlink()  # config.json and metrics.csv stay: an unfinished model whose checkpoint was not kept
+    for p in copy.rglob("data.json"):  # trained on another machine: its data folder is not here
+        p.write_text(p.read_text().replace(str(data_dir.resolve()), "/elsewhere/cifar10"))
+    resume = ["sweep", *GRID, *TRAIN_ARGS, "--out", str(copy), "--resume"]
+    assert main(resume) == 2
+    assert "trained on the CIFAR-10 of /elsewhere/cifar10, which this machine does not have; pass --data-dir" in one_error_line(capsys)
+    moved = tmp_path / "here" / "cifar10"
+    shutil.copytree(data_dir, moved)  # the same data at another path: its fingerprint is what counts
+    assert main(["sweep", "--data-dir", str(moved), *resume[1:]]) == 0
+    printed = capsys.readouterr().out
+    assert "11 finished earlier, 1 to train" in printed
+    assert f"{cell}: unfinished, with no checkpoint.pt to continue from: training it afresh" in printed
+    assert (cell / "results.json").is_file()
+
+
+def sweep_of(data_dir: Path, out: Path, *extra: str) -> Path:
+    assert main(sweep_argv(data_dir, out, *extra, grid=["--norms", "bn,ln", "--grid", "norm_batch=4,0"])) == 0
+    return out
+
+
+def test_merge_two_folders_of_other_seeds_reports_them_as_one(data_dir, tmp_path, capsys):
+    a = sweep_of(data_dir, tmp_path / "a")
+    b = sweep_of(data_dir, tmp_path / "b", "--seed", "1")
+    strip_heavy(b)  # records are enough to merge
+    assert main(["merge", str(a), str(b), "--out", str(tmp_path / "ab")]) == 0
+    assert "6 model folders copied" in capsys.readouterr().out
+    merged = read_manifest(tmp_path / "ab")
+    assert (merged.seeds, merged.first_seed) == (2, 0) and merged.parts == read_manifest(a).parts
+    with open(tmp_path / "ab" / TABLE, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["folder"], r["status"]) for r in rows] == [(f, "finished") for f in
+                                                          ("bn/norm_batch=4/seed0", "bn/norm_batch=0/seed0", "ln/seed0",
+                                                           "bn/norm_batch=4/seed1", "bn/norm_batch=0/seed1", "ln/seed1")]
+    assert "| Layer Normalization (ln) | 0 (not read) | 2/2 |" in (tmp_path / "ab" / REPORT).read_text()
+    # Into one of them, in place: the other's models join it
+    assert main(["merge", str(b), "--out", str(a)]) == 0
+    assert read_manifest(a) == merged and (a / "ln" / "seed1" / "results.json").is_file()
+
+
+def test_merge_refuses_other_base_settings_other_data_and_a_gap_in_the_seeds(data_dir, tmp_path, capsys):
+    a = sweep_of(data_dir, tmp_path / "a")
+    other = tmp_path / "other"
+    shutil.copytree(a, other)
+    manifest = read_manifest(a)
+    (other / MANIFEST).write_text(json.dumps(Manifest(Config(epochs=1, batch_size=50, label_smoothing=0.2), manifest.parts, 1, 0).to_dict()))
+    assert main(["merge", str(a), str(other), "--out", str(tmp_path / "m")]) == 2
+    assert "holds a sweep of other base settings: label_smoothing 0.1 (and 0.2)" in one_error_line(capsys)
+    (other / MANIFEST).write_text(json.dumps(Manifest(manifest.base, manifest.parts, 1, 2).to_dict()))
+    assert main(["merge", str(a), str(other), "--out", str(tmp_path / "m")]) == 2
+    assert "seeds 0, 2 leave a gap" in one_error_line(capsys)
+    c = sweep_of(make_cifar(tmp_path / "data2", seed=1), tmp_path / "c", "--seed", "1")
+    assert main(["merge", str(a), str(c), "--out", str(tmp_path / "m")]) == 2
+    assert "was trained on other data than" in one_error_line(capsys)
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_resumed_sweep_with_more_cells_grows_into_the_union(tmp_path):
+    from normlab.errors import UsageError
+    from normlab.sweepdir import write_manifest
+
+    first = Manifest.sweep(Config(epochs=1), ("bn",), parse_grid(["norm_batch=2,8"]), 1, 0)
+    more = Manifest.sweep(Config(epochs=1), ("frn",), {}, 2, 0)
+    write_manifest(tmp_path, first, resume=False)
+    with pytest.raises(UsageError, match="already holds another sweep"):
+        write_manifest(tmp_path, more, resume=False)
+    write_manifest(tmp_path, more, resume=True)
+    grown = read_manifest(tmp_path)
+    assert grown.cells() == [("bn", {"norm_batch": 2}), ("bn", {"norm_batch": 8}), ("frn", {})] and grown.seeds == 2
+    assert grown.command(Path("out")).splitlines() == [
+        "normlab sweep --norms bn --grid norm_batch=2,8 --epochs 1 --seeds 2 --out out --resume",
+        "normlab sweep --norms frn --epochs 1 --seeds 2 --out out --resume"]
+    with pytest.raises(UsageError, match="other base settings: epochs 1 \\(and 2\\)"):
+        write_manifest(tmp_path, Manifest.sweep(Config(epochs=2), ("bn",), {}, 1, 0), resume=True)

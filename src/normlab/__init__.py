@@ -7,10 +7,10 @@ In a notebook::
     result["gn"].plot_misclassified()
     normlab.predict(result["gn"].model_path, ["my_cat.jpg"])
 
-``train``, ``run``, ``sweep``, ``evaluate``, ``predict`` and ``load`` are ``normlab.api``'s functions.
+``train``, ``run``, ``sweep``, ``study``, ``merge``, ``evaluate``, ``predict`` and ``load`` are ``normlab.api``'s functions.
 """
 from normlab import api
-from normlab.api import evaluate, load, predict, run, sweep, train
+from normlab.api import evaluate, load, merge, predict, run, study, sweep, train
 from normlab.config import Config
 from normlab.device import Runtime
 from normlab.errors import ConfigError, DataError, NormlabError, ReportError, TrainingError, UsageError
@@ -20,5 +20,5 @@ from normlab.result import Prediction, RunResult, TrainResult, plot_predictions,
 from normlab.version import __version__
 
 __all__ = ["Config", "ConfigError", "DataError", "NORMS", "Net", "NormlabError", "Prediction", "ReportError", "RunResult", "Runtime",
-           "TrainResult", "TrainingError", "UsageError", "count_params", "evaluate", "load", "make_norm", "plot_predictions",
-           "predict", "predictions_table", "run", "sweep", "train", "__version__"]
+           "TrainResult", "TrainingError", "UsageError", "count_params", "evaluate", "load", "make_norm", "merge",
+           "plot_predictions", "predict", "predictions_table", "run", "study", "sweep", "train", "__version__"]

@@ -1,5 +1,5 @@
 """What normlab does, as functions: ``train`` one model, ``run`` the norms x seeds and report,
-``sweep`` norms x a grid of settings x seeds (locally or on Ray), ``evaluate`` a saved model, ``predict`` the classes of your own images, ``load`` a finished run.
+``sweep`` norms x a grid of settings x seeds (locally or on Ray), ``study`` the normalization study, ``merge`` sweep folders, ``evaluate`` a saved model, ``predict`` the classes of your own images, ``load`` a finished run.
 The command line and notebooks both call these; they raise the errors of ``errors.py`` (the CLI
 prints their message as its one line) and never exit.
 
@@ -29,18 +29,19 @@ from normlab.stops import exit_status as stop_exit_status, received as stop_sign
 from normlab.loop import Diverged, FinalScores, Trainer, build, evaluate as evaluate_model, placement
 from normlab.models import PARAM_BUDGET, count_params, model_summary
 from normlab.norms import DEFAULT_NORMS, NORMS
-from normlab.plan import SKIP, check_sizes, execute, parse_grid, plan_models, plan_sweep, same_data
+from normlab.plan import SKIP, check_norms, check_sizes, execute, note_afresh, parse_grid, plan_cells, plan_models, same_data
 from normlab.report import write_report as write_run_report
 from normlab.result import RunResult, TrainResult, predict, predictions_table
 from normlab.rundir import (CHECKPOINT, CONFIG, DATA, Results, RunDir, check_same_data, command, find_runs, load_model,
                             median_epoch_seconds)
-from normlab.sweepdir import TABLE, Manifest, SweepResult, is_sweep, write_manifest, write_sweep
+from normlab.studies import SEEDS as STUDY_SEEDS, parts as study_parts
+from normlab.sweepdir import TABLE, Manifest, SweepResult, is_sweep, merge as merge_sweeps, write_manifest, write_sweep
 from normlab.version import __version__
 
 # What the command line reads from here (it talks to this module, config and errors only).
-__all__ = ["COMPILE", "DEFAULT_NORMS", "NORMS", "PRECISIONS", "Runtime", "command", "evaluate", "load", "parse_grid", "predict",
-           "predictions_table", "run", "set_threads", "sigterm_stops", "stop_exit_status", "stop_signal", "summary", "sweep", "train",
-           "write_report"]
+__all__ = ["COMPILE", "DEFAULT_NORMS", "NORMS", "PRECISIONS", "STUDY_SEEDS", "Runtime", "command", "evaluate", "load", "merge",
+           "parse_grid", "predict", "predictions_table", "run", "set_threads", "sigterm_stops", "stop_exit_status", "stop_signal",
+           "study", "summary", "sweep", "train", "write_report"]
 
 Log = Callable[[str], None]
 
@@ -305,18 +306,48 @@ def sweep(base: Config | None = None, data_dir: str | os.PathLike | None = None,
     parent, first_seed = Path(out), base.seed if first_seed is None else first_seed
     norms = tuple(norms.split(",") if isinstance(norms, str) else norms)
     check_sizes(norms, seeds, jobs)
-    ray_options = RayOptions(ray, ray_cpus, ray_gpus, ray_retries, ray_scratch).validate() if ray else None
-    if ray_options and jobs > 1:
+    ray_options = _ray_options(ray, ray_cpus, ray_gpus, ray_retries, ray_scratch, jobs)
+    check_norms(norms)
+    manifest = Manifest.sweep(base, norms, parse_grid(grid), seeds, first_seed)
+    return _sweep(manifest, parent, data_dir, resume, jobs, runtime, ray_options, report, resume_hint, log)
+
+
+def study(base: Config | None = None, data_dir: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
+          seeds: int = STUDY_SEEDS, first_seed: int | None = None, resume: bool = False, jobs: int = 1, runtime: Runtime | None = None,
+          ray: str | None = None, ray_cpus: float = 1.0, ray_gpus: float = 0.0, ray_retries: int = 3, ray_scratch: str | None = None,
+          report: bool = True, resume_hint: str | None = None, log: Log = _log, **settings: Any) -> SweepResult:
+    """Train the normalization study (``study.py``: bn at 2 ... 128 images per statistic, brn at 2 ... 32, gn, ln, in,
+    none and frn, bn at 2 and 4 without precise BN) x ``seeds`` seeds into the sweep folder ``out``, seed 0 of every
+    cell first, then write ``sweep.csv`` and ``sweep.md`` with its figures; returns the ``SweepResult``. Settings,
+    runtime options, ``jobs``, ``ray`` and ``resume`` as for ``sweep``: a study over several sittings is resumed."""
+    base, runtime = options(base, runtime, settings)
+    out = out_folder(out, resume, "study", "the folder of the study to continue: pass out=PARENT")
+    parent, first_seed = Path(out), base.seed if first_seed is None else first_seed
+    check_sizes((), seeds, jobs)
+    ray_options = _ray_options(ray, ray_cpus, ray_gpus, ray_retries, ray_scratch, jobs)
+    manifest = Manifest(base, study_parts(), seeds, first_seed)
+    return _sweep(manifest, parent, data_dir, resume, jobs, runtime, ray_options, report, resume_hint, log)
+
+
+def _ray_options(ray: str | None, cpus: float, gpus: float, retries: int, scratch: str | None, jobs: int) -> RayOptions | None:
+    options = RayOptions(ray, cpus, gpus, retries, scratch).validate() if ray else None
+    if options and jobs > 1:
         raise ConfigError("--jobs is for local runs; with --ray, the cluster runs as many models at once as --ray-cpus/--ray-gpus allow")
-    manifest = Manifest(base, norms, parse_grid(grid), seeds, first_seed)
+    return options
+
+
+def _sweep(manifest: Manifest, parent: Path, data_dir: str | os.PathLike | None, resume: bool, jobs: int, runtime: Runtime,
+           ray_options: RayOptions | None, report: bool, resume_hint: str | None, log: Log) -> SweepResult:
+    """The cells of ``manifest`` x its seeds into ``parent``: planned and checked, trained, then the sweep's files."""
     hint = resume_hint or manifest.command(parent, D.resolve_data_dir(data_dir), runtime, resume=True)
-    plan = plan_sweep(base, norms, manifest.grid, seeds, first_seed, parent, resume, hint)
+    plan = plan_cells(manifest.base, manifest.cells(), manifest.seeds, manifest.first_seed, parent, resume, hint)
     if ray_options:
         import_ray()  # without the extra: one line now, before any file is written
     data_dir = same_data(plan, data_dir)  # a resumed sweep's new models: the data its finished ones trained on
     write_manifest(parent, manifest, resume)
     todo = [j for j in plan if j.action != SKIP]
     log(f"sweep into {parent}: {len(plan)} model{'s' * (len(plan) > 1)}, {len(plan) - len(todo)} finished earlier, {len(todo)} to train")
+    note_afresh(plan, log)
     if ray_options:
         failures = execute_ray(plan, train, data_dir, runtime, ray_options, parent, resume, log)
     else:  # data_dir stays None if not given: a resumed model then finds the data it started on (data.json)
@@ -333,6 +364,12 @@ def sweep(base: Config | None = None, data_dir: str | os.PathLike | None = None,
         raise SweepError(f"{len(failures)} of the {len(todo)} models of the sweep failed: {failed}. The others finished and "
                          f"{table}; once the cause is fixed, train the failed ones with: {hint}", result)
     return result
+
+
+def merge(sources: Sequence[str | os.PathLike], out: str | os.PathLike, log: Log = _log) -> SweepResult:
+    """Sweep folders of the same base settings and data as one sweep in ``out``: the union of their cells and seeds,
+    the model folders copied, then ``sweep.csv``, ``sweep.md`` and the figures (``sweepdir.merge``)."""
+    return merge_sweeps(sources, out, log)
 
 
 # ---------------------------------------------------------------- finished runs

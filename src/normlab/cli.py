@@ -1,4 +1,4 @@
-"""Command line: ``normlab train | run | sweep | evaluate | predict | summary | report``, a thin layer over ``api``.
+"""Command line: ``normlab train | run | sweep | study | merge | evaluate | predict | summary | report``, a thin layer over ``api``.
 
 Every flag of what a model learns comes from ``Config``'s fields (their flags and help live
 there), every flag of how it runs from ``device.Runtime``; expected failures (bad data, bad
@@ -46,6 +46,18 @@ def add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ("norm"
             p.add_argument(flag_of(f), dest=f.name, type=kind, default=default, help=f"{help} (default: {format_value(default)})")
 
 
+def add_ray_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="train each model as a Ray task: auto | HOST:PORT | local; needs normlab[ray] (default: off)")
+    p.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs each model asks of a Ray node, also its threads (default: 1)")
+    p.add_argument("--ray-gpus", type=float, default=0.0,
+                   help="GPUs each model asks of a Ray node; 0.25 lets four models share one GPU (default: 0)")
+    p.add_argument("--ray-retries", type=int, default=3,
+                   help="times a model whose Ray worker died is run again, from its last epoch (default: 3)")
+    p.add_argument("--ray-scratch", default=None, metavar="DIR",
+                   help="folder on each Ray node where its models train (default: the node's temporary folder)")
+
+
 def add_runtime_flags(p: argparse.ArgumentParser) -> None:
     d = Runtime()
     p.add_argument("--device", default=d.device, help=f"auto | cpu | cuda | cuda:N (default: {d.device})")
@@ -72,7 +84,9 @@ def note_replaced_defaults(argv: list[str], args: argparse.Namespace) -> None:
     The norms are those of ``--norms`` (run, sweep) or ``--norm`` (train)."""
     typed = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
     fields = {f.name: f for f in setting_fields()}
-    for norm in args.norms.split(",") if hasattr(args, "norms") else [args.norm]:
+    # the norms of --norms (run, sweep), --norm (train), else (study) every norm: the study trains them all
+    norms = args.norms.split(",") if hasattr(args, "norms") else [args.norm] if hasattr(args, "norm") else list(NORMS)
+    for norm in norms:
         for name, value in (NORMS[norm].defaults.items() if norm in NORMS else ()):
             f = fields[name]
             if flag_of(f) in typed and getattr(args, name, None) == f.default:
@@ -94,10 +108,13 @@ def training_runtime(args: argparse.Namespace, argv: list[str]) -> Runtime:
 
 
 def resume_command(args: argparse.Namespace) -> str:
-    """The command line that continues what ``args`` started (train, run, sweep): the same data, settings and runtime."""
+    """The command line that continues what ``args`` started (train, run, sweep, study): the same data, settings and runtime."""
     cfg, runtime = config_from(args), runtime_from(args)
     if args.command == "train":
         return api.command("train", _train_out(args, cfg), cfg, data_dir=args.data_dir, runtime=runtime, resume=True)
+    if args.command == "study":
+        return api.command("study", args.out, cfg, seeds=args.seeds, first_seed=args.seed, data_dir=args.data_dir, runtime=runtime,
+                           resume=True, default_seeds=api.STUDY_SEEDS)
     grid = api.parse_grid(args.grid) if args.command == "sweep" else None
     return api.command(args.command, args.out, cfg, args.norms.split(","), grid, args.seeds, args.seed, args.data_dir, runtime,
                        resume=True)
@@ -131,6 +148,23 @@ def cmd_sweep(args: argparse.Namespace, argv: list[str]) -> int:
                        report=not args.no_report)  # SweepError (exit 2) names the models that failed
     print(result.table())
     print(f"table: {result.csv}" + (f"\nreport: {result.report}" if result.report else ""))
+    return 0
+
+
+def cmd_study(args: argparse.Namespace, argv: list[str]) -> int:
+    runtime = training_runtime(args, argv)
+    result = api.study(config_from(args), args.data_dir, args.out, seeds=args.seeds, first_seed=args.seed, resume=args.resume,
+                       jobs=args.jobs, runtime=runtime, ray=args.ray, ray_cpus=args.ray_cpus, ray_gpus=args.ray_gpus,
+                       ray_retries=args.ray_retries, ray_scratch=args.ray_scratch, report=not args.no_report)
+    print(result.table())
+    print(f"table: {result.csv}" + (f"\nreport: {result.report}" if result.report else ""))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace, argv: list[str]) -> int:
+    result = api.merge(args.sweeps, args.out)
+    print(result.table())
+    print(f"table: {result.csv}\nreport: {result.report}")
     return 0
 
 
@@ -212,17 +246,33 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--out", default="runs/sweep", help="the sweep's folder (default: runs/sweep)")
     w.add_argument("--resume", action="store_true", help="skip finished models and continue interrupted ones")
     w.add_argument("--jobs", type=int, default=1, help="models trained at once on this machine, each on its share of the cores (default: 1)")
-    w.add_argument("--ray", default=None, metavar="ADDRESS",
-                   help="train each model as a Ray task: auto | HOST:PORT | local; needs normlab[ray] (default: off)")
-    w.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs each model asks of a Ray node, also its threads (default: 1)")
-    w.add_argument("--ray-gpus", type=float, default=0.0,
-                   help="GPUs each model asks of a Ray node; 0.25 lets four models share one GPU (default: 0)")
-    w.add_argument("--ray-retries", type=int, default=3,
-                   help="times a model whose Ray worker died is run again, from its last epoch (default: 3)")
-    w.add_argument("--ray-scratch", default=None, metavar="DIR",
-                   help="folder on each Ray node where its models train (default: the node's temporary folder)")
+    add_ray_flags(w)
     w.add_argument("--no-report", action="store_true", help="write sweep.csv but not sweep.md")
     w.set_defaults(func=cmd_sweep)
+
+    st = sub.add_parser("study", help="train the normalization study (17 cells x 3 seeds) into one sweep folder, then write sweep.md",
+                        usage="%(prog)s [--data-dir DIR] [--seeds N] [--jobs J] [options] [--out DIR] [--resume]",
+                        description="bn at 2, 4, 8, 16, 32 and 128 (the whole batch) images per normalization statistic, brn at 2, "
+                                    "4, 8 and 32, gn, ln, in, none and frn once each, bn at 2 and 4 with --precise-bn 0; seed 0 of "
+                                    "every cell first, then seed 1... Resume it over as many sittings and machines as it takes.")
+    add_data_flag(st)
+    add_config_flags(st, skip=("norm", "seed", "norm_batch"))  # the study sets norm_batch per cell
+    add_runtime_flags(st)
+    st.add_argument("--seeds", type=int, default=api.STUDY_SEEDS, help=f"seeds per cell (default: {api.STUDY_SEEDS})")
+    st.add_argument("--seed", type=int, default=DEFAULTS.seed, help=f"first seed (default: {DEFAULTS.seed})")
+    st.add_argument("--out", default="runs/study", help="the study's sweep folder (default: runs/study)")
+    st.add_argument("--resume", action="store_true", help="skip finished models and continue interrupted ones")
+    st.add_argument("--jobs", type=int, default=1, help="models trained at once on this machine, each on its share of the cores (default: 1)")
+    add_ray_flags(st)
+    st.add_argument("--no-report", action="store_true", help="write sweep.csv but not sweep.md")
+    st.set_defaults(func=cmd_study)
+
+    m = sub.add_parser("merge", help="merge sweep folders of the same settings into one, then write its sweep.md",
+                       description="Copies the model folders of each SWEEP_DIR into --out (which may be one of them) where it has no "
+                                   "finished model of that cell and seed; their base settings and training data must be the same.")
+    m.add_argument("sweeps", nargs="+", metavar="SWEEP_DIR", help="folders written by normlab sweep or normlab study")
+    m.add_argument("--out", required=True, help="the merged sweep folder; an existing sweep there is merged too")
+    m.set_defaults(func=cmd_merge)
 
     e = sub.add_parser("evaluate", help="test accuracy of a saved model.pt on a CIFAR-10 folder")
     e.add_argument("checkpoint", help="a model.pt written by normlab train")
@@ -278,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _resume_hint(args: argparse.Namespace) -> str | None:
     """The command that resumes an interrupted train, run or sweep (None where there is none, or its flags were bad)."""
-    if args.command not in ("train", "run", "sweep"):
+    if args.command not in ("train", "run", "sweep", "study"):
         return None
     try:
         return resume_command(args)

@@ -153,36 +153,52 @@ def image_grid(images: Sequence[np.ndarray], titles: Sequence[str], cols: int = 
     return fig
 
 
-SWEEP_STYLES = ("-o", "--s", ":^", "-.D")  # one per line of a norm (per combination of the other swept settings)
+SWEEP_MARKERS = ("o", "s", "^", "D")          # one per line of a norm (per variant: other swept settings)
+BAND_STYLES = ("--", ":", "-.", (0, (5, 1)))  # one per band of a norm
 
 
-def sweep_lines(lines: Sequence[dict], xlabel: str, ylabel: str, title: str, log_x: bool = False,
-                ticks: Sequence[float] | None = None, tick_labels: Sequence[str] = ()) -> Figure:
-    """A metric against one swept setting: each of ``lines`` (dicts with label, colour, style (an index), x, mean,
-    std) is a line with a ± std band; a line whose x is ``[None]`` (a norm that does not read the setting) is a flat
-    dashed line and band across the whole axis. ``ticks``: the swept values (numbers); without them x holds positions
-    0, 1, ... of ``tick_labels`` (words, true/false, widths)."""
-    fig = Figure(figsize=(8, 4.8), layout="constrained")
-    ax = fig.subplots()
-    for line in lines:
-        style = SWEEP_STYLES[line["style"] % len(SWEEP_STYLES)]
-        mean, std = np.asarray(line["mean"]), np.asarray(line["std"])
-        if line["x"] == [None]:
-            ax.axhline(mean[0], color=line["colour"], ls=("--", ":", "-.", (0, (5, 1)))[line["style"] % 4], lw=1.5, label=line["label"])
-            if std[0] > 0:
-                ax.axhspan(mean[0] - std[0], mean[0] + std[0], color=line["colour"], alpha=0.12, lw=0)
-            continue
-        ax.plot(line["x"], mean, style, color=line["colour"], ms=5, label=line["label"])
-        if np.any(std > 0):
-            ax.fill_between(line["x"], mean - std, mean + std, color=line["colour"], alpha=0.15, lw=0)
-    if log_x:
-        ax.set_xscale("log", base=2 if all(float(t).is_integer() for t in ticks or ()) else 10)
-        ax.minorticks_off()
-    positions = list(ticks) if ticks is not None else list(range(len(tick_labels)))
-    ax.set_xticks(positions, list(tick_labels))
-    if ticks is None:
-        ax.set_xlim(-0.5, len(positions) - 0.5)
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+def sweep_panels(spec: dict) -> Figure:
+    """A metric per panel against one swept setting (``sweepdir.sweep_series`` makes ``spec``): in each panel every
+    line is mean ± std over seeds as error bars; a band (x ``[None]``: a norm that does not read the setting) is a
+    horizontal line at its mean over a ± std band across the whole axis. ``ticks``: the swept values (numbers);
+    without them x holds positions 0, 1, ... of ``tick_labels`` (words, true/false, widths). One legend below."""
+    panels = spec["panels"]
+    fig = Figure(figsize=(6.4 * len(panels), 5.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    legend: list = []  # the first panel's artists in the order of its lines (matplotlib's own order puts bands first)
+    for ax, panel in zip(axes, panels):
+        drawn = [line for line in panel["lines"] if not line["band"]]
+        handles = []
+        for line in panel["lines"]:
+            mean, std = np.asarray(line["mean"]), np.asarray(line["std"])
+            if line["band"]:
+                handles.append(ax.axhline(mean[0], color=line["colour"], ls=BAND_STYLES[line["style"] % len(BAND_STYLES)], lw=1.6,
+                                          label=line["label"]))
+                if std[0] > 0:
+                    ax.axhspan(mean[0] - std[0], mean[0] + std[0], color=line["colour"], alpha=0.12, lw=0)
+                continue
+            # Lines side by side, a little apart, so that error bars at the same value do not hide each other.
+            shift = 0.04 * (drawn.index(line) - (len(drawn) - 1) / 2)
+            x = np.asarray(line["x"], float)
+            if spec["log_x"]:
+                x = x * 2 ** shift
+            else:  # positions 0, 1, ... or numbers: apart by a share of the axis
+                x = x + shift * (1 if spec["ticks"] is None else (max(spec["ticks"]) - min(spec["ticks"])) / 4 or 1)
+            handles.append(ax.errorbar(x, mean, yerr=std, fmt="-" if line["style"] == 0 else "--", ms=5, capsize=3, lw=1.6,
+                                       marker=SWEEP_MARKERS[line["style"] % 4], color=line["colour"], label=line["label"]))
+        if spec["log_x"]:
+            ax.set_xscale("log", base=2 if all(float(t).is_integer() for t in spec["ticks"] or ()) else 10)
+            ax.minorticks_off()
+        positions = list(spec["ticks"]) if spec["ticks"] is not None else list(range(len(spec["tick_labels"])))
+        ax.set_xticks(positions, list(spec["tick_labels"]))
+        if spec["ticks"] is None:
+            ax.set_xlim(-0.5, len(positions) - 0.5)
+        ax.set(xlabel=spec["xlabel"], ylabel=panel["ylabel"], title=panel["title"])
+        ax.grid(alpha=0.3)
+        legend = legend or handles
+    if legend:
+        box = fig.legend(legend, [h.get_label() for h in legend], loc="outside lower center", ncols=min(3, len(legend)), fontsize=9,
+                         title=spec.get("note") or None, title_fontsize=9)
+        box.get_title().set_color("0.35")
+    fig.suptitle(spec["title"], fontsize=12)
     return fig

@@ -23,7 +23,7 @@ from normlab.config import Config, format_value, parse_widths, setting_fields
 from normlab.device import Runtime, set_threads, worker_runtimes
 from normlab.errors import ConfigError, UsageError
 from normlab.norms import NORMS
-from normlab.rundir import CONFIG, RunDir, cell_folder, check_same_data, missing_model, model_folder
+from normlab.rundir import CHECKPOINT, CONFIG, RunDir, cell_folder, check_same_data, missing_model, model_folder
 
 SKIP, RESUME, NEW = "skip", "resume", "new"
 
@@ -64,15 +64,17 @@ def check_sizes(norms: Sequence[str], seeds: int, jobs: int = 1) -> None:
         raise ConfigError(f"--jobs must be at least 1 (got {jobs})")
 
 
-def _job(cfg: Config, folder: Path, resume: bool, resume_hint: str) -> Job:
-    """The job of one model folder: skip it (finished), resume it, or start it; refused without ``resume`` if it holds a run."""
+def _job(cfg: Config, folder: Path, resume: bool, resume_hint: str, records: bool = False) -> Job:
+    """The job of one model folder: skip it (finished), resume it, or start it; refused without ``resume`` if it holds a run.
+    With ``records`` (a sweep, which reads its models' records only) results.json alone is a finished model, its
+    model.pt and checkpoint.pt may be gone; otherwise a model.pt deleted is written again from checkpoint.pt."""
     rd = RunDir(folder)
     if not resume:
         rd.check_free(resume_hint)
     if rd.has_results:
         rd.check_record(UsageError)
         check_same_settings(rd.path, cfg)
-        if rd.finished:
+        if rd.finished or (records and not rd.has_checkpoint):
             return Job(cfg, rd.path, SKIP)
         if not rd.has_checkpoint:
             raise UsageError(missing_model(rd.path, resume_hint))
@@ -173,23 +175,49 @@ def sweep_cells(norm: str, grid: Grid) -> list[dict[str, Any]]:
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
-def plan_sweep(base: Config, norms: Sequence[str], grid: Grid, seeds: int, first_seed: int, parent: Path, resume: bool,
-               resume_hint: str) -> list[Job]:
-    """Every model of norms x grid x seeds with its folder and action, every cell's settings validated and every
-    folder checked before anything trains. Seed by seed: a sweep cut short still holds whole seeds."""
-    check_sizes(norms, seeds)
-    if len(set(norms)) < len(norms) or not norms:
-        raise ConfigError(f"--norms must name each norm once (got {','.join(norms) or 'none'})")
-    jobs = []
-    for seed in range(first_seed, first_seed + seeds):
+Part = tuple[tuple[str, ...], Grid]  # norms x a grid: one rectangle of a sweep; a study is a union of them
+Cell = tuple[str, dict[str, Any]]     # a norm and the settings it trains at beyond the base (its folder's name)
+
+
+def cells_of(parts: Sequence[Part]) -> list[Cell]:
+    """The cells of a union of rectangles, in order: each part's norms x ``sweep_cells``; a cell that two parts share
+    (the same norm and settings) is trained once, where it first appears."""
+    out: list[Cell] = []
+    for norms, grid in parts:
         for norm in norms:
             for cell in sweep_cells(norm, grid):
-                try:
-                    cfg = dataclasses.replace(base, norm=norm, seed=seed, **cell).validate()
-                except ConfigError as e:
-                    where = " ".join(f"{k}={format_value(v)}" for k, v in cell.items())
-                    raise ConfigError(f"{norm}{' with ' + where if where else ''}: {e}") from None
-                jobs.append(_job(cfg, cell_folder(parent, norm, cell, seed), resume, resume_hint))
+                if (norm, cell) not in out:
+                    out.append((norm, cell))
+    return out
+
+
+def check_norms(norms: Sequence[str]) -> None:
+    if len(set(norms)) < len(norms) or not norms:
+        raise ConfigError(f"--norms must name each norm once (got {','.join(norms) or 'none'})")
+
+
+def plan_sweep(base: Config, norms: Sequence[str], grid: Grid, seeds: int, first_seed: int, parent: Path, resume: bool,
+               resume_hint: str) -> list[Job]:
+    """Every model of norms x grid x seeds with its folder and action (``plan_cells`` of one rectangle)."""
+    check_norms(norms)
+    return plan_cells(base, cells_of([(tuple(norms), grid)]), seeds, first_seed, parent, resume, resume_hint)
+
+
+def plan_cells(base: Config, cells: Sequence[Cell], seeds: int, first_seed: int, parent: Path, resume: bool,
+               resume_hint: str) -> list[Job]:
+    """Every model of cells x seeds with its folder and action, every cell's settings validated and every folder
+    checked before anything trains. Seed by seed (seed 0 of every cell, then seed 1...): a sweep cut short, or trained
+    over several sittings, holds whole seeds to compare."""
+    check_sizes((), seeds)
+    jobs = []
+    for seed in range(first_seed, first_seed + seeds):
+        for norm, cell in cells:
+            try:
+                cfg = dataclasses.replace(base, norm=norm, seed=seed, **cell).validate()
+            except ConfigError as e:
+                where = " ".join(f"{k}={format_value(v)}" for k, v in cell.items())
+                raise ConfigError(f"{norm}{' with ' + where if where else ''}: {e}") from None
+            jobs.append(_job(cfg, cell_folder(parent, norm, cell, seed), resume, resume_hint, records=True))
     return jobs
 
 
@@ -243,19 +271,33 @@ def execute(jobs: Sequence[Job], train: TrainFn, data_dir: Path, runtime: Runtim
 def same_data(jobs: Sequence[Job], data_dir: str | os.PathLike | None) -> str | os.PathLike | None:
     """The data folder for a resumed plan's models: one report must not mix models trained on two data sets. Without
     ``data_dir`` the new models train on the data the plan's earlier models recorded (data.json), not on ./data or
-    $NORMLAB_DATA; with it, its training split must be the one they trained on, else the plan is refused before
-    anything trains. A plan with no new model, or no earlier model with a record, keeps ``data_dir`` as given."""
-    if not any(j.action == NEW for j in jobs):
+    $NORMLAB_DATA, and a recorded folder this machine lacks (a sweep copied from another machine) is refused with the
+    flag to pass; with ``data_dir``, at whatever path, its training split must be the one they trained on (the same
+    fingerprint), else the plan is refused before anything trains. A plan with nothing to train, or no earlier model
+    with a record, keeps ``data_dir`` as given."""
+    if all(j.action == SKIP for j in jobs):
         return data_dir
     earlier = ((j, RunDir(j.out).read_data()) for j in jobs if j.action != NEW)
     job, recorded = next(((j, r) for j, r in earlier if r is not None), (None, None))
     if recorded is None:
         return data_dir
     if data_dir is None:
-        return recorded["data_dir"]
-    root = D.resolve_data_dir(data_dir)
-    check_same_data(job.out, root, recorded, D.fingerprint(*D.load_split(root, train=True)))
+        if not (Path(recorded["data_dir"]) / D.FOLDER).is_dir():
+            raise UsageError(f"{job.out} trained on the CIFAR-10 of {recorded['data_dir']}, which this machine does not have; "
+                             f"pass --data-dir with the same training data (its fingerprint is checked, not its path)")
+        return recorded["data_dir"] if any(j.action == NEW for j in jobs) else data_dir
+    if any(j.action == NEW for j in jobs):  # a resumed model checks its own data as it loads it
+        root = D.resolve_data_dir(data_dir)
+        check_same_data(job.out, root, recorded, D.fingerprint(*D.load_split(root, train=True)))
     return data_dir
+
+
+def note_afresh(jobs: Sequence[Job], log: Callable[[str], None]) -> None:
+    """Say which models start again from nothing although their folder holds a run: unfinished, with no checkpoint (a
+    sweep whose heavy files were deleted keeps only the records; a model stopped within its first epoch has none)."""
+    for j in jobs:
+        if j.action == NEW and RunDir(j.out).is_run():
+            log(f"{j.out}: unfinished, with no {CHECKPOINT} to continue from: training it afresh")
 
 
 def fetch_once(jobs: Sequence[Job], data_dir: Path | None) -> None:

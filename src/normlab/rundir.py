@@ -480,8 +480,8 @@ def shown_path(path: str | os.PathLike) -> str:
 
 def command(verb: str, out: str | os.PathLike, cfg: Config | None = None, norms: Sequence[str] | None = None,
             grid: Mapping[str, Sequence[Any]] | None = None, seeds: int = 1, first_seed: int = 0,
-            data_dir: str | os.PathLike | None = None, runtime: Any = None, resume: bool = False) -> str:
-    """The normlab command line that trains ``out`` again (``resume``: that continues it): ``normlab train|run|sweep``,
+            data_dir: str | os.PathLike | None = None, runtime: Any = None, resume: bool = False, default_seeds: int = 1) -> str:
+    """The normlab command line that trains ``out`` again (``resume``: that continues it): ``normlab train|run|sweep|study``,
     the data it reads (where known), the norms, the swept settings, every setting of ``cfg`` that differs from the
     defaults, the seeds, the runtime options that differ from ``Runtime()``'s (a ``device.Runtime``), ``--out``."""
     parts = ["normlab", verb]
@@ -495,7 +495,7 @@ def command(verb: str, out: str | os.PathLike, cfg: Config | None = None, norms:
         parts += ["--grid", f"{k}=" + ",".join(format_value(v).replace(",", "x") for v in values)]
     if cfg is not None:
         parts += cfg.to_flags(skip=("norm", "seed", *(grid or {})))
-    if seeds > 1:
+    if seeds != default_seeds:  # the command's own default: 1, a study's 3
         parts += ["--seeds", str(seeds)]
     if first_seed != 0:
         parts += ["--seed", str(first_seed)]

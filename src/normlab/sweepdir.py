@@ -10,8 +10,10 @@ is ``plan.plan_sweep``; the figures are drawn in ``figures.py``.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
+import shutil
 import statistics
 from collections import Counter
 from collections.abc import Sequence
@@ -19,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from normlab import figures, lock
-from normlab.config import Config, format_value, setting_fields
+from normlab import figures, lock, studies
+from normlab.config import Config, flag_of, format_value, setting_fields
 from normlab.device import Runtime
 from normlab.errors import ReportError, UsageError
 from normlab.norms import NORMS
-from normlab.plan import NOT_SWEPT, Grid, parse_grid, reads, sweep_cells
+from normlab.plan import NOT_SWEPT, Cell, Grid, Part, cells_of, parse_grid, reads
 from normlab.report import COMMAND_LEAD, acc_cell, md_table, secs_cell
 from normlab.rundir import (CONFIG, FIGURES, Results, RunDir, atomic_write, atomic_write_text, cell_folder, check_writable, command, csv_cell,
                             unwritable)
@@ -44,56 +46,119 @@ LOG_SPAN = 8  # a numeric setting whose positive values span at least this facto
 
 @dataclass(frozen=True)
 class Manifest:
-    """What a sweep was asked to train: ``norms`` x ``grid`` x ``seeds`` seeds from ``first_seed``, on ``base``."""
+    """What a sweep was asked to train: the cells of ``parts`` (each norms x a grid; one part for ``normlab sweep``, a
+    union of them for ``normlab study`` or merged sweeps) x ``seeds`` seeds from ``first_seed``, on ``base``."""
 
     base: Config
-    norms: tuple[str, ...]
-    grid: Grid
+    parts: tuple[Part, ...]
     seeds: int
     first_seed: int
 
+    @classmethod
+    def sweep(cls, base: Config, norms: Sequence[str], grid: Grid, seeds: int, first_seed: int) -> "Manifest":
+        """The manifest of one rectangle: norms x grid x seeds."""
+        return cls(base, ((tuple(norms), dict(grid)),), seeds, first_seed)
+
+    @property
+    def norms(self) -> tuple[str, ...]:
+        """Every norm of the sweep, in the order the parts name them."""
+        return tuple(dict.fromkeys(n for norms, _ in self.parts for n in norms))
+
+    @property
+    def grid(self) -> Grid:
+        """Every swept setting with every value some part gives it, in order of appearance."""
+        out: dict[str, list[Any]] = {}
+        for _, grid in self.parts:
+            for k, values in grid.items():
+                out.setdefault(k, []).extend(v for v in values if v not in out.get(k, []))
+        return {k: tuple(v) for k, v in out.items()}
+
+    @property
+    def seed_list(self) -> list[int]:
+        return list(range(self.first_seed, self.first_seed + self.seeds))
+
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "norms": list(self.norms), "grid": {k: list(v) for k, v in self.grid.items()},
-                "seeds": self.seeds, "first_seed": self.first_seed, "base": self.base.to_dict()}
+        head: dict[str, Any] = {"format": FORMAT}
+        if len(self.parts) == 1:  # one rectangle: the keys every version of the manifest has
+            head |= _part_dict(self.parts[0])
+        else:
+            head["parts"] = [_part_dict(p) for p in self.parts]
+        return {**head, "seeds": self.seeds, "first_seed": self.first_seed, "base": self.base.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Manifest":
-        return cls(Config.from_dict(d["base"]), tuple(d["norms"]), parse_grid(d["grid"]), int(d["seeds"]), int(d["first_seed"]))
+        parts = d["parts"] if "parts" in d else [d]
+        return cls(Config.from_dict(d["base"]), tuple((tuple(p["norms"]), parse_grid(p["grid"])) for p in parts),
+                   int(d["seeds"]), int(d["first_seed"]))
+
+    def cells(self) -> list[Cell]:
+        return cells_of(self.parts)
 
     def models(self, parent: Path) -> list[tuple[str, dict[str, Any], int, Path]]:
-        """(norm, cell, seed, folder) of every model, in the order ``plan_sweep`` trains them."""
-        return [(norm, cell, seed, cell_folder(parent, norm, cell, seed))
-                for seed in range(self.first_seed, self.first_seed + self.seeds)
-                for norm in self.norms for cell in sweep_cells(norm, self.grid)]
+        """(norm, cell, seed, folder) of every model, in the order ``plan_cells`` trains them (seed by seed)."""
+        return [(norm, cell, seed, cell_folder(parent, norm, cell, seed)) for seed in self.seed_list for norm, cell in self.cells()]
+
+    def union(self, other: "Manifest", where: str) -> "Manifest":
+        """This sweep and ``other`` as one (merged folders, a sweep resumed with more cells or seeds): the parts of both,
+        the seeds of both. Refused (``UsageError``) where their base settings differ, or their seeds leave a gap."""
+        diff = [f"{k} {format_value(a)} (and {format_value(b)})" for k, a, b in self.base.differences(other.base) if k not in ("norm", "seed")]
+        if diff:
+            raise UsageError(f"{where} holds a sweep of other base settings: {'; '.join(diff)}; one sweep folder holds models "
+                             f"of one set of settings: choose another --out")
+        seeds = sorted(set(self.seed_list) | set(other.seed_list))
+        if seeds != list(range(seeds[0], seeds[-1] + 1)):
+            raise UsageError(f"{where}: seeds {', '.join(map(str, seeds))} leave a gap; train the missing seeds first, "
+                             "so that one sweep folder holds consecutive seeds")
+        parts = self.parts + tuple(p for p in other.parts if p not in self.parts)
+        return Manifest(self.base, parts, len(seeds), seeds[0])
 
     def command(self, parent: Path, data_dir: str | os.PathLike | None = None, runtime: Runtime | None = None,
                 resume: bool = False) -> str:
         """The normlab command line that trains this sweep again (``rundir.command``): the data it reads (``data_dir``,
-        where known) and the settings that differ from the defaults."""
-        return command("sweep", parent, self.base, self.norms, self.grid, self.seeds, self.first_seed, data_dir, runtime, resume)
+        where known) and the settings that differ from the defaults. A study is ``normlab study``; a union of other
+        rectangles is one ``normlab sweep ... --resume`` line per rectangle, into the same folder."""
+        lines, parts = [], list(self.parts)
+        if parts[:len(studies.parts())] == list(studies.parts()):
+            lines.append(command("study", parent, self.base, None, None, self.seeds, self.first_seed, data_dir, runtime, resume,
+                                 default_seeds=studies.SEEDS))
+            parts = parts[len(studies.parts()):]
+        for norms, grid in parts:
+            lines.append(command("sweep", parent, self.base, norms, grid, self.seeds, self.first_seed, data_dir, runtime,
+                                 resume or len(self.parts) > 1))
+        return "\n".join(lines)
+
+
+def _part_dict(part: Part) -> dict[str, Any]:
+    norms, grid = part
+    return {"norms": list(norms), "grid": {k: list(v) for k, v in grid.items()}}
 
 
 def is_sweep(path: str | os.PathLike) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def write_manifest(parent: Path, manifest: Manifest, resume: bool) -> None:
-    """Record what the sweep trains, before it trains. Another sweep's manifest is replaced only with ``resume`` (the same
-    sweep's is rewritten: a sweep that stopped before its first model, e.g. on a wrong --ray address, just starts again)."""
+def write_manifest(parent: Path, manifest: Manifest, resume: bool) -> Manifest:
+    """Record what the sweep trains, before it trains; returns the manifest written. A folder that holds another sweep
+    is refused without ``resume``; with it, the folder's sweep grows by this one (the union: more cells or seeds, the
+    same base settings). The same sweep's manifest is rewritten: one that stopped before its first model, e.g. on a
+    wrong --ray address, just starts again."""
     path = Path(parent) / MANIFEST
-    if path.exists() and not resume:
+    if path.exists():
         try:
-            same = read_manifest(parent) == manifest
+            held = read_manifest(parent)
         except ReportError:
-            same = False
-        if not same:
+            held = None
+        if held != manifest and not resume:
             raise UsageError(f"{parent} already holds another sweep ({MANIFEST}); use --resume to continue it (with this grid), "
                              "or choose another --out")
+        if held is not None and resume:
+            manifest = held.union(manifest, str(parent))
     check_writable(Path(parent))
     try:
         atomic_write_text(path, json.dumps(manifest.to_dict(), indent=2) + "\n")
     except OSError as e:
         raise unwritable(parent, e) from None
+    return manifest
 
 
 def read_manifest(parent: Path) -> Manifest:
@@ -115,7 +180,7 @@ def collect(parent: Path, manifest: Manifest) -> list[dict[str, Any]]:
     for norm, cell, seed, folder in manifest.models(parent):
         rd = RunDir(folder)
         cfg = Config(**{**manifest.base.to_dict(), "norm": norm, "seed": seed, **cell})
-        status = FINISHED if rd.finished else UNFINISHED if rd.is_run() else NOT_STARTED
+        status = FINISHED if rd.has_results else UNFINISHED if rd.is_run() else NOT_STARTED  # a record is enough
         results: Results | None = None
         if status == FINISHED:
             results = rd.read_results()
@@ -194,27 +259,37 @@ def results_table(manifest: Manifest, rows: list[dict[str, Any]]) -> str:
     return md_table(header, table, "l" + "r" * (len(keys) + len(accs) + 3) + "l" * per_model)
 
 
+def _settings(manifest: Manifest, norm: str, cell: dict[str, Any]) -> dict[str, Any]:
+    """The values of the swept settings that ``norm`` reads in ``cell``: the cell's own, else the base's (as the norm
+    trains it: none's own learning rate, say)."""
+    cfg = dataclasses.replace(manifest.base, norm=norm, **cell)
+    return {k: getattr(cfg, k) for k in manifest.grid if reads(norm, k)}
+
+
 def paired_differences(manifest: Manifest, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each swept value against the grid's first value of the same setting, seed by seed (same seed, same
-    norm, same other settings: paired), in points of the shown accuracy; one entry per norm, setting, value
-    and combination of the other swept settings, with the seeds both sides finished."""
+    """Each value of a swept setting against the first value of the same setting among the cells of the same norm and
+    other swept settings, seed by seed (paired), in points of the shown accuracy; one entry per norm, setting, value and
+    combination of the other swept settings, with the seeds both sides finished."""
     shown = metric(rows)
     done = {(r["norm"], _cell_label(r["cell"]), r["seed"]): 100 * r[shown]
             for r in rows if shown and r["status"] == FINISHED and r[shown] is not None}
     out = []
-    for key, values in manifest.grid.items():
+    for key in manifest.grid:
         for norm in manifest.norms:
-            if not reads(norm, key) or len(values) < 2:
+            if not reads(norm, key):
                 continue
-            others = {_cell_label({k: v for k, v in c.items() if k != key}): c for c in sweep_cells(norm, manifest.grid)}
-            for other, cell in others.items():
-                base = _cell_label({**cell, key: values[0]})
-                for v in values[1:]:
-                    arm = _cell_label({**cell, key: v})
-                    seeds = [s for s in range(manifest.first_seed, manifest.first_seed + manifest.seeds)
-                             if (norm, base, s) in done and (norm, arm, s) in done]
+            groups: dict[str, dict[Any, str]] = {}  # other settings -> {value of key: the cell's label}
+            for n, cell in manifest.cells():
+                if n == norm:
+                    values = _settings(manifest, norm, cell)
+                    other = _cell_label({k: v for k, v in values.items() if k != key})
+                    groups.setdefault(other, {}).setdefault(values[key], _cell_label(cell))
+            for other, arms in groups.items():
+                (baseline, base), *rest = arms.items()
+                for v, arm in rest:
+                    seeds = [s for s in manifest.seed_list if (norm, base, s) in done and (norm, arm, s) in done]
                     diffs = [done[(norm, arm, s)] - done[(norm, base, s)] for s in seeds]
-                    out.append({"norm": norm, "setting": key, "value": v, "baseline": values[0], "other": other,
+                    out.append({"norm": norm, "setting": key, "value": v, "baseline": baseline, "other": other,
                                 "seeds": seeds, "diffs": diffs, "mean": statistics.mean(diffs) if diffs else None,
                                 "spread": statistics.stdev(diffs) if len(diffs) > 1 else None})
     return out
@@ -242,34 +317,89 @@ def log_x(values: Sequence[Any]) -> bool:
     return len(nums) == len(values) > 1 and min(nums) > 0 and max(nums) / min(nums) >= LOG_SPAN
 
 
-def sweep_figure(manifest: Manifest, rows: list[dict[str, Any]], key: str):
-    """Accuracy against the setting ``key``: one line per norm (and per combination of the other swept settings it
-    reads), mean ± std over the finished seeds; a norm that does not read ``key`` is a flat band at its one value."""
+AXIS_WORDS = {"norm_batch": "images per normalization statistic"}  # the axis where a setting's own label is too long
+WHOLE_BATCH = "norm_batch"  # its value 0 is the whole batch: drawn at the batch size
+ACCURACY_WORDS = {"test_acc": "test accuracy", "val_acc": "validation accuracy"}
+
+
+def axis_words(key: str) -> str:
+    """A swept setting as a figure names it: in words, never its field name."""
+    return AXIS_WORDS.get(key) or next(f.metadata["label"] for f in setting_fields() if f.name == key)
+
+
+def _variant_words(key: str, value: Any, base: Any) -> str:
+    """A line's difference from the others of its norm, in words (empty: the norm as it trains by default)."""
+    if key == "precise_bn":
+        return "" if value == base else "without precise BN" if value == 0 else f"precise BN on {value:,} images"
+    flag = next(flag_of(f) for f in setting_fields() if f.name == key)
+    return f"{flag} {format_value(value)}"
+
+
+def sweep_series(manifest: Manifest, rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The figure of ``key`` as data (``figures.sweep_panels`` draws it): two panels, the shown accuracy (test, else
+    validation) and clean train accuracy, each with one line per norm and variant (the other swept settings it reads,
+    where they vary) as mean ± std over its finished seeds at each value of ``key``; a norm that does not read ``key``
+    is a band (x ``[None]``) at its mean ± std. Value 0 of ``norm_batch`` (the whole batch) is drawn at the batch size."""
     shown = metric(rows)
-    values = list(manifest.grid[key])
+    cfgs = {(n, _cell_label(c)): dataclasses.replace(manifest.base, norm=n, **c) for n, c in manifest.cells()}
+
+    def x_of(norm: str, cell: dict[str, Any]) -> Any:
+        cfg = cfgs[(norm, _cell_label(cell))]
+        v = getattr(cfg, key)
+        return cfg.batch_size if key == WHOLE_BATCH and v == 0 else v
+
+    values = list(dict.fromkeys(x_of(n, c) for n, c in manifest.cells() if reads(n, key)))  # in the order swept
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    if numeric:
+        values.sort()
     position = (lambda v: v) if numeric else (lambda v: values.index(v))
-    lines = []
-    for norm in manifest.norms:
-        by_other: dict[str, dict[Any, list[float]]] = {}
-        for r in rows:
-            if r["norm"] != norm or r["status"] != FINISHED or r[shown] is None:
-                continue
-            other = _cell_label({k: v for k, v in r["cell"].items() if k != key and len(manifest.grid[k]) > 1})
-            x = r["cell"].get(key)  # None: the norm does not read the setting
-            by_other.setdefault(other, {}).setdefault(x, []).append(100 * r[shown])
-        for i, (other, points) in enumerate(by_other.items()):
-            xs = sorted(points, key=position) if None not in points else [None]
-            label = f"{norm}{', ' + other if other else ''}" + ("" if reads(norm, key) else f" (does not read {key})")
-            lines.append({"label": label, "colour": NORMS[norm].colour, "style": i,
-                          "x": [None if x is None else position(x) for x in xs],
-                          "mean": [statistics.mean(points[x]) for x in xs],
-                          "std": [statistics.stdev(points[x]) if len(points[x]) > 1 else 0.0 for x in xs]})
-    what = {"test_acc": "test accuracy (%)", "val_acc": "validation accuracy (%)"}[shown]
+    whole = {cfg.batch_size for (n, _), cfg in cfgs.items() if key == WHOLE_BATCH and reads(n, key) and getattr(cfg, key) == 0}
+    tick_labels = [f"{format_value(v)}\n(whole batch)" if v in whole else format_value(v) for v in values]
+
+    panels = [(shown, ACCURACY_WORDS[shown]), ("train_acc_clean", "clean train accuracy")]
+    out_panels = []
+    for field, words in panels:
+        lines = []
+        for norm in manifest.norms:
+            cells = [c for n, c in manifest.cells() if n == norm]
+            settings = [_settings(manifest, norm, c) for c in cells]
+            varying = [k for k in manifest.grid if k != key and reads(norm, k) and len({format_value(s[k]) for s in settings}) > 1]
+            by_variant: dict[str, dict[Any, list[float]]] = {}
+            for r in rows:
+                if r["norm"] != norm or r["status"] != FINISHED or r.get(field) is None:
+                    continue
+                values_here = _settings(manifest, norm, r["cell"])
+                variant = ", ".join(w for k in varying if (w := _variant_words(k, values_here[k], getattr(manifest.base, k))))
+                x = x_of(norm, r["cell"]) if reads(norm, key) else None
+                by_variant.setdefault(variant, {}).setdefault(x, []).append(100 * r[field])
+            for i, (variant, points) in enumerate(by_variant.items()):
+                xs = sorted(points, key=position) if None not in points else [None]
+                name = f"{NORMS[norm].label} ({norm})" + (f", {variant}" if variant else "")
+                lines.append({"label": name, "norm": norm, "colour": NORMS[norm].colour, "style": i, "band": xs == [None],
+                              "x": [None if x is None else position(x) for x in xs],
+                              "mean": [statistics.mean(points[x]) for x in xs],
+                              "std": [statistics.stdev(points[x]) if len(points[x]) > 1 else 0.0 for x in xs],
+                              "seeds": [len(points[x]) for x in xs]})
+        lines.sort(key=lambda line: line["band"])  # the lines, then the bands: the legend reads in that order
+        out_panels.append({"title": words[0].upper() + words[1:], "ylabel": f"{words} (%)", "lines": lines})
     n = manifest.seeds
-    title = f"{what[:-4]} against {key}" + (f" (mean ± std over {n} seeds)" if n > 1 else "")
-    return figures.sweep_lines(lines, xlabel=key, ylabel=what, title=title, log_x=numeric and log_x(values),
-                               ticks=values if numeric else None, tick_labels=[format_value(v) for v in values])
+    what = ACCURACY_WORDS[shown]
+    return {"title": f"{what[0].upper() + what[1:]} and clean train accuracy against {axis_words(key)}"
+                     + (f" (mean ± std over {n} seeds)" if n > 1 else ""),
+            "xlabel": axis_words(key), "log_x": numeric and log_x(values), "ticks": values if numeric else None,
+            "tick_labels": tick_labels, "panels": out_panels,
+            "note": f"bands: norms that {'read no batch statistics' if key == WHOLE_BATCH else 'do not read ' + axis_words(key)}, "
+                    "mean ± std" if any(line["band"] for line in out_panels[0]["lines"]) else ""}
+
+
+def sweep_figure(manifest: Manifest, rows: list[dict[str, Any]], key: str):
+    """Accuracy and clean train accuracy against the setting ``key`` (``sweep_series``), drawn."""
+    return figures.sweep_panels(sweep_series(manifest, rows, key))
+
+
+def figure_keys(manifest: Manifest) -> list[str]:
+    """The swept settings drawn as figures: those given two or more values."""
+    return [k for k, values in manifest.grid.items() if len(values) > 1]
 
 
 # ---------------------------------------------------------------- the whole sweep
@@ -351,12 +481,14 @@ def _trained_by(finished: list[dict[str, Any]]) -> str:
 def _write_report(parent: Path, manifest: Manifest, rows: list[dict[str, Any]]) -> Path:
     finished = [r for r in rows if r["status"] == FINISHED]
     shown = metric(finished)
-    grid = "; ".join(f"{k} = {', '.join(format_value(v) for v in vs)}" for k, vs in manifest.grid.items()) or "no setting (norms and seeds only)"
+    def rectangle(norms: Sequence[str], grid: Grid) -> str:
+        values = "; ".join(f"{k} = {', '.join(format_value(v) for v in vs)}" for k, vs in grid.items()) or "no setting (norms and seeds only)"
+        return f"{', '.join(f'{NORMS[n].label} ({n})' for n in norms)} x {values}"
     seeds = f"{manifest.seeds} seed{'s' if manifest.seeds > 1 else ''} ({', '.join(str(manifest.first_seed + i) for i in range(manifest.seeds))})"
     ignored = [f"{NORMS[n].label} ({n}) does not read {', '.join(ks)}: trained once at {', '.join(f'{k}={format_value(getattr(manifest.base, k))}' for k in ks)}"
                for n in manifest.norms if (ks := [k for k in manifest.grid if not reads(n, k)])]
     parts = [f"# normlab sweep: `{parent}`",
-             f"{', '.join(f'{NORMS[n].label} ({n})' for n in manifest.norms)} x {grid} x {seeds}: "
+             f"{'; '.join(f'({rectangle(*p)})' if len(manifest.parts) > 1 else rectangle(*p) for p in manifest.parts)} x {seeds}: "
              f"{len(rows)} models, {len(finished)} finished.",
              (f"Trained by normlab {_trained_by(finished)}; this page" if finished else "This page") + f" written by normlab {__version__}.",
              f"{COMMAND_LEAD}\n\n```sh\n{manifest.command(parent, _data_dir(finished))}\n```",
@@ -387,13 +519,62 @@ def _write_report(parent: Path, manifest: Manifest, rows: list[dict[str, Any]]) 
         parts.append(f"**Not finished ({len(unfinished)}):** {', '.join(f'`{f}`' + (f' (being trained by {lock.who(busy[f])})' if f in busy else '') for f in unfinished)}. "
                      f"Train them with the command above and `--resume`.")
     fig_dir = parent / FIGURES
-    if shown and manifest.grid:
+    if shown and figure_keys(manifest):
         fig_dir.mkdir(exist_ok=True)
-        what = {"test_acc": "Test accuracy", "val_acc": "Validation accuracy"}[shown]
+        what = ACCURACY_WORDS[shown]
         parts.append("## Figures")
-        for key in manifest.grid:
+        for key in figure_keys(manifest):
             path = figures.save(sweep_figure(manifest, finished, key), fig_dir / f"sweep_{key}.png")
-            parts.append(f"{what} against {key}:\n\n![{what.lower()} against {key}]({FIGURES}/{path.name})")
+            caption = f"{what[0].upper() + what[1:]} and clean train accuracy against {axis_words(key)}"
+            parts.append(f"{caption}:\n\n![{caption.lower()}]({FIGURES}/{path.name})")
     path = parent / REPORT
     atomic_write_text(path, "\n\n".join(parts) + "\n")
     return path
+
+
+# ---------------------------------------------------------------- several folders as one
+def merge(sources: Sequence[str | os.PathLike], out: str | os.PathLike, log=print) -> SweepResult:
+    """Sweep folders of the same base settings and data (trained on several machines, or over sittings) as one in
+    ``out`` (which may hold one of them already): the manifest of their union, each model folder copied where ``out``
+    has no finished model of that cell and seed, then ``sweep.csv``, ``sweep.md`` and the figures. Refused before
+    anything is copied where the base settings or the training data differ, or the seeds leave a gap."""
+    out = Path(out)
+    folders = list(dict.fromkeys(Path(s).resolve() for s in ([out] if is_sweep(out) else []) + [Path(s) for s in sources]))
+    manifests = [(f, read_manifest(f)) for f in folders]
+    union = manifests[0][1]
+    for f, m in manifests[1:]:
+        union = union.union(m, str(f))
+    _check_one_data(manifests)
+    write_manifest(out, union, resume=True)
+    copied = kept = 0
+    for f, m in manifests:
+        for *_, folder in m.models(f):
+            dest = out / folder.relative_to(f)
+            if not RunDir(folder).is_run() or dest.resolve() == folder:
+                continue
+            if RunDir(dest).has_results or (dest.exists() and not RunDir(folder).has_results):
+                kept += RunDir(folder).has_results
+                continue
+            try:
+                if dest.exists():
+                    shutil.rmtree(dest)  # unfinished: the finished copy replaces it
+                shutil.copytree(folder, dest)
+            except OSError as e:
+                raise unwritable(out, e) from None
+            copied += 1
+    log(f"merged {len(folders)} sweep folders into {out}: {copied} model folders copied, "
+        f"{kept} finished models already there kept")
+    return write_sweep(out)
+
+
+def _check_one_data(manifests: list[tuple[Path, Manifest]]) -> None:
+    """One sweep, one training set: the data fingerprint each folder's models recorded (data.json) must agree."""
+    seen: tuple[Path, dict[str, Any]] | None = None
+    for f, m in manifests:
+        record = next((r for *_, folder in m.models(f) if (r := RunDir(folder).read_data()) is not None), None)
+        if record is None:
+            continue
+        if seen is not None and seen[1]["train"] != record["train"]:
+            raise UsageError(f"{f} was trained on other data than {seen[0]} (training labels hash {record['train']['labels_sha256'][:12]} "
+                             f"against {seen[1]['train']['labels_sha256'][:12]}); merge only sweeps of the same data")
+        seen = seen or (f, record)
