@@ -40,12 +40,11 @@ def worker_normlab(args) -> dict:
     from normlab import data as D
     from normlab.config import Config
     from normlab.models import Net
-    from normlab.capture import settle
     from normlab.device import Runtime, setup
     from normlab.loop import graphed_step, infer, make_ema, make_optimizer, train_epoch
 
     cfg = dataclasses.replace(Config(norm=args.norm, batch_size=args.batch_size), **json.loads(args.config)).validate()
-    place, _ = settle(setup(Runtime(args.device, precision=args.precision, compile=args.compile), cfg.norm))  # normlab's own choice of precision and layout
+    place = setup(Runtime(args.device, precision=args.precision, compile=args.compile), cfg.norm)  # normlab's own choice of precision and layout
     if args.layout != "auto":
         place = dataclasses.replace(place, channels_last=args.layout == "cl")
     dev, cl = place.device, place.channels_last

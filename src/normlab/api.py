@@ -24,9 +24,8 @@ import torch
 
 from normlab import data as D
 from normlab import folders
-from normlab.capture import settle
 from normlab.config import MAX_EPOCHS, Config, parse_widths, setting_fields
-from normlab.device import Runtime, device_name, peak_rss_mib, set_threads, setup
+from normlab.device import Runtime, device_name, failure, peak_rss_mib, set_threads, setup
 from normlab.errors import ConfigError, TrainingError, UsageError
 from normlab.models import PARAM_BUDGET, count_params
 from normlab.norms import DEFAULT_NORMS, NORMS
@@ -130,20 +129,23 @@ def train(cfg: Config | None = None, data_dir: str | os.PathLike | None = None, 
         _train(cfg, D.resolve_data_dir(data_dir), rd, resume, runtime, log, started, recorded)
     except KeyboardInterrupt:
         raise  # resumable: config.json (and any checkpoint) stay, and the CLI prints the command that resumes
-    except BaseException:
+    except BaseException as e:
         if not rd.has_checkpoint:  # nothing worth keeping: remove what this call made
             if not had_config:
                 (rd / "config.json").unlink(missing_ok=True)
             folders.remove_empty(created)
+        # the GPU out of memory, torch.compile failing: one line that says what to try, not a traceback
+        line = failure(e, f"the finished epochs are kept in {rd} and --resume continues from the last" if rd.has_checkpoint
+                       else "nothing was kept")
+        if line is not None:
+            raise line from None
         raise
     return TrainResult.load(rd.path)
 
 
 def _train(cfg: Config, data_dir: Path, rd: RunDir, resume: bool, runtime: Runtime, log: Log, started: float,
            recorded: dict[str, Any] | None) -> dict[str, Any]:
-    place, note = settle(setup(runtime, cfg.norm))
-    if note:
-        log(note)
+    place = setup(runtime, cfg.norm)
     place.reset_peak_memory()
     images, labels = D.load_split(data_dir, train=True)
     fingerprint = D.fingerprint(images, labels)

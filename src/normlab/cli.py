@@ -51,11 +51,12 @@ def add_runtime_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=d.threads, help="CPU threads, 0 = all cores (default: 0)")
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
                    help="bf16/fp16 autocast or fp32; auto = what the hardware runs natively: bf16 on GPUs of capability 8.0 "
-                        "and later and on CPUs with AVX512-BF16 or AMX, fp16 (with loss scaling) on older GPUs, fp32 on other CPUs (default: auto)")
+                        "and later and on CPUs with AVX512-BF16 or AMX, fp16 (with loss scaling) on capability 7.x, fp32 below and on other CPUs (default: auto)")
     p.add_argument("--compile", default=d.compile, choices=COMPILE,
                    help="torch.compile the network: fewer kernel launches on a GPU, slower on a CPU; graphs: compiled and replayed "
                         "as CUDA graphs (CUDA only, plain compile elsewhere); capture: the whole training step recorded once as one "
-                        "CUDA graph and replayed, not compiled (CUDA, bf16/fp32; not yet measured) (default: auto = graphs on CUDA, off on a CPU)")
+                        "CUDA graph and replayed, not compiled (CUDA; not yet measured) (default: auto = graphs on CUDA where torch.compile "
+                        "can run, else off)")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic cuDNN algorithms on a GPU (slower); CPU runs repeat bit for bit without it")
 

@@ -434,7 +434,7 @@ class Trainer:
         self.ema = make_ema(self.model, cfg.ema)
         self.lookahead = Lookahead(self.model, cfg.lookahead) if cfg.lookahead else None
         self.scaler = place.grad_scaler()
-        # --compile capture: the whole step of each full batch as one CUDA graph (the caller settled that it can be)
+        # --compile capture: the whole step of each full batch as one CUDA graph (CUDA only: device.setup)
         self.graphed = graphed_step(self.model, self.opt, cfg, place, self.scaler) if place.capture else None
         dev = place.device
         self.train_x, self.train_y = train_x.to(dev), train_y.to(dev)
