@@ -23,7 +23,7 @@ from normlab import data as D
 from normlab import folders
 from normlab.cluster import RayOptions, execute_ray, import_ray
 from normlab.config import MAX_EPOCHS, Config, parse_widths, setting_fields
-from normlab.device import COMPILE, PRECISIONS, Runtime, device_name, peak_rss_mib, runtime_with, set_threads, setup
+from normlab.device import COMPILE, PRECISIONS, Runtime, device_name, failure, peak_rss_mib, runtime_with, set_threads, setup
 from normlab.errors import ConfigError, SweepError, TrainingError, UsageError
 from normlab.loop import Diverged, FinalScores, Trainer, build, evaluate as evaluate_model, placement
 from normlab.models import PARAM_BUDGET, count_params, model_summary
@@ -112,11 +112,16 @@ def train(cfg: Config | None = None, data_dir: str | os.PathLike | None = None, 
         _train(cfg, D.resolve_data_dir(data_dir), rd, resume, runtime, log, started, recorded)
     except KeyboardInterrupt:
         raise  # resumable: config.json (and any checkpoint) stay, and the CLI prints the command that resumes
-    except BaseException:
+    except BaseException as e:
         if not rd.has_checkpoint:  # nothing worth keeping: remove what this call made
             if not had_config:
                 (rd / CONFIG).unlink(missing_ok=True)
             folders.remove_empty(created)
+        # the GPU out of memory, torch.compile failing: one line that says what to try, not a traceback
+        line = failure(e, f"the finished epochs are kept in {rd} and --resume continues from the last" if rd.has_checkpoint
+                       else "nothing was kept")
+        if line is not None:
+            raise line from None
         raise
     return TrainResult.load(rd.path)
 
@@ -140,9 +145,7 @@ def _resumed(rd: RunDir, cfg: Config, resume: bool, data_dir: str | os.PathLike 
 def _train(cfg: Config, data_dir: Path, rd: RunDir, resume: bool, runtime: Runtime, log: Log, started: float,
            recorded: dict[str, Any] | None) -> None:
     """One model from its data to its files: placement, data, trainer, epochs, final evaluation, the record."""
-    place, note = placement(cfg, runtime)
-    if note:
-        log(note)
+    place = placement(cfg, runtime)
     splits, fingerprint = _load_data(cfg, data_dir, rd, recorded)
     trainer = build(cfg, place, *splits, progress=runtime.progress)
     if resume:
