@@ -132,7 +132,7 @@ class SGDMuon(torch.optim.SGD):
 
     The whole group in a few dozen kernel launches (an eager GPU step is bound by its launches): momentum with
     foreach ops, every bank's Newton-Schulz chain as one batched chain (``FilterBanks``, ``orthogonalize_batch``:
-    today's per-bank result up to rounding), the rescale and update on the banks laid end to end. The SGD groups
+    ``orthogonalize``'s per-bank result up to rounding), the rescale and update on the banks laid end to end. The SGD groups
     take torch's foreach path on a CPU too (the same arithmetic as its per-tensor loop, which it is there).
     """
 
