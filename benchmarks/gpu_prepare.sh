@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Here, before a GPU check: fill .gpu/ (git-ignored, carried to the GPU machine, < 64 MiB) with a
-# real class-balanced CIFAR-10 subset, the subset tool (numpy only) and the wheels of what the GPU
-# machine's image lacks (torchinfo). Then, with the device tool:
+# Here, before a GPU check: fill .gpu/ (git-ignored, carried to the GPU machine, < 64 MiB) with the
+# real class-balanced 10,000/2,000 CIFAR-10 subset (the one benchmarks/gpu_check_cpu_reference.json was
+# trained on), the subset tool (numpy only; gpu_check.sh writes the full-size folder with it there) and
+# the wheels of what the GPU machine's image lacks (torchinfo). Then, with the device tool:
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".gpu"], timeout_s=560)
 set -euo pipefail
 cd "$(dirname "$0")/.."

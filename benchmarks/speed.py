@@ -44,7 +44,7 @@ def worker_normlab(args) -> dict:
     from normlab.loop import build, infer, placement
 
     cfg = dataclasses.replace(Config(norm=args.norm, batch_size=args.batch_size), **json.loads(args.config)).validate()
-    place, _ = placement(cfg, Runtime(args.device, precision=args.precision, compile=args.compile))  # normlab's own choice
+    place = placement(cfg, Runtime(args.device, precision=args.precision, compile=args.compile))  # normlab's own choice
     if args.layout != "auto":
         place = dataclasses.replace(place, channels_last=args.layout == "cl")
     images, labels = D.load_split(args.data_dir, train=True)

@@ -19,6 +19,7 @@ from normlab.cli import main
 from normlab.config import Config
 from normlab.device import Placement, Runtime, setup
 from normlab.errors import TrainingError
+from normlab.models import Net
 from normlab.rundir import CHECKPOINT
 
 
@@ -26,10 +27,12 @@ def recording(t):
     """A stand-in for capture.cuda_capture in trainer ``t``: the step recorded without taking effect; replays run it again."""
 
     def capture(body):
-        saved = copy.deepcopy(t.model.state_dict()), copy.deepcopy(t.opt.state_dict())
+        saved = copy.deepcopy(t.model.state_dict()), copy.deepcopy(t.opt.state_dict()), t.scaler.state_dict()
         loss, logits = (v.detach().clone() for v in body())
         t.model.load_state_dict(saved[0])
         t.opt.load_state_dict(saved[1])
+        if t.scaler.is_enabled():  # fp16: the loss scale and its growth count, in their own tensors
+            t.scaler.load_state_dict(saved[2])
         C.use_device_lr(t.opt)  # as it stood when recorded
 
         def replay():
@@ -57,17 +60,20 @@ def trainer(cifar_dir, place, epochs=2, **settings):
 CPU = Placement(torch.device("cpu"), "fp32", False)
 
 
-@pytest.mark.parametrize("settings", [{}, {"ema": 0.9, "lookahead": 0.5}, {"norm_bias_lr": 3.0}, {"muon_lr": 0},
-                                      {"norm": "brn", "norm_batch": 10}])
-def test_a_captured_run_trains_as_the_same_run_never_captured(cifar_dir, monkeypatch, settings):
-    """Warm-up steps, then one recording and replays (the partial batch eager) = every step eager, bit for bit."""
-    captured = trainer(cifar_dir, dataclasses.replace(CPU, capture=True), **settings)
+@pytest.mark.parametrize("settings, precision", [({}, "fp32"), ({"ema": 0.9, "lookahead": 0.5}, "fp32"), ({"norm_bias_lr": 3.0}, "fp32"),
+                                                 ({"muon_lr": 0}, "fp32"), ({"norm": "brn", "norm_batch": 10}, "fp32"),
+                                                 ({}, "fp16")])
+def test_a_captured_run_trains_as_the_same_run_never_captured(cifar_dir, monkeypatch, settings, precision):
+    """Warm-up steps, then one recording and replays (the partial batch eager) = every step eager, bit for bit;
+    in fp16 with the loss scaler on the device."""
+    place = dataclasses.replace(CPU, precision=precision, capture=True)
+    captured = trainer(cifar_dir, place, **settings)
     captured.graphed.capture = recording(captured)
     rows = [captured.run_epoch() for _ in range(2)]
     assert captured.graphed.replay is not None and captured.graphed.warm == C.WARMUP_STEPS
 
     monkeypatch.setattr(C, "WARMUP_STEPS", 10**9)  # never records: the eager path of the same step throughout
-    eager = trainer(cifar_dir, dataclasses.replace(CPU, capture=True), **settings)
+    eager = trainer(cifar_dir, place, **settings)
     eager.graphed.capture = None
     ref = [eager.run_epoch() for _ in range(2)]
     assert eager.graphed.replay is None
@@ -108,13 +114,70 @@ def test_a_checkpoint_of_a_captured_run_is_plain(cifar_dir):
     plain.run_epoch()
 
 
-def test_capture_is_cuda_only_and_settles_what_it_cannot_capture():
+def test_capture_is_cuda_only_and_takes_every_precision():
     assert not setup(Runtime("cpu", compile="capture"), "bn").capture  # a CPU: the plain eager step
-    place = dataclasses.replace(CPU, device=torch.device("cpu"), capture=True)
-    assert C.settle(place) == (place, None)
-    settled, note = C.settle(dataclasses.replace(place, precision="fp16"))
-    assert not settled.capture and settled.compile and settled.graphs and "fp16's loss scaler" in note
-    assert C.settle(dataclasses.replace(place, precision="bf16")) == (dataclasses.replace(place, precision="bf16"), None)
+    place = dataclasses.replace(CPU, capture=True)
+    assert type(dataclasses.replace(place, precision="fp16").grad_scaler()) is C.DeviceScaler
+    assert type(dataclasses.replace(CPU, precision="fp16").grad_scaler()) is torch.amp.GradScaler  # not captured: torch's
+    assert not dataclasses.replace(place, precision="bf16").grad_scaler().is_enabled() and not place.grad_scaler().is_enabled()
+
+
+def no_host_reads(monkeypatch):
+    """Any read of a tensor's value by the host (what a CUDA graph cannot record, and a sync on a GPU) raises."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor's value was read on the host")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+
+
+def test_a_captured_fp16_step_with_an_overflow_is_skipped_on_the_device(cifar_dir, monkeypatch):
+    """fp16 captured: a replayed step whose scaled gradients overflow leaves the weights and the optimizer's state as
+    they were and halves the loss scale, reading nothing on the host; the next replay steps again, at the new scale."""
+    t = trainer(cifar_dir, dataclasses.replace(CPU, precision="fp16", capture=True), epochs=1, lookahead=0)
+    t.graphed.capture = recording(t)
+    x, y = torch.randn(30, 3, 32, 32), torch.randint(0, 10, (30,))
+    for _ in range(C.WARMUP_STEPS + 1):  # warm-up, then the recording
+        graphed(t, x, y, 0.1)
+    assert t.graphed.replay is not None
+    t.scaler._scale.fill_(2.0 ** 40)  # the scaled loss's gradients overflow fp16
+    weights = copy.deepcopy(t.model.state_dict())
+    state = copy.deepcopy(t.opt.state_dict()["state"])
+    with monkeypatch.context() as m:
+        no_host_reads(m)
+        graphed(t, x, y, 0.1)
+    assert t.scaler.get_scale() == 2.0 ** 39
+    assert all(torch.equal(v, t.model.state_dict()[k]) for k, v in weights.items() if "running" not in k and "batches" not in k)
+    after = t.opt.state_dict()["state"]
+    assert all(torch.equal(v, after[i][k]) for i, s in state.items() for k, v in s.items())
+    t.scaler._scale.fill_(1024.0)  # no overflow at this scale
+    with monkeypatch.context() as m:
+        no_host_reads(m)
+        graphed(t, x, y, 0.1)
+    assert t.scaler.get_scale() == 1024.0 and not torch.equal(weights["C2.0.weight"], t.model.state_dict()["C2.0.weight"])
+
+
+def test_the_device_scaler_steps_and_skips_as_torchs_grad_scaler():
+    """Eager, step by step, with an overflow in the middle: DeviceScaler's weights, buffers and scale are GradScaler's."""
+    torch.manual_seed(0)
+    cfg = Config(norm="bn")
+    fp16 = dataclasses.replace(CPU, precision="fp16")
+    models = [Net.from_config(cfg) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [O.make_optimizer(m, cfg, "fp16") for m in models]
+    scalers = [torch.amp.GradScaler("cpu"), C.DeviceScaler("cpu")]
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    for step in range(4):
+        for model, opt, scaler in zip(models, opts, scalers):
+            if step >= 2:  # an overflow, then a smaller scale again
+                scaler._scale.fill_(2.0 ** 40 if step == 2 else 1024.0)
+            O.set_lr(opt, 0.1)
+            T.update_on_batch(model, opt, x, y, 0.1, fp16, scaler)
+        assert scalers[0].get_scale() == scalers[1].get_scale() == {2: 2.0 ** 39, 3: 1024.0}.get(step, 2.0 ** 16)
+        a, b = (m.state_dict() for m in models)
+        assert all(torch.equal(a[k], b[k]) for k in a), step
+        sa, sb = (o.state_dict()["state"] for o in opts)
+        assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i]), step
 
 
 def test_train_with_compile_capture_on_a_cpu_is_the_plain_run(cifar_dir, tmp_path):

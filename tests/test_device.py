@@ -23,12 +23,60 @@ TRAIN = ["--epochs", "2", "--batch-size", "50", "--threads", "1", "--device", DE
     ("cuda", (9, 0), False, "bf16"),   # H100
     ("cuda", (8, 0), False, "bf16"),   # A100
     ("cuda", (7, 5), False, "fp16"),   # T4: bf16 only by emulation there
-    ("cuda", (6, 0), False, "fp16"),   # P100
+    ("cuda", (6, 0), False, "fp32"),   # P100 (card_plan: fp32 below 7.0)
     ("cpu", None, True, "bf16"),       # AVX512-BF16 or AMX
     ("cpu", None, False, "fp32"),      # most laptops
 ])
 def test_native_precision(device_type, capability, cpu_bf16, expected):
     assert native_precision(device_type, capability, cpu_bf16) == expected
+
+
+@pytest.mark.parametrize("capability, triton, precision, compiles", [
+    ((9, 0), True, "bf16", True),    # H100
+    ((8, 0), True, "bf16", True),    # A100
+    ((8, 6), False, "bf16", False),  # an RTX 30xx under Windows: no Triton
+    ((7, 5), True, "fp16", True),    # T4
+    ((7, 0), True, "fp16", True),    # V100
+    ((6, 1), True, "fp32", False),   # GTX 10xx: fp16 at 1/64 rate, too old for Triton
+    ((6, 0), True, "fp32", False),   # P100
+])
+def test_one_table_decides_precision_and_compilation_per_card(capability, triton, precision, compiles):
+    plan = dev.card_plan(capability, triton)
+    assert (plan.precision, plan.compile) == (precision, compiles)
+    assert (plan.why_not is None) == compiles
+    assert plan.why_not is None or ("Triton" in plan.why_not and (f"{capability[0]}.{capability[1]}" in plan.why_not or not triton))
+
+
+def fake_cuda(monkeypatch, capability, triton):
+    """setup() on a CUDA card of this capability, with or without Triton: what it reports, faked."""
+    monkeypatch.setattr(dev.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dev.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(dev.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(dev.torch.cuda, "get_device_capability", lambda d=None: capability)
+    monkeypatch.setattr(dev.torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setattr(dev.torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(dev.torch.backends.cudnn, "deterministic", False)
+    monkeypatch.setattr(dev, "has_triton", lambda: triton)
+
+
+@pytest.mark.parametrize("capability, triton, precision, compiled", [
+    ((9, 0), True, "bf16", True), ((7, 5), True, "fp16", True), ((6, 0), True, "fp32", False), ((9, 0), False, "bf16", False)])
+def test_setup_follows_the_card_table(monkeypatch, capability, triton, precision, compiled):
+    """--precision auto and --compile auto per card; where torch.compile cannot run, auto is eager, capture still
+    records (it compiles nothing), and an explicit --compile on or graphs is one line that names the flags that work."""
+    fake_cuda(monkeypatch, capability, triton)
+    place = dev.setup(Runtime("cuda"), "bn")
+    assert (place.precision, place.compile, place.graphs, place.capture) == (precision, compiled, compiled, False)
+    captured = dev.setup(Runtime("cuda", compile="capture"), "bn")
+    assert captured.capture and not captured.compile
+    assert dev.setup(Runtime("cuda", precision="fp16"), "bn").precision == "fp16"  # asked: kept
+    for asked in ("on", "graphs"):
+        if compiled:
+            assert dev.setup(Runtime("cuda", compile=asked), "bn").compile
+        else:
+            with pytest.raises(dev.ConfigError, match=rf"--compile {asked} cannot run on cuda:0: .*; use --compile off \(eager\) "
+                                                      r"or --compile capture"):
+                dev.setup(Runtime("cuda", compile=asked), "bn")
 
 
 def test_cpu_bf16_is_read_from_the_flags():
@@ -181,3 +229,72 @@ def test_plain_cuda_is_set_as_the_current_gpu_with_its_index(monkeypatch):
     assert calls[-1] == torch.device("cuda", 0)
     assert dev.setup(dev.Runtime("cuda", compile="graphs"), "bn").graphs and dev.setup(dev.Runtime("cuda"), "bn").graphs
     assert not dev.setup(dev.Runtime("cuda", compile="on"), "bn").graphs and not dev.setup(dev.Runtime("cuda", compile="off"), "bn").compile
+
+
+# ---------------------------------------------------------------- failures of the machinery, one line each
+def fail_in_epoch(epoch: int, error: BaseException):
+    """A train_epoch that raises ``error`` at the start of training epoch ``epoch`` (after the earlier ones' checkpoints)."""
+    from normlab import loop as T
+
+    real = T.train_epoch
+
+    def train_epoch(*args, desc="", **kwargs):
+        if f"epoch {epoch}/" in desc:
+            raise error
+        return real(*args, desc=desc, **kwargs)
+
+    return train_epoch
+
+
+OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 14.74 GiB of which 1.06 GiB is free. "
+       "Of the allocated memory 12.1 GiB is allocated by PyTorch ...\nSee documentation for Memory Management")
+
+
+def test_out_of_memory_is_one_line_and_resume_finishes(data_dir, tmp_path, monkeypatch, capsys):
+    """CUDA running out of memory in epoch 2: one line (what ran out, where, what to try), exit 2, epoch 1 kept; --resume
+    then ends as the run would have."""
+    from normlab import loop as T
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(T, "train_epoch", fail_in_epoch(2, torch.OutOfMemoryError(OOM)))
+    assert main(["train", "--data-dir", str(data_dir), *TRAIN, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "GPU 0's memory (cuda:0) ran out allocating 2.00 GiB" in err and "--jobs 1" in err and "--precision" in err
+    assert f"the finished epochs are kept in {out} and --resume continues" in err
+    assert torch.load(out / CHECKPOINT, weights_only=True)["epoch"] == 1
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(out), "--threads", "1"]) == 0
+    assert json.loads((out / RESULTS).read_text())["epochs"] == 2
+
+
+def test_out_of_memory_in_the_first_epoch_keeps_nothing_and_says_so(data_dir, tmp_path, monkeypatch, capsys):
+    from normlab import loop as T
+
+    monkeypatch.setattr(T, "train_epoch", fail_in_epoch(1, torch.OutOfMemoryError("CUDA out of memory.")))
+    assert main(["train", "--data-dir", str(data_dir), *TRAIN, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "GPU memory ran out; nothing was kept. Try --jobs 1" in err
+    assert not (tmp_path / "run" / CHECKPOINT).exists()
+
+
+def test_a_failure_inside_torch_compile_is_one_line_that_names_the_flag_avoiding_it(data_dir, tmp_path, monkeypatch, capsys):
+    """torch.compile raising at the first step (here a backend that fails as inductor does without Triton): one line
+    naming --compile off, no traceback; the run resumes with that flag."""
+    def no_triton(gm, example_inputs):
+        raise RuntimeError("Cannot find a working triton installation. Either the package is not installed or it is too old.")
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(Placement, "compiled", lambda self, model: torch.compile(model, backend=no_triton) if self.compile else model)
+    assert main(["train", "--data-dir", str(data_dir), *TRAIN, "--compile", "on", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "torch.compile failed (" in err and "Cannot find a working triton installation" in err
+    assert "nothing was kept. Train with --compile off (eager) or --compile capture" in err
+    assert main(["train", "--data-dir", str(data_dir), *TRAIN, "--compile", "off", "--out", str(out)]) == 0
+
+
+def test_other_errors_are_not_taken_for_the_machinerys():
+    assert dev.failure(ValueError("bad"), "kept") is None
+    assert dev.failure(RuntimeError("a plain runtime error"), "kept") is None
+    assert dev.failure(KeyboardInterrupt(), "kept") is None

@@ -166,6 +166,111 @@ def test_muon_orthogonalizes_as_torch_does_in_bf16_and_in_fp32_where_the_run_is_
         "bf16": torch.bfloat16, "fp16": torch.float32, "fp32": torch.float32}
 
 
+@torch.no_grad()
+def reference_muon_step(opt: O.SGDMuon) -> None:
+    """SGDMuon's step done the plain way: SGD, then Muon one filter bank at a time."""
+    groups = opt.param_groups
+    opt.param_groups = [g for g in groups if not g.get("muon")]
+    try:
+        torch.optim.SGD.step(opt)
+    finally:
+        opt.param_groups = groups
+    for g in (g for g in groups if g.get("muon")):
+        for p in g["params"]:
+            buf = opt.state[p].setdefault("muon_buffer", torch.zeros_like(p.grad))
+            if g.get("normalize"):
+                p.mul_(p.shape[0] ** 0.5 / p.norm())
+            buf.lerp_(p.grad, 1 - g["momentum"])
+            update = p.grad.lerp(buf, g["momentum"]).reshape(p.shape[0], -1)
+            ortho = O.orthogonalize(update, opt.ns_dtype).reshape(p.shape).to(p.dtype)
+            scale = max(1.0, update.shape[0] / update.shape[1]) ** 0.5
+            if isinstance(g["lr"], torch.Tensor):
+                p.sub_(ortho * (g["lr"] * scale))
+            else:
+                p.add_(ortho, alpha=-g["lr"] * scale)
+
+
+MUON_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 0.05}  # of an orthogonalized entry (about 0.05-0.3 here)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_batched_newton_schulz_chain_orthogonalizes_each_bank_as_alone(dtype, channels_last):
+    """FilterBanks + orthogonalize_batch on the network's own banks (wide ones and the tall 1x1 c3, whose matrix is
+    transposed), zero-padded to one shape: each bank's result is orthogonalize's on it alone, scaled by
+    sqrt(max(1, out / (in*k*k))), within rounding (fp32 tight, bf16 loose), in either memory layout."""
+    torch.manual_seed(0)
+    model = Net("bn")
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    params = O.make_optimizer(model, Config(norm="bn"), "fp32").param_groups[-1]["params"]
+    assert {tuple(p.shape) for p in params} >= {(32, 16, 1, 1), (16, 3, 3, 3), (32, 32, 3, 3)}  # tall, and wide ones
+    updates = [torch.randn_like(p) for p in params]
+    banks = O.FilterBanks(params)
+    flat = banks.orthogonalized(updates, 1.0, dtype)
+    assert flat.dtype == torch.float32 and flat.numel() == sum(p.numel() for p in params)
+    for p, u, got, perm in zip(params, updates, banks.unflat(flat, params), banks.perms):
+        m = u.reshape(u.shape[0], -1)
+        want = O.orthogonalize(m, dtype).float().reshape(u.shape) * max(1.0, m.shape[0] / m.shape[1]) ** 0.5
+        got = got.permute(*torch.argsort(torch.tensor(perm)).tolist())  # memory order back to (out, in, k, k)
+        assert (got - want).abs().max() < MUON_TOLERANCE[dtype], tuple(p.shape)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("settings", [{}, {"muon_norm": False}, {"muon_momentum": 0.6}])
+@pytest.mark.parametrize("device_lr", [False, True])
+def test_batched_muon_takes_the_steps_of_muon_bank_by_bank(precision, settings, device_lr):
+    """Three optimizer steps of SGDMuon from the same weights and gradients as Muon bank by bank
+    (reference_muon_step): the same weights and buffers within rounding; the SGD groups bit for bit. With the
+    learning rates as device tensors too (what --compile capture records)."""
+    from normlab.capture import use_device_lr
+
+    torch.manual_seed(0)
+    cfg = Config(norm="bn", **settings)
+    a = Net.from_config(cfg).to(memory_format=torch.channels_last)
+    b = Net.from_config(cfg).to(memory_format=torch.channels_last)
+    b.load_state_dict(a.state_dict())
+    new, old = O.make_optimizer(a, cfg, precision), O.make_optimizer(b, cfg, precision)
+    if device_lr:
+        use_device_lr(new)
+        use_device_lr(old)
+    muon = {id(p) for p in new.param_groups[-1]["params"]}
+    for lr in (0.2, 0.1, 0.05):
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            pa.grad = torch.randn_like(pa)
+            pb.grad = pa.grad.clone()
+        O.set_lr(new, lr)
+        O.set_lr(old, lr)
+        new.step()
+        reference_muon_step(old)
+        for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+            assert torch.equal(pa, pb) if id(pa) not in muon else (pa - pb).abs().max() < 1e-6, name
+            if id(pa) in muon:
+                assert torch.equal(new.state[pa]["muon_buffer"], old.state[pb]["muon_buffer"]), name
+        b.load_state_dict(a.state_dict())  # each step from the same weights: bf16 turns a last bit into a visible one later
+
+
+def test_lookahead_with_foreach_ops_pulls_exactly_as_tensor_by_tensor():
+    torch.manual_seed(0)
+    model = Net("bn").to(memory_format=torch.channels_last)
+    la = O.Lookahead(model, 0.95)
+    ref = [s.clone() for s in la.slow]
+    for step in range(1, 11):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        live = [t.detach().clone() for t in la.live]
+        if step % la.EVERY == 0:
+            decay = la.alpha ** la.EVERY * (step / 10) ** 3
+            for slow, t in zip(ref, live):
+                slow.lerp_(t, 1 - decay)
+                t.copy_(slow)
+        la.step(step, 10)
+        assert all(torch.equal(a, b) for a, b in zip(la.slow, ref))
+        assert all(torch.equal(a, b) for a, b in zip(la.live, live))
+    assert step % la.EVERY == 0
+
+
 def test_muon_with_its_learning_rate_on_the_device_takes_the_same_steps():
     """What --compile capture records (capture.use_device_lr: every group's learning rate a device tensor, SGD fused)
     steps SGDMuon's filters as the plain float learning rate does, step after step of the schedule (each step from

@@ -22,7 +22,7 @@ import torch
 from normlab import data as D
 from normlab.cluster import RayOptions, execute_ray, import_ray
 from normlab.config import MAX_EPOCHS, Config, parse_widths, setting_fields
-from normlab.device import COMPILE, PRECISIONS, Runtime, device_name, peak_rss_mib, runtime_with, set_threads, setup
+from normlab.device import COMPILE, PRECISIONS, Runtime, device_name, failure, peak_rss_mib, runtime_with, set_threads, setup
 from normlab.errors import ConfigError, DiskFullError, NormlabError, SweepError, TrainingError, UsageError
 from normlab.lock import FolderLock
 from normlab.stops import exit_status as stop_exit_status, received as stop_signal, sigterm_stops
@@ -133,13 +133,19 @@ def _train_locked(rd: RunDir, cfg: Config, resume: bool, data_dir: str | os.Path
 
 def _discard_failed(rd: RunDir, had_config: bool, error: BaseException) -> None:
     """After a failed training: remove the records this call wrote if no epoch was kept (the folders it made go once
-    the lock is released), and say on a full disk what was kept."""
+    the lock is released); a full disk, a GPU out of memory or a failing compiler become one line that says what was
+    kept and what to try."""
     if not rd.has_checkpoint and not had_config:
         for name in (CONFIG, DATA):
             (rd / name).unlink(missing_ok=True)
     if isinstance(error, DiskFullError):
         kept = "its last complete epoch is kept: resume it with --resume once there is room" if rd.has_checkpoint else "nothing was kept"
         raise DiskFullError(f"{error}; {kept}") from None
+    # the GPU out of memory, torch.compile failing: one line that says what to try, not a traceback
+    line = failure(error, f"the finished epochs are kept in {rd} and --resume continues from the last" if rd.has_checkpoint
+                   else "nothing was kept")
+    if line is not None:
+        raise line from None
 
 
 def _resumed(rd: RunDir, cfg: Config, resume: bool, data_dir: str | os.PathLike | None, runtime: Runtime,
@@ -162,9 +168,7 @@ def _resumed(rd: RunDir, cfg: Config, resume: bool, data_dir: str | os.PathLike 
 def _train(cfg: Config, data_dir: Path, rd: RunDir, resume: bool, runtime: Runtime, log: Log, started: float,
            recorded: dict[str, Any] | None) -> None:
     """One model from its data to its files: placement, data, trainer, epochs, final evaluation, the record."""
-    place, note = placement(cfg, runtime)
-    if note:
-        log(note)
+    place = placement(cfg, runtime)
     splits, fingerprint = _load_data(cfg, data_dir, rd, recorded)
     trainer = build(cfg, place, *splits, progress=runtime.progress)
     if resume:

@@ -7,7 +7,8 @@ On an H100 a bn step issued ~440 kernels for 1.75 ms of kernel time against 9.6 
 replayed step needs, PyTorch's "whole-network capture" recipe: a few eager warm-up steps on a side stream
 (cuDNN's algorithm search, the momentum buffers), then inputs and learning rates in fixed device tensors
 that each step overwrites (SGD fused, reading its learning rate from the device), and autocast without its
-weight-cast cache (SGDMuon's Muon step too). fp16, whose loss scaler reads the device at every step, is not captured.
+weight-cast cache (SGDMuon's Muon step too). fp16's loss scaling stays on the device too (``DeviceScaler``):
+a T4 gets a captured step with no compilation at all.
 """
 from __future__ import annotations
 
@@ -20,23 +21,44 @@ from normlab.errors import TrainingError
 WARMUP_STEPS = 3  # eager steps before the capture, as in PyTorch's recipe
 
 
-def capturable(precision: str) -> str | None:
-    """Why a run in this precision cannot be captured (None if it can): every setting of Config can."""
-    if precision == "fp16":
-        return "fp16's loss scaler reads the device at every step"
-    return None
+class DeviceScaler(torch.amp.GradScaler):
+    """fp16 loss scaling that never reads the device, so that a whole step can be recorded and replayed.
 
+    torch.amp.GradScaler skips a step with inf/NaN gradients by reading ``found_inf`` on the host (a sync each step,
+    and nothing a CUDA graph can record). Here the skip is arithmetic: the gradients are unscaled and checked in one
+    op (``torch._amp_foreach_non_finite_check_and_unscale_``); where one is not finite they are all zeroed, so the
+    optimizer step computes finite values, and the parameters and the optimizer's state tensors are then put back
+    as they were (t * (1 - found) + saved * found: exact for finite values); the scale is halved or grown on the
+    device (``torch._amp_update_scale_``), as GradScaler.update does. The same steps as GradScaler's otherwise."""
 
-def settle(place) -> tuple[object, str | None]:
-    """The placement a run gets: ``place``, or, where ``--compile capture`` cannot capture its precision, the
-    compiled network with CUDA graphs instead, and a line that says so."""
-    why = capturable(place.precision) if place.capture else None
-    if why is None:
-        return place, None
-    import dataclasses
+    @torch.no_grad()
+    def step(self, optimizer: torch.optim.Optimizer, *args, **kwargs):  # type: ignore[override]
+        if not self.is_enabled():
+            return optimizer.step(*args, **kwargs)
+        self._check_scale_growth_tracker("step")
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
+        found = torch.zeros(1, device=self._scale.device)  # 1.0 where any gradient is inf or NaN
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self._scale.double().reciprocal().float())
+        skip = found.bool()
+        for g in grads:  # zeros in a skipped step: the step below then computes finite values, undone after it
+            g.masked_fill_(skip, 0.0)
+        kept = params + [v for p in params for v in optimizer.state[p].values()
+                         if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        saved = [torch.empty_like(t) for t in kept]
+        torch._foreach_copy_(saved, kept)
+        out = optimizer.step(*args, **kwargs)
+        f = found.squeeze()
+        torch._foreach_mul_(kept, 1 - f)
+        torch._foreach_add_(kept, torch._foreach_mul(saved, f))
+        self._found_inf = found
+        return out
 
-    return (dataclasses.replace(place, capture=False, compile=True, graphs=True),
-            f"--compile capture: not this run ({why}); the compiled network replayed as CUDA graphs instead")
+    def update(self, new_scale=None) -> None:  # type: ignore[override]
+        if not self.is_enabled() or new_scale is not None:
+            return super().update(new_scale)
+        torch._amp_update_scale_(self._scale, self._growth_tracker, self._found_inf, self._growth_factor,
+                                 self._backoff_factor, self._growth_interval)
 
 
 def use_device_lr(opt: torch.optim.Optimizer) -> None:
@@ -100,10 +122,13 @@ class GraphedStep:
             self.x, self.y = x.clone(), y.clone()  # the graph's fixed inputs, from now on overwritten in place
             try:
                 self.replay, self.out = self.capture(self._body)
+            except torch.OutOfMemoryError:
+                raise  # not the recording's fault: api.train says what ran out and what to try
             except RuntimeError as e:  # an op that cannot be recorded: one line, and the way on
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 raise TrainingError(f"--compile capture could not record this training step as a CUDA graph ({first}); "
-                                    f"train it with --compile graphs (a run in progress resumes with --resume RUN --compile graphs)") from None
+                                    f"train it with --compile graphs or --compile off (a run in progress resumes with "
+                                    f"--resume and that flag)") from None
         else:
             self.x.copy_(x)
             self.y.copy_(y)

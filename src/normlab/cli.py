@@ -63,10 +63,10 @@ def add_runtime_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=d.device, help=f"auto | cpu | cuda | cuda:N (default: {d.device})")
     p.add_argument("--threads", type=int, default=d.threads, help="CPU threads, 0 = all cores (default: 0)")
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
-                   help="auto = bf16 where the hardware has it, fp16 on older GPUs, else fp32 (default: auto)")
+                   help="auto = bf16 where the hardware has it, fp16 on GPUs of capability 7.x, else fp32 (default: auto)")
     p.add_argument("--compile", default=d.compile, choices=COMPILE,
                    help="on = torch.compile, graphs = plus CUDA graphs, capture = the step as one CUDA graph "
-                        "(default: auto: graphs on CUDA, off on a CPU)")
+                        "(default: auto: graphs on CUDA where torch.compile runs, else off)")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels on a GPU (slower); CPU runs repeat bit for bit without it")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import functools
 import math
 import os
 import platform
@@ -20,13 +21,14 @@ from typing import Any
 
 import torch
 
-from normlab.errors import ConfigError, TrainingError
+from normlab.errors import ConfigError, NormlabError, TrainingError
 from normlab.norms import get_norm
 
 DEVICES = ("auto", "cpu", "cuda")  # and cuda:N for one GPU of several
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 COMPILE = ("auto", "on", "off", "graphs", "capture")  # graphs: compiled, and replayed as CUDA graphs (mode reduce-overhead);
-# capture: the whole training step recorded as one CUDA graph, not compiled (capture.py); auto: graphs on CUDA, off on a CPU
+# capture: the whole training step recorded as one CUDA graph, not compiled (capture.py); auto: graphs on CUDA where
+# torch.compile can run there (card_plan), else off; off on a CPU
 
 
 @dataclass(frozen=True)
@@ -158,12 +160,51 @@ def worker_devices(runtime: Runtime, n_jobs: int) -> list[str]:
     return [f"cuda:{k % count}" for k in range(n_jobs)]
 
 
+@dataclass(frozen=True)
+class CardPlan:
+    """What one CUDA card gets: the precision ``--precision auto`` picks, and whether torch.compile can run there
+    (``why_not`` says why not: then ``--compile auto`` is off, and ``on``/``graphs`` are refused up front)."""
+
+    precision: str
+    why_not: str | None = None
+
+    @property
+    def compile(self) -> bool:
+        return self.why_not is None
+
+
+def card_plan(capability: tuple[int, int], triton: bool) -> CardPlan:
+    """The one table of what a CUDA card gets, from its compute capability and whether Triton is importable:
+
+    - >= 8.0 (A100, H100, RTX 30xx/40xx, L4): bf16, compiled;
+    - 7.x (V100, T4, RTX 20xx): fp16 with loss scaling (bf16 is emulated there), compiled;
+    - < 7.0 (P100, GTX 10xx): fp32 (their fp16 runs at 1/64 rate on the consumer cards) and no torch.compile,
+      whose Triton code generator needs 7.0;
+    - no Triton (Windows, some images): no torch.compile; ``--compile capture`` (no compilation) or eager.
+    """
+    precision = "bf16" if capability >= (8, 0) else "fp16" if capability >= (7, 0) else "fp32"
+    if capability < (7, 0):
+        return CardPlan(precision, f"this GPU's capability {capability[0]}.{capability[1]} is below the 7.0 that torch.compile's Triton needs")
+    if not triton:
+        return CardPlan(precision, "Triton, which torch.compile needs on a GPU, cannot be imported here")
+    return CardPlan(precision)
+
+
+@functools.lru_cache(maxsize=1)
+def has_triton() -> bool:
+    """Whether Triton (torch.compile's GPU code generator) can be imported."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def native_precision(device_type: str, cuda_capability: tuple[int, int] | None = None, cpu_bf16: bool = False) -> str:
-    """The precision a device runs fast: bf16 where it is native (CUDA capability >= 8.0, i.e. Ampere
-    and later; CPUs with AVX512-BF16 or AMX), fp16 on older GPUs (a T4: ``is_bf16_supported`` says yes
-    there only by emulation, and bf16 convolutions fall back to a slow path), fp32 on other CPUs."""
+    """The precision a device runs fast: on CUDA ``card_plan``'s (bf16 from capability 8.0, fp16 on 7.x, fp32
+    below; fp16 where the capability is unknown), bf16 on CPUs with AVX512-BF16 or AMX, fp32 on other CPUs."""
     if device_type == "cuda":
-        return "bf16" if cuda_capability is not None and cuda_capability >= (8, 0) else "fp16"
+        return card_plan(cuda_capability, True).precision if cuda_capability is not None else "fp16"
     return "bf16" if cpu_bf16 else "fp32"
 
 
@@ -199,7 +240,12 @@ class Placement:
                               cache_enabled=not self.capture)  # a captured graph keeps no cast weights between steps
 
     def grad_scaler(self) -> torch.amp.GradScaler:
-        """Loss scaling for fp16 (its gradients underflow without it); disabled, a no-op, otherwise."""
+        """Loss scaling for fp16 (its gradients underflow without it); disabled, a no-op, otherwise. A captured step
+        gets the scaler that never reads the device (capture.DeviceScaler)."""
+        if self.capture and self.precision == "fp16":
+            from normlab.capture import DeviceScaler
+
+            return DeviceScaler(self.device.type)
         return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
     def place(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -256,14 +302,21 @@ def setup(runtime: Runtime, norm: str) -> Placement:
         if runtime.deterministic:  # and deterministic kernels elsewhere where PyTorch has them (a warning where not)
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
-    return Placement(device, pick_precision(device, runtime.precision), use_channels_last(norm, device),
-                     use_compile(runtime.compile, device.type), use_graphs(runtime.compile, device.type),
+    compile, graphs = use_compile(runtime.compile, device.type), use_graphs(runtime.compile, device.type)
+    if device.type == "cuda":
+        plan = card_plan(torch.cuda.get_device_capability(device), has_triton())
+        if compile and not plan.compile:
+            if runtime.compile != "auto":
+                raise ConfigError(f"--compile {runtime.compile} cannot run on {device}: {plan.why_not}; "
+                                  "use --compile off (eager) or --compile capture (one CUDA graph, no compilation)")
+            compile = graphs = False  # auto: eager
+    return Placement(device, pick_precision(device, runtime.precision), use_channels_last(norm, device), compile, graphs,
                      runtime.compile == "capture" and device.type == "cuda")
 
 
 def use_compile(asked: str, device_type: str) -> bool:
     """torch.compile where it pays: on CUDA, where a step is launch-bound (~450 small kernels); not on a
-    CPU, where it measured slower (docs/performance.md)."""
+    CPU, where it measured slower (docs/performance.md). On CUDA only where ``card_plan`` says it can run."""
     return asked in ("on", "graphs") or (asked == "auto" and device_type == "cuda")
 
 
@@ -272,6 +325,45 @@ def use_graphs(asked: str, device_type: str) -> bool:
     On an H100 (bf16, bn, batch 128) a step took 3.0 ms against 7.2 ms compiled and 9.6 ms eager, whose
     kernels ran 1.1-1.8 ms of it: the host's launches were the cost (docs/performance.md, 2026-11-28)."""
     return device_type == "cuda" and asked in ("auto", "graphs")
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _in_compiler(e: BaseException) -> bool:
+    """Raised by torch.compile (dynamo, inductor, Triton) rather than by the network it compiled."""
+    import traceback
+
+    try:
+        from torch._dynamo.exc import TorchDynamoException
+    except ImportError:  # pragma: no cover - a torch without dynamo compiles nothing
+        return False
+    if isinstance(e, TorchDynamoException):
+        return True
+    frames = traceback.extract_tb(e.__traceback__)
+    return any(f"torch{os.sep}_inductor{os.sep}" in f.filename or f"{os.sep}triton{os.sep}" in f.filename for f in frames)
+
+
+def failure(e: BaseException, kept: str) -> NormlabError | None:
+    """The one line for a failure of the machinery rather than of the run's settings (None for any other): the GPU
+    out of memory, or torch.compile failing. ``kept`` says what is kept of the run and how it continues."""
+    if isinstance(e, torch.OutOfMemoryError):
+        import re
+
+        text = str(e)
+        gpu = re.search(r"GPU (\d+)", text)
+        asked = re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", text)
+        where = f"GPU {gpu[1]}'s memory (cuda:{gpu[1]})" if gpu else "GPU memory" if "CUDA" in text else "memory"
+        return TrainingError(f"{where} ran out{f' allocating {asked[1]}' if asked else ''}; {kept}. Try --jobs 1 "
+                             "(one model on the GPU at a time) or another --precision (bf16 or fp16 halve the activations), "
+                             "and close other programs on that GPU")
+    if isinstance(e, Exception) and not isinstance(e, NormlabError) and _in_compiler(e):
+        cause = getattr(e, "inner_exception", None) or e  # a backend's failure: its own message, not dynamo's wrapper
+        return TrainingError(f"torch.compile failed ({_first_line(cause)}); {kept}. Train with --compile off (eager) "
+                             "or --compile capture (one CUDA graph, no compilation), which avoid it")
+    return None
 
 
 def peak_rss_mib() -> float | None:

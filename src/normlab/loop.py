@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from normlab import data as D
-from normlab.capture import GraphedStep, plain_groups, settle
+from normlab.capture import GraphedStep, plain_groups
 from normlab.config import Config
 from normlab.device import Placement, Runtime, setup
 from normlab.errors import TrainingError
@@ -310,12 +310,11 @@ class FinalScores:
     test_logits: torch.Tensor | None = None  # (N, 10) on the device, for predictions.csv
 
 
-def placement(cfg: Config, runtime: Runtime) -> tuple[Placement, str | None]:
-    """Where one model of ``cfg`` runs under ``runtime``, with the capture fallback settled (and the line that says so),
-    its GPU's peak-memory count started afresh."""
-    place, note = settle(setup(runtime, cfg.norm))
+def placement(cfg: Config, runtime: Runtime) -> Placement:
+    """Where one model of ``cfg`` runs under ``runtime``, its GPU's peak-memory count started afresh."""
+    place = setup(runtime, cfg.norm)
     place.reset_peak_memory()
-    return place, note
+    return place
 
 
 def build(cfg: Config, where: Runtime | Placement, train_x: torch.Tensor, train_y: torch.Tensor,
@@ -325,7 +324,7 @@ def build(cfg: Config, where: Runtime | Placement, train_x: torch.Tensor, train_
     uint8 images: the network (seeded; C1 whitened from ``train_x`` where asked), the optimizer (SGD, or SGD with Muon),
     Lookahead, the moving average, the loss scaler, the step (compiled, CUDA graphs or captured, as placed) and the
     training batches. The only place a training is put together: the API, the benchmarks and the tests call it."""
-    place = where if isinstance(where, Placement) else placement(cfg, where)[0]
+    place = where if isinstance(where, Placement) else placement(cfg, where)
     torch.manual_seed(cfg.seed)
     net = Net.from_config(cfg)
     if cfg.whiten != "off":  # C1 from the training images' patches (no random draw: the seed's stream is unchanged)
@@ -336,7 +335,7 @@ def build(cfg: Config, where: Runtime | Placement, train_x: torch.Tensor, train_
     ema = make_ema(model, cfg.ema)
     lookahead = Lookahead(model, cfg.lookahead) if cfg.lookahead else None
     scaler = place.grad_scaler()
-    # --compile capture: the whole step of each full batch as one CUDA graph (placement settled that it can be)
+    # --compile capture: the whole step of each full batch as one CUDA graph (CUDA only: device.setup)
     graphed = graphed_step(model, opt, cfg, place, scaler) if place.capture else None
     dev = place.device
     empty_x, empty_y = torch.zeros(0, 3, 32, 32, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)

@@ -51,6 +51,76 @@ def orthogonalize(g: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch
     return x.T if tall else x
 
 
+def orthogonalize_batch(g: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``orthogonalize`` of every matrix of a batch ``g`` (n, rows, cols), rows <= cols, at once: one chain of
+    batched products instead of one per matrix, each matrix scaled by its own Frobenius norm. A matrix
+    zero-padded to the batch's shape comes out as the same padding around its own result: zero rows and
+    columns stay zero through every product, and the norm is unchanged (equal up to rounding)."""
+    a, b, c = NS_COEFFICIENTS
+    x = g.to(dtype)
+    x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=1e-7)  # (n, 1, 1): each spectral norm at most 1
+    for _ in range(NS_STEPS):
+        gram = torch.bmm(x, x.mT)  # (n, rows, rows)
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x
+
+
+class FilterBanks:
+    """Where each element of a list of filter banks sits in one zero-padded batch of matrices, so that Muon's step
+    for all of them is a handful of kernel launches, not some 24 per bank.
+
+    Bank i, viewed as (out, in*k*k) and transposed if tall (rows <= cols, as ``orthogonalize`` does), fills the top
+    left of slice i of a (n, rows, cols) batch; the rest is zero. ``flat`` lays the banks end to end in their own
+    memory order (channels_last or not: views, no copies), and two index maps move between that and the batch.
+    Built once per list of banks (index tensors on their device), before any CUDA graph records a step."""
+
+    def __init__(self, params: list[torch.Tensor]):
+        device = params[0].device
+        # dims in memory order: a channels_last bank read in that order is a view of its storage
+        self.perms = [(0, 2, 3, 1) if p.ndim == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+                      else tuple(range(p.ndim)) for p in params]
+        mats = [(p.shape[0], p[0].numel()) for p in params]  # (out, in*k*k)
+        n, rows, cols = len(params), max(min(m) for m in mats), max(max(m) for m in mats)
+        self.sizes = [p.numel() for p in params]
+        total = sum(self.sizes)
+        to_batch = torch.empty(total, dtype=torch.long)  # flat position -> position in the (n, rows, cols) batch
+        offset = 0
+        for i, (p, perm, (out, fan_in)) in enumerate(zip(params, self.perms, mats)):
+            logical = torch.arange(p.numel()).view(p.shape).permute(perm).reshape(-1)  # (out, in*k*k) index at each flat slot
+            r, c = logical // fan_in, logical % fan_in
+            if out > fan_in:
+                r, c = c, r
+            to_batch[offset:offset + p.numel()] = i * rows * cols + r * cols + c
+            offset += p.numel()
+        from_flat = torch.full((n * rows * cols,), total, dtype=torch.long)  # slot ``total``: a zero appended to the flat
+        from_flat[to_batch] = torch.arange(total)
+        self.shape = (n, rows, cols)
+        self.to_batch, self.from_flat = to_batch.to(device), from_flat.to(device)
+        self.bank = torch.repeat_interleave(torch.arange(n), torch.tensor(self.sizes)).to(device)  # flat position -> bank
+        # torch.optim.Muon's default scale sqrt(max(1, out / (in*k*k))); the norm a renormalized bank gets, sqrt(out)
+        self.scale = torch.tensor([max(1.0, o / f) ** 0.5 for o, f in mats], device=device).view(n, 1, 1)
+        self.sqrt_out = torch.tensor([o ** 0.5 for o, _ in mats], device=device)
+        self.zero = torch.zeros(1, device=device)
+
+    def views(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each bank in its memory order (a view where its layout is the bank's own)."""
+        return [t.permute(perm) for t, perm in zip(tensors, self.perms)]
+
+    def flat(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """The banks end to end, in memory order: one concatenation. (total,)"""
+        return torch.cat([v.reshape(-1) for v in self.views(tensors)])
+
+    def unflat(self, flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``flat``'s pieces shaped as the memory-order views of ``like`` (so that foreach ops take their fast path)."""
+        return [piece.view(v.shape) for piece, v in zip(flat.split(self.sizes), self.views(like))]
+
+    def orthogonalized(self, updates: list[torch.Tensor], lr, dtype: torch.dtype) -> torch.Tensor:
+        """Every bank's orthogonalized update times its scale and ``lr`` (a number, or a device tensor), flat, fp32."""
+        padded = torch.cat([self.flat(updates), self.zero]).index_select(0, self.from_flat).view(self.shape)
+        ortho = orthogonalize_batch(padded, dtype).float() * (self.scale * lr)  # (n, rows, cols)
+        return ortho.view(-1).index_select(0, self.to_batch)
+
+
 class SGDMuon(torch.optim.SGD):
     """torch.optim.SGD for every parameter group but those marked ``muon``; there Muon (Jordan et al., 2024):
     Nesterov momentum (``muon_momentum``), then each filter bank's update, viewed as (out, in*k*k), orthogonalized
@@ -59,6 +129,11 @@ class SGDMuon(torch.optim.SGD):
     parameters only; conv filters are 4-D. A group with ``normalize`` (the default; --no-muon-norm turns it off)
     first scales each filter bank to norm sqrt(out), as airbench94_muon does, so that the step's size relative to
     the filters is the learning rate's.
+
+    The whole group in a few dozen kernel launches (an eager GPU step is bound by its launches): momentum with
+    foreach ops, every bank's Newton-Schulz chain as one batched chain (``FilterBanks``, ``orthogonalize_batch``:
+    ``orthogonalize``'s per-bank result up to rounding), the rescale and update on the banks laid end to end. The SGD groups
+    take torch's foreach path on a CPU too (the same arithmetic as its per-tensor loop, which it is there).
     """
 
     ns_dtype = torch.bfloat16  # make_optimizer sets the run's (fp32 unless the run is bf16)
@@ -70,30 +145,38 @@ class SGDMuon(torch.optim.SGD):
             with torch.enable_grad():
                 loss = closure()
         groups = self.param_groups
-        self.param_groups = [g for g in groups if not g.get("muon")]
+        self.param_groups = [dict(g, foreach=True) if g.get("foreach") is None and not g.get("fused") else g
+                             for g in groups if not g.get("muon")]
         try:
             super().step()  # SGD, exactly as without Muon
         finally:
             self.param_groups = groups
         for g in (g for g in groups if g.get("muon")):
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "muon_buffer" not in state:
-                    state["muon_buffer"] = torch.zeros_like(p.grad)
-                buf = state["muon_buffer"]
-                if g.get("normalize"):  # the filters to norm sqrt(out), their function unchanged (scale-free)
-                    p.mul_(p.shape[0] ** 0.5 / p.norm())
-                buf.lerp_(p.grad, 1 - g["momentum"])
-                update = p.grad.lerp(buf, g["momentum"]).reshape(p.shape[0], -1)  # Nesterov
-                ortho = orthogonalize(update, self.ns_dtype).reshape(p.shape).to(p.dtype)
-                scale = max(1.0, update.shape[0] / update.shape[1]) ** 0.5
-                if isinstance(g["lr"], torch.Tensor):  # a captured step's learning rate, read from the device (capture.py)
-                    p.sub_(ortho * (g["lr"] * scale))
-                else:
-                    p.add_(ortho, alpha=-g["lr"] * scale)
+            params = [p for p in g["params"] if p.grad is not None]
+            if params:
+                self._muon_step(g, params)
         return loss
+
+    def _muon_step(self, g: dict, params: list[torch.Tensor]) -> None:
+        key = tuple(map(id, params))
+        banks = getattr(self, "_banks", {}).get(key)
+        if banks is None:  # once: host work and host-to-device copies, never inside a captured step
+            self._banks = {**getattr(self, "_banks", {}), key: (banks := FilterBanks(params))}
+        grads, bufs = [p.grad for p in params], []
+        for p in params:
+            state = self.state[p]
+            if "muon_buffer" not in state:
+                state["muon_buffer"] = torch.zeros_like(p.grad)
+            bufs.append(state["muon_buffer"])
+        torch._foreach_lerp_(bufs, grads, 1 - g["momentum"])
+        updates = torch._foreach_lerp(grads, bufs, g["momentum"])  # Nesterov
+        step = banks.orthogonalized(updates, g["lr"], self.ns_dtype)  # a device lr: a captured step reads it (capture.py)
+        if g.get("normalize"):  # the filters to norm sqrt(out), their function unchanged (scale-free)
+            factor = banks.sqrt_out / torch.stack(torch._foreach_norm(params))  # (n,)
+            new = banks.flat(params) * factor.index_select(0, banks.bank) - step
+            torch._foreach_copy_(banks.views(params), banks.unflat(new, params))
+        else:
+            torch._foreach_sub_(banks.views(params), banks.unflat(step, params))
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Config, precision: str = "bf16") -> torch.optim.Optimizer:
@@ -145,13 +228,14 @@ class Lookahead:
     def __init__(self, model: torch.nn.Module, alpha: float):
         self.alpha = alpha
         self.live = [t for t in model.state_dict(keep_vars=True).values() if t.is_floating_point()]
-        self.slow = [t.detach().clone() for t in self.live]
+        self.slow = [t.detach().clone() for t in self.live]  # clones keep the layout: the foreach ops' fast path
+        self._live = [t.detach() for t in self.live]
 
     @torch.no_grad()
     def pull(self, decay: float) -> None:
-        for slow, live in zip(self.slow, self.live):
-            slow.lerp_(live.detach(), 1 - decay)
-            live.copy_(slow)
+        # Two foreach ops (two kernel launches on a GPU) instead of two per tensor; the same arithmetic.
+        torch._foreach_lerp_(self.slow, self._live, 1 - decay)
+        torch._foreach_copy_(self._live, self.slow)
 
     def step(self, step: int, total: int) -> None:
         """After optimizer step number ``step`` (1-based) of ``total``."""
