@@ -13,8 +13,8 @@ from normlab.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_version_is_a_release_number():
-    assert re.fullmatch(r"\d+\.\d+\.\d+", normlab.__version__)
+def test_version_is_a_release_number_or_the_next_ones_development_version():
+    assert re.fullmatch(r"\d+\.\d+\.\d+(\.dev\d+)?", normlab.__version__)
 
 
 def test_version_flag_prints_the_version_and_exits_0(capsys):
@@ -37,5 +37,12 @@ def test_pyproject_reads_the_version_from_the_package():
 
 
 def test_the_newest_changelog_entry_is_this_version():
-    releases = re.findall(r"^## \[(\d+\.\d+\.\d+)\] - \d{4}-\d{2}-\d{2}$", (ROOT / "CHANGELOG.md").read_text(), re.M)
-    assert releases and releases[0] == normlab.__version__
+    """A release is the newest entry; a development version (X.Y.Z.devN) is what Unreleased lists, after the newest release."""
+    text = (ROOT / "CHANGELOG.md").read_text()
+    releases = re.findall(r"^## \[(\d+\.\d+\.\d+)\] - \d{4}-\d{2}-\d{2}$", text, re.M)
+    release, dev = re.fullmatch(r"(\d+\.\d+\.\d+)(\.dev\d+)?", normlab.__version__).groups()
+    if dev is None:
+        assert releases and releases[0] == release
+    else:
+        assert f"The version is {normlab.__version__}." in text.split("## [Unreleased]", 1)[1].split("\n## [", 1)[0]
+        assert tuple(map(int, release.split("."))) > tuple(map(int, releases[0].split(".")))
