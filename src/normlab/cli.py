@@ -202,7 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="normlab", description="Batch vs group vs layer norm on one small CNN for CIFAR-10.")
     p.add_argument("--version", action="version", version=f"normlab {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    for add in (_train_parser, _run_parser, _sweep_parser, _study_parser, _merge_parser, _evaluate_parser, _predict_parser,
+                _summary_parser, _report_parser):  # one function per command
+        add(sub)
+    return p
 
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train one model into one run folder",
                        usage="%(prog)s [--data-dir DIR] [--norm NORM] [options] [--out RUN] [--resume [RUN]]")
     add_data_flag(t)
@@ -215,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue RUN_DIR (default: --out) from its last complete epoch, with its saved settings")
     t.set_defaults(func=cmd_train)
 
+
+def _run_parser(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("run", help="train bn, gn and ln (the main job), then write the report",
                        usage="%(prog)s [--data-dir DIR] [--seeds N] [--jobs J] [options] [--out DIR] [--resume]")
     add_data_flag(r)
@@ -230,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-report", action="store_true", help="print the table but do not write report.md")
     r.set_defaults(func=cmd_run)
 
+
+def _sweep_parser(sub: argparse._SubParsersAction) -> None:
     w = sub.add_parser("sweep", help="train norms x a grid of settings x seeds (locally or on Ray), then write sweep.md",
                        usage="%(prog)s [--data-dir DIR] [--norms N,N] [--grid SETTING=V,V] [--seeds N] [options]",
                        description="One model per norm, combination of the --grid values and seed, each in its own folder "
@@ -250,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--no-report", action="store_true", help="write sweep.csv but not sweep.md")
     w.set_defaults(func=cmd_sweep)
 
+
+def _study_parser(sub: argparse._SubParsersAction) -> None:
     st = sub.add_parser("study", help="train the normalization study (17 cells x 3 seeds) into one sweep folder, then write sweep.md",
                         usage="%(prog)s [--data-dir DIR] [--seeds N] [--jobs J] [options] [--out DIR] [--resume]",
                         description="bn at 2, 4, 8, 16, 32 and 128 (the whole batch) images per normalization statistic, brn at 2, "
@@ -267,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--no-report", action="store_true", help="write sweep.csv but not sweep.md")
     st.set_defaults(func=cmd_study)
 
+
+def _merge_parser(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser("merge", help="merge sweep folders of the same settings into one, then write its sweep.md",
                        description="Copies the model folders of each SWEEP_DIR into --out (which may be one of them) where it has no "
                                    "finished model of that cell and seed; their base settings and training data must be the same.")
@@ -274,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True, help="the merged sweep folder; an existing sweep there is merged too")
     m.set_defaults(func=cmd_merge)
 
+
+def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("evaluate", help="test accuracy of a saved model.pt on a CIFAR-10 folder")
     e.add_argument("checkpoint", help="a model.pt written by normlab train")
     e.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py/ (default: $NORMLAB_DATA, else ./data)")
@@ -281,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime_flags(e)
     e.set_defaults(func=cmd_evaluate)
 
+
+def _predict_parser(sub: argparse._SubParsersAction) -> None:
     pr = sub.add_parser("predict", help="top classes of your own images (PNG, JPEG... of any size) by a saved model.pt",
                         description="Each image is cut to its centred square and resized to 32x32 (Pillow, bilinear). Files that are "
                                     "not readable images get one warning line each and the others are still predicted; the exit "
@@ -292,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime_flags(pr)
     pr.set_defaults(func=cmd_predict)
 
+
+def _summary_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("summary", help="layers, output shapes and parameter counts of one model")
     s.add_argument("--norm", default=DEFAULTS.norm, help=f"{' | '.join(NORMS)} (default: {DEFAULTS.norm})")
     s.add_argument("--widths", type=_widths, default=DEFAULTS.widths,
@@ -299,13 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--groups", type=int, default=DEFAULTS.groups, help=f"group norm's group count (default: {DEFAULTS.groups})")
     s.set_defaults(func=cmd_summary)
 
+
+def _report_parser(sub: argparse._SubParsersAction) -> None:
     rp = sub.add_parser("report", help="write report.md and figures from a run folder")
     rp.add_argument("run_dir", help="a folder written by normlab run, normlab train or normlab sweep (sweep.md and sweep.csv)")
     rp.add_argument("--data-dir", default=None,
                     help="CIFAR-10 folder for the image figures (default: the run's, else $NORMLAB_DATA, else ./data)")
     rp.set_defaults(func=cmd_report)
-    return p
-
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
