@@ -252,13 +252,18 @@ def _sweep_parser(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--grid", action="append", default=[], metavar="SETTING=V1,V2,...",
                    help="a training setting and its values, e.g. norm_batch=2,8,32; repeat it for a grid (default: none)")
     w.add_argument("--seeds", type=int, default=1, help="seeds per cell; the table and figure give mean and std (default: 1)")
-    w.add_argument("--seed", type=int, default=DEFAULTS.seed, help=f"first seed (default: {DEFAULTS.seed})")
-    w.add_argument("--out", default="runs/sweep", help="the sweep's folder (default: runs/sweep)")
-    w.add_argument("--resume", action="store_true", help="skip finished models and continue interrupted ones")
-    w.add_argument("--jobs", type=int, default=1, help="models trained at once on this machine, each on its share of the cores (default: 1)")
-    add_ray_flags(w)
-    w.add_argument("--no-report", action="store_true", help="write sweep.csv but not sweep.md")
+    _add_sweep_flags(w, "runs/sweep", "the sweep's folder")
     w.set_defaults(func=cmd_sweep)
+
+
+def _add_sweep_flags(p: argparse.ArgumentParser, out: str, what: str) -> None:
+    """The flags that sweep and study share after --seeds: where, resume, how many at once, Ray, the report."""
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed, help=f"first seed (default: {DEFAULTS.seed})")
+    p.add_argument("--out", default=out, help=f"{what} (default: {out})")
+    p.add_argument("--resume", action="store_true", help="skip finished models and continue interrupted ones")
+    p.add_argument("--jobs", type=int, default=1, help="models trained at once on this machine, each on its share of the cores (default: 1)")
+    add_ray_flags(p)
+    p.add_argument("--no-report", action="store_true", help="write sweep.csv but not sweep.md")
 
 
 def _study_parser(sub: argparse._SubParsersAction) -> None:
@@ -271,12 +276,7 @@ def _study_parser(sub: argparse._SubParsersAction) -> None:
     add_config_flags(st, skip=("norm", "seed", "norm_batch"))  # the study sets norm_batch per cell
     add_runtime_flags(st)
     st.add_argument("--seeds", type=int, default=api.STUDY_SEEDS, help=f"seeds per cell (default: {api.STUDY_SEEDS})")
-    st.add_argument("--seed", type=int, default=DEFAULTS.seed, help=f"first seed (default: {DEFAULTS.seed})")
-    st.add_argument("--out", default="runs/study", help="the study's sweep folder (default: runs/study)")
-    st.add_argument("--resume", action="store_true", help="skip finished models and continue interrupted ones")
-    st.add_argument("--jobs", type=int, default=1, help="models trained at once on this machine, each on its share of the cores (default: 1)")
-    add_ray_flags(st)
-    st.add_argument("--no-report", action="store_true", help="write sweep.csv but not sweep.md")
+    _add_sweep_flags(st, "runs/study", "the study's sweep folder")
     st.set_defaults(func=cmd_study)
 
 
