@@ -17,7 +17,7 @@ from normlab.config import Config
 from normlab.plan import parse_grid
 from normlab.rundir import shown_path
 from normlab.sweepdir import (COLUMNS, MANIFEST, REPORT, TABLE, Manifest, SweepResult, log_x, paired_differences, paired_table,
-                              read_manifest, sweep_figure)
+                              read_manifest, results_table, sweep_figure)
 
 TRAIN_ARGS = ["--epochs", "1", "--batch-size", "50", "--threads", "1", "--device", DEVICE, *EXACT]
 GRID = ["--norms", "bn,gn", "--grid", "lr=0.05,0.1", "--grid", "groups=4,8", "--seeds", "2"]
@@ -169,6 +169,22 @@ def test_paired_differences_pair_each_value_with_the_first_seed_by_seed():
     assert "+2.00, +2.00, +1.00" in row and "+1.67" in row and row.rstrip(" |").endswith("yes")
     row = next(line for line in table if "identity_init True vs False (norm_batch=8)" in line)
     assert row.rstrip(" |").endswith("no")  # -1, +1, 0: no mean gain
+
+
+def test_results_table_gives_each_seed_beside_the_mean():
+    manifest = Manifest.sweep(Config(), ("bn",), parse_grid(["norm_batch=2,8"]), 3, 0)
+    acc = {2: [0.8012, None, 0.7950], 8: [0.85, 0.86, 0.8725]}  # norm_batch -> test accuracy per seed (None: unfinished)
+    rows = [{"norm": norm, "seed": seed, "cell": cell, "norm_batch": cell["norm_batch"], "test_acc": acc[cell["norm_batch"]][seed],
+             "status": "finished" if acc[cell["norm_batch"]][seed] is not None else "unfinished", "val_acc": None,
+             "train_acc_clean": 0.9, "seconds_per_epoch": 30.0, "wall_seconds": 600.0, "device": "cpu", "precision": "fp32"}
+            for norm, cell, seed, folder in manifest.models(Path("s"))]
+    table = results_table(manifest, rows).splitlines()
+    assert "test acc per seed (0, 1, 2)" in table[0]
+    row2, row8 = (next(line for line in table if line.startswith(f"| Batch Normalization (bn) | {n} |")) for n in (2, 8))
+    assert "| 80.12, –, 79.50 |" in row2 and "2/3" in row2 and "79.81 ± 0.44%" in row2
+    assert "| 85.00, 86.00, 87.25 |" in row8 and "86.08 ± 1.13%" in row8
+    one_seed = Manifest.sweep(Config(), ("bn",), parse_grid(["norm_batch=2,8"]), 1, 0)
+    assert "acc per seed" not in results_table(one_seed, [r for r in rows if r["seed"] == 0])  # one seed: the mean is the seed
 
 
 # ---------------------------------------------------------------- resume, refusal, failures

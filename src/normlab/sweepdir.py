@@ -244,7 +244,10 @@ def results_table(manifest: Manifest, rows: list[dict[str, Any]]) -> str:
     accs = [(k, name) for k, name in (("train_acc_clean", "train acc (clean)"), ("val_acc", "validation acc"), ("test_acc", "**test acc**"))
             if any(r[k] is not None for r in rows)]
     per_model = len(devices(rows)) > 1
-    header = ["model", *keys, "seeds", *(name for _, name in accs), "s/epoch (median)", "wall time (per seed)", *(["device"] if per_model else [])]
+    # with several seeds, the headline accuracy of each seed too, in seed order ("–" for one not finished)
+    per_seed = [f"{accs[-1][1].strip('*')} per seed ({', '.join(map(str, manifest.seed_list))})"] if accs and manifest.seeds > 1 else []
+    header = ["model", *keys, "seeds", *(name for _, name in accs), *per_seed, "s/epoch (median)", "wall time (per seed)",
+              *(["device"] if per_model else [])]
     table = []
     for (norm, _), rs in _groups(rows).items():
         done = [r for r in rs if r["status"] == FINISHED]
@@ -253,10 +256,13 @@ def results_table(manifest: Manifest, rows: list[dict[str, Any]]) -> str:
         cells = [acc_cell([r[k] for r in done]) for k, _ in accs]
         if accs and accs[-1][0] == "test_acc":
             cells[-1] = f"**{cells[-1]}**"
+        if per_seed:
+            by_seed = {r["seed"]: r[accs[-1][0]] for r in done}
+            cells.append(", ".join("–" if by_seed.get(s) is None else f"{100 * by_seed[s]:.2f}" for s in manifest.seed_list))
         table.append([f"{NORMS[norm].label} ({norm})", *values, f"{len(done)}/{len(rs)}", *cells,
                       secs_cell([r["seconds_per_epoch"] for r in done]), _minutes(statistics.mean(walls)) if walls else "–",
                       *([", ".join(devices(done)) or "–"] if per_model else [])])
-    return md_table(header, table, "l" + "r" * (len(keys) + len(accs) + 3) + "l" * per_model)
+    return md_table(header, table, "l" + "r" * (len(keys) + len(accs) + len(per_seed) + 3) + "l" * per_model)
 
 
 def _settings(manifest: Manifest, norm: str, cell: dict[str, Any]) -> dict[str, Any]:
