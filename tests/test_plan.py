@@ -49,6 +49,12 @@ def test_each_norm_gets_the_cells_of_the_settings_it_reads():
         assert all(reads(name, k) == (k in own or k not in options) for k in grid)
 
 
+def test_a_norm_with_its_own_nonlinearity_gets_one_cell_of_an_activation_grid():
+    grid = parse_grid(["act=relu,gelu"])
+    assert len(sweep_cells("frn", grid)) == 1 and not reads("frn", "act")  # FRN's TLU takes the activation's place
+    assert len(sweep_cells("ln", grid)) == 2 and reads("ln", "act")
+
+
 def test_plan_sweep_folders_and_one_model_per_ignored_setting(tmp_path):
     grid = parse_grid(["norm_batch=2,4,8", "groups=4,8"])
     jobs = plan_sweep(Config(epochs=1), ["bn", "gn", "ln"], grid, 2, 0, tmp_path, False, "hint")

@@ -97,7 +97,10 @@ def norm_options() -> set[str]:
 
 
 def reads(norm: str, setting: str) -> bool:
-    """Whether ``setting`` can change a model with ``norm``: a norm's own options (``groups`` for gn) change no other norm."""
+    """Whether ``setting`` can change a model with ``norm``: a norm's own options (``groups`` for gn) change no other norm,
+    and ``act`` changes none that brings its own nonlinearity (frn's TLU)."""
+    if setting == "act" and NORMS[norm].own_activation:
+        return False
     return setting in NORMS[norm].options or setting not in norm_options()
 
 
