@@ -181,8 +181,8 @@ def test_results_table_gives_each_seed_beside_the_mean():
     table = results_table(manifest, rows).splitlines()
     assert "test acc per seed (0, 1, 2)" in table[0]
     row2, row8 = (next(line for line in table if line.startswith(f"| Batch Normalization (bn) | {n} |")) for n in (2, 8))
-    assert "| 80.12, –, 79.50 |" in row2 and "2/3" in row2 and "79.81 ± 0.44%" in row2
-    assert "| 85.00, 86.00, 87.25 |" in row8 and "86.08 ± 1.13%" in row8
+    assert "| 80.12%, –, 79.50% |" in row2 and "2/3" in row2 and "79.81 ± 0.44%" in row2
+    assert "| 85.00%, 86.00%, 87.25% |" in row8 and "86.08 ± 1.13%" in row8
     one_seed = Manifest.sweep(Config(), ("bn",), parse_grid(["norm_batch=2,8"]), 1, 0)
     assert "acc per seed" not in results_table(one_seed, [r for r in rows if r["seed"] == 0])  # one seed: the mean is the seed
 

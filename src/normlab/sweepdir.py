@@ -27,7 +27,7 @@ from normlab.device import Runtime
 from normlab.errors import ReportError, UsageError
 from normlab.norms import NORMS
 from normlab.plan import NOT_SWEPT, Cell, Grid, Part, cells_of, parse_grid, reads
-from normlab.report import COMMAND_LEAD, acc_cell, md_table, secs_cell
+from normlab.report import COMMAND_LEAD, acc_cell, md_table, pct, secs_cell
 from normlab.rundir import (CONFIG, FIGURES, Results, RunDir, atomic_write, atomic_write_text, cell_folder, check_writable, command, csv_cell,
                             unwritable)
 from normlab.version import UNRECORDED, __version__
@@ -258,7 +258,7 @@ def results_table(manifest: Manifest, rows: list[dict[str, Any]]) -> str:
             cells[-1] = f"**{cells[-1]}**"
         if per_seed:
             by_seed = {r["seed"]: r[accs[-1][0]] for r in done}
-            cells.append(", ".join("–" if by_seed.get(s) is None else f"{100 * by_seed[s]:.2f}" for s in manifest.seed_list))
+            cells.append(", ".join(pct(by_seed.get(s)) for s in manifest.seed_list))
         table.append([f"{NORMS[norm].label} ({norm})", *values, f"{len(done)}/{len(rs)}", *cells,
                       secs_cell([r["seconds_per_epoch"] for r in done]), _minutes(statistics.mean(walls)) if walls else "–",
                       *([", ".join(devices(done)) or "–"] if per_model else [])])
