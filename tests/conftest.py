@@ -46,6 +46,17 @@ def make_cifar(root: Path, per_batch: int = 40, test: int = 50, seed: int = 0) -
     return root
 
 
+def error_line(err: str) -> str:
+    """``err`` without its newline, after checking that it is one line "normlab: error: ..." and no traceback."""
+    assert err.startswith("normlab: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err.rstrip("\n")
+
+
+def one_error_line(capsys: pytest.CaptureFixture) -> str:
+    """What the command under test wrote to stderr, checked by ``error_line``."""
+    return error_line(capsys.readouterr().err)
+
+
 @pytest.fixture(autouse=True)
 def no_network_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     """Never download in a test (a missing data folder fails at once), and train on one thread.

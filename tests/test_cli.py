@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import DEVICE, EXACT, make_cifar
+from conftest import DEVICE, EXACT, error_line, make_cifar, one_error_line
 from normlab import data as D
 from normlab import loop as T
 from normlab.cli import main
@@ -287,12 +287,6 @@ def test_run_jobs_without_data_fetches_it_once_before_any_worker(tmp_path, capfd
 
 
 # ---------------------------------------------------------------- bad input: one line, exit 2, nothing damaged
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.startswith("normlab: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    return err
-
-
 def fails(capsys, argv: list[str], *needles: str) -> str:
     rc = main(argv)
     assert rc == 2
@@ -518,8 +512,7 @@ def test_python_m_cli_bad_inputs(tmp_path, own_data):
     ]:
         p = cli(*args)
         assert p.returncode == 2, p.stderr
-        assert p.stderr.startswith("normlab: error: ") and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
-        assert needle in p.stderr
+        assert needle in error_line(p.stderr)
     assert_no_run(tmp_path / "run")
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DEVICE, make_cifar
+from conftest import DEVICE, make_cifar, one_error_line
 from normlab import data as D
 from normlab.cli import main
 from normlab.errors import DiskFullError
@@ -83,12 +83,6 @@ def data_dir(tmp_path_factory) -> Path:
     return make_cifar(tmp_path_factory.mktemp("full") / "data")
 
 
-def one_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.startswith("normlab: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    return err
-
-
 def leftovers(folder: Path) -> list[str]:
     return [p.name for p in folder.rglob("*") if p.name.endswith((".tmp", ".part"))]
 
@@ -97,7 +91,7 @@ def test_a_full_disk_in_the_first_epoch_is_one_line_and_leaves_no_folder(data_di
     out = tmp_path / "new" / "run"
     Disk(monkeypatch, full_at=1)
     assert main(["train", "--data-dir", str(data_dir), "--norm", "bn", *TRAIN, "--out", str(out)]) == 2
-    err = one_line(capsys)
+    err = one_error_line(capsys)
     assert f"cannot write {CHECKPOINT} in {out}: {NO_SPACE} (" in err and " free there, " in err and " needed)" in err
     assert "nothing was kept" in err
     assert not (tmp_path / "new").exists()
@@ -108,7 +102,7 @@ def test_a_full_disk_later_keeps_the_last_checkpoint_and_resumes(data_dir, tmp_p
     with monkeypatch.context() as m:
         Disk(m, full_at=2)
         assert main(["train", "--data-dir", str(data_dir), "--norm", "bn", *TRAIN, "--out", str(out)]) == 2
-    err = one_line(capsys)
+    err = one_error_line(capsys)
     assert f"cannot write {CHECKPOINT} in {out}: {NO_SPACE}" in err and "last complete epoch is kept: resume it with --resume" in err
     assert torch.load(out / CHECKPOINT, weights_only=True)["epoch"] == 1 and leftovers(out) == []
     assert main(["train", "--resume", str(out), "--data-dir", str(data_dir), "--threads", "1"]) == 0  # room again
@@ -132,7 +126,7 @@ def test_a_full_disk_while_writing_the_report_is_one_line(data_dir, tmp_path, mo
     capsys.readouterr()
     Disk(monkeypatch)
     assert main(["report", str(out)]) == 2
-    assert f"cannot write samples.png in {out / 'figures'}: {NO_SPACE}" in one_line(capsys)  # its first file
+    assert f"cannot write samples.png in {out / 'figures'}: {NO_SPACE}" in one_error_line(capsys)  # its first file
     assert not (out / "report.md").exists() and leftovers(out) == []
 
 
@@ -144,7 +138,7 @@ def test_a_full_disk_during_the_download_is_one_line(tmp_path, monkeypatch, caps
     root = tmp_path / "new" / "data"
     Disk(monkeypatch)
     assert main(["train", "--data-dir", str(root), *TRAIN, "--out", str(tmp_path / "run")]) == 2
-    err = one_line(capsys)
+    err = one_error_line(capsys)
     assert f"cannot write cifar-10-python.tar.gz.part in {root}: {NO_SPACE}" in err and "341.0 MB needed" in err
     assert not (tmp_path / "new").exists() and not (tmp_path / "run").exists()
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEVICE, make_cifar
+from conftest import DEVICE, make_cifar, one_error_line
 from normlab.cli import main
 from normlab.lock import LOCK, Busy, FolderLock, holder
 from normlab.rundir import CHECKPOINT, CONFIG
@@ -52,12 +52,6 @@ def hold():
         p.wait()
 
 
-def one_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.startswith("normlab: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    return err
-
-
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -76,7 +70,7 @@ def test_a_second_train_into_a_folder_being_written_is_refused_and_writes_nothin
     pid = hold(out).pid
     before = snapshot(out)
     assert main(["train", "--data-dir", str(data_dir), "--norm", "gn", *TRAIN, "--out", str(out)]) == 2
-    err = one_line(capsys)
+    err = one_error_line(capsys)
     assert f"{out} is being written by process {pid}" in err and "--out" in err
     assert snapshot(out) == before and sorted(p.name for p in out.iterdir()) == [LOCK]
 
@@ -88,7 +82,7 @@ def test_resume_of_a_folder_being_written_is_refused(finished, data_dir, tmp_pat
     pid = hold(out).pid
     before = snapshot(out)
     assert main(["train", "--resume", str(out), "--data-dir", str(data_dir), "--threads", "1"]) == 2
-    assert f"being written by process {pid}" in one_line(capsys)
+    assert f"being written by process {pid}" in one_error_line(capsys)
     assert snapshot(out) == before
 
 
@@ -97,7 +91,7 @@ def test_report_of_a_folder_being_written_says_so(finished, tmp_path, hold, caps
     shutil.copytree(finished, out)
     pid = hold(out).pid
     assert main(["report", str(out)]) == 2
-    assert f"{out} is being written by process {pid}" in one_line(capsys)
+    assert f"{out} is being written by process {pid}" in one_error_line(capsys)
     assert not (out / "report.md").exists()
 
 
@@ -115,7 +109,7 @@ def test_a_killed_writer_leaves_no_stale_lock(data_dir, tmp_path, hold):
 def test_a_failure_before_the_first_epoch_takes_the_lock_and_the_folder_back(tmp_path, capsys):
     out = tmp_path / "new" / "run"
     assert main(["train", "--data-dir", str(tmp_path / "nowhere"), *TRAIN, "--out", str(out)]) == 2
-    one_line(capsys)
+    one_error_line(capsys)
     assert not (tmp_path / "new").exists()
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import DEVICE, make_cifar
+from conftest import DEVICE, make_cifar, one_error_line
 from normlab.cli import main
 
 LOOP = "a loop of symbolic links"
@@ -31,12 +31,6 @@ def loop(tmp_path) -> Path:
     return tmp_path / "a"
 
 
-def one_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.startswith("normlab: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    return err
-
-
 def test_predict_names_a_symlink_loop(model, loop, capsys):
     assert main(["predict", str(model), str(loop), "--threads", "1"]) == 2
     err = capsys.readouterr().err.splitlines()
@@ -48,14 +42,14 @@ def test_report_evaluate_and_data_dir_name_a_symlink_loop(loop, tmp_path, capsys
     argv = {"report": ["report", str(loop)], "evaluate": ["evaluate", str(loop), "--threads", "1"],
             "train": ["train", "--data-dir", str(loop), "--epochs", "1", "--threads", "1", "--out", str(tmp_path / "run")]}[command]
     assert main(argv) == 2
-    err = one_line(capsys)
+    err = one_error_line(capsys)
     assert str(loop) in err and LOOP in err and "no such file" not in err and "exists" not in err
 
 
 def test_a_data_folder_that_is_a_file_is_named_so(tmp_path, capsys):
     (tmp_path / "cifar.tar.gz").write_bytes(b"x")
     assert main(["train", "--data-dir", str(tmp_path / "cifar.tar.gz"), "--epochs", "1", "--out", str(tmp_path / "run")]) == 2
-    assert f"the data folder {tmp_path / 'cifar.tar.gz'} is a file, not a folder" in one_line(capsys)
+    assert f"the data folder {tmp_path / 'cifar.tar.gz'} is a file, not a folder" in one_error_line(capsys)
     assert not (tmp_path / "run").exists()
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEVICE, make_cifar
+from conftest import DEVICE, make_cifar, one_error_line
 from normlab.cli import main
 from normlab.rundir import CHECKPOINT, CONFIG, MODEL, RESULTS
 
@@ -28,12 +28,6 @@ def finished(data_dir) -> Path:
     return out
 
 
-def one_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.startswith("normlab: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    return err
-
-
 def mixed(finished: Path, folder: Path) -> Path:
     """bn's files, 2 epochs, under the config.json of a gn run of 1 epoch: what two runs started 1 s apart left."""
     shutil.copytree(finished, folder)
@@ -45,7 +39,7 @@ def mixed(finished: Path, folder: Path) -> Path:
 def test_report_refuses_a_record_of_two_runs(finished, tmp_path, capsys):
     out = mixed(finished, tmp_path / "run")
     assert main(["report", str(out)]) == 2
-    err = one_line(capsys)
+    err = one_error_line(capsys)
     assert f"{out} holds the files of two runs: {CONFIG} says norm gn, epochs 1, {RESULTS} says norm bn, epochs 2" in err
     assert not (out / "report.md").exists()
 
@@ -53,17 +47,17 @@ def test_report_refuses_a_record_of_two_runs(finished, tmp_path, capsys):
 def test_resume_refuses_a_record_of_two_runs(finished, data_dir, tmp_path, capsys):
     out = mixed(finished, tmp_path / "run")
     assert main(["train", "--resume", str(out), "--data-dir", str(data_dir), "--threads", "1"]) == 2  # finished: refused too
-    assert "holds the files of two runs" in one_line(capsys)
+    assert "holds the files of two runs" in one_error_line(capsys)
     (out / RESULTS).unlink()  # unfinished: its checkpoint is bn's
     assert main(["train", "--resume", str(out), "--data-dir", str(data_dir), "--threads", "1"]) == 2
-    assert f"{CONFIG} says norm gn, epochs 1, {CHECKPOINT} says norm bn, epochs 2" in one_line(capsys)
+    assert f"{CONFIG} says norm gn, epochs 1, {CHECKPOINT} says norm bn, epochs 2" in one_error_line(capsys)
 
 
 def test_run_resume_refuses_a_record_of_two_runs(finished, data_dir, tmp_path, capsys):
     parent = tmp_path / "parent"
     out = mixed(finished, parent / "bn")
     assert main(["run", "--data-dir", str(data_dir), "--norms", "bn", *TRAIN, "--out", str(parent), "--resume", "--no-report"]) == 2
-    assert f"{out} holds the files of two runs" in one_line(capsys)
+    assert f"{out} holds the files of two runs" in one_error_line(capsys)
 
 
 def test_report_notices_a_deleted_model(finished, tmp_path, capsys):
@@ -71,10 +65,10 @@ def test_report_notices_a_deleted_model(finished, tmp_path, capsys):
     shutil.copytree(finished, out)
     (out / MODEL).unlink()
     assert main(["report", str(out)]) == 2
-    assert f"{out} has {RESULTS} but no {MODEL}" in one_line(capsys)
+    assert f"{out} has {RESULTS} but no {MODEL}" in one_error_line(capsys)
     (out / CHECKPOINT).unlink()
     assert main(["report", str(out)]) == 2
-    assert f"neither {MODEL} nor {CHECKPOINT}: its trained weights are gone" in one_line(capsys)
+    assert f"neither {MODEL} nor {CHECKPOINT}: its trained weights are gone" in one_error_line(capsys)
 
 
 def test_resume_writes_a_deleted_model_again_from_its_checkpoint(finished, data_dir, tmp_path, capsys):
@@ -89,7 +83,7 @@ def test_resume_writes_a_deleted_model_again_from_its_checkpoint(finished, data_
     (parent / "bn" / MODEL).unlink()
     (parent / "bn" / CHECKPOINT).unlink()
     assert main(argv) == 2
-    assert "its trained weights are gone" in one_line(capsys)
+    assert "its trained weights are gone" in one_error_line(capsys)
 
 
 def test_train_resume_writes_a_deleted_model_again(finished, data_dir, tmp_path, capsys):

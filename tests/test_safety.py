@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DEVICE, EXACT, make_cifar
+from conftest import DEVICE, EXACT, make_cifar, one_error_line
 from normlab.cli import main
 from normlab.rundir import CHECKPOINT, CONFIG, MODEL, RESULTS
 
@@ -32,12 +32,6 @@ def crafted(path: Path, marker: Path, legacy: bool = False) -> None:
     torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
 
 
-def one_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("normlab: error: ") and "Traceback" not in err, err
-    return err
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     return make_cifar(tmp_path_factory.mktemp("safety") / "data")
@@ -57,7 +51,7 @@ def test_crafted_checkpoint_is_refused_on_resume(finished, tmp_path, capsys, leg
     (run / RESULTS).unlink()
     crafted(run / CHECKPOINT, marker, legacy)
     assert main(["train", "--resume", str(run), "--data-dir", str(finished.parent / "data"), "--threads", "1"]) == 2
-    err = one_line(capsys)
+    err = one_error_line(capsys)
     assert str(run / CHECKPOINT) in err and "not a readable normlab checkpoint" in err
     assert not marker.exists()
 
@@ -67,7 +61,7 @@ def test_crafted_model_is_refused_by_evaluate(data_dir, tmp_path, capsys, legacy
     path, marker = tmp_path / MODEL, tmp_path / "MARKER"
     crafted(path, marker, legacy)
     assert main(["evaluate", str(path), "--data-dir", str(data_dir), "--threads", "1"]) == 2
-    assert str(path) in one_line(capsys)
+    assert str(path) in one_error_line(capsys)
     assert not marker.exists()
 
 
@@ -91,7 +85,7 @@ def test_real_checkpoints_load_with_weights_only(finished):
 def test_failure_before_the_first_epoch_leaves_no_folder(tmp_path, capsys):
     out = tmp_path / "new" / "deeper" / "run"
     assert main(["train", "--data-dir", str(tmp_path / "nowhere"), *TRAIN, "--out", str(out)]) == 2
-    one_line(capsys)
+    one_error_line(capsys)
     assert not (tmp_path / "new").exists()
 
 
@@ -100,7 +94,7 @@ def test_failure_before_the_first_epoch_keeps_an_existing_folder(data_dir, tmp_p
     out.mkdir()
     (out / "notes.txt").write_text("my notes\n")
     assert main(["train", "--data-dir", str(data_dir), *TRAIN, "--lr", "0.1", "--val-size", "10000", "--out", str(out)]) == 2
-    one_line(capsys)
+    one_error_line(capsys)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
@@ -109,7 +103,7 @@ def test_run_that_fails_on_bad_data_leaves_no_model_folders(tmp_path, capsys):
     (data / "cifar-10-batches-py" / "test_batch").write_bytes(b"\x80\x04garbage")
     parent = tmp_path / "parent"
     assert main(["run", "--data-dir", str(data), *TRAIN, "--out", str(parent), "--no-report"]) == 2
-    one_line(capsys)
+    one_error_line(capsys)
     assert not parent.exists()
 
 

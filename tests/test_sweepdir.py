@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import normlab
-from conftest import DEVICE, EXACT, make_cifar
+from conftest import DEVICE, EXACT, make_cifar, one_error_line
 from normlab.cli import build_parser, config_from, main
 from normlab.config import Config
 from normlab.plan import parse_grid
@@ -38,13 +38,6 @@ def swept(data_dir) -> Path:
     out = data_dir.parent / "sweep"
     assert main(sweep_argv(data_dir, out)) == 0
     return out
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("normlab: error: ") and "Traceback" not in err, err
-    return lines[0]
 
 
 # ---------------------------------------------------------------- the grid
