@@ -4,8 +4,8 @@ import pytest
 
 from normlab.config import Config
 from normlab.errors import ConfigError
-from normlab.norms import NORMS
-from normlab.plan import NEW, check_sizes, norm_options, parse_grid, plan_sweep, reads, sweep_cells
+from normlab.norms import NORMS, norm_options, reads
+from normlab.plan import NEW, check_sizes, parse_grid, plan_sweep, sweep_cells
 from normlab.rundir import cell_folder
 
 

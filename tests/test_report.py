@@ -281,3 +281,21 @@ def test_the_settings_table_shows_seeds_that_differ(tmp_path):
     assert "cpu, fp32, 2 threads (bn seed 0, bn seed 1), cpu, bf16, 2 threads (bn seed 2)" in row("device, precision")
     assert row("torch").split("|")[2].strip() == "2.14.1"
     assert row("batch size").split("|")[2].strip() == "128"
+
+
+def test_the_settings_table_names_the_norms_that_do_not_read_a_setting(tmp_path):
+    """A setting some norms ignore shows the value of those that read it and names the others: frn's TLU takes the
+    activation's place, gn alone reads its groups; a setting no norm of the report reads says so."""
+    from normlab.report import _settings_section
+    from normlab.rundir import Run
+
+    def run(norm, **settings):
+        results = Results(norm=norm, params=1, epochs=1, device="cpu", precision="fp32", threads=1, torch="2.14.1")
+        return Run(tmp_path / norm, Config(norm=norm, **settings), results, [], None, None, None)
+
+    text = _settings_section({"gn": [run("gn", groups=4, act="relu")], "frn": [run("frn", groups=4, act="gelu")]})
+    value = lambda label: next(line for line in text.splitlines() if line.startswith(f"| {label}")).split("|")[2].strip()
+    assert value("activation") == "relu (not read by frn)"
+    assert value("groups") == "4 (not read by frn)"
+    assert value("images per batch-norm statistics") == "not read"
+    assert value("batch size") == "128"

@@ -321,6 +321,19 @@ def get_norm(name: str) -> Norm:
     return NORMS[name]
 
 
+def norm_options() -> set[str]:
+    """The settings that some norm reads (``NORMS[name].options``): the others change every norm."""
+    return {o for n in NORMS.values() for o in n.options}
+
+
+def reads(norm: str, setting: str) -> bool:
+    """Whether ``setting`` can change a model with ``norm``: a norm's own options (``groups`` for gn) change no other norm,
+    and ``act`` changes none that brings its own nonlinearity (frn's TLU)."""
+    if setting == "act" and NORMS[norm].own_activation:
+        return False
+    return setting in NORMS[norm].options or setting not in norm_options()
+
+
 def progress_layers(model: nn.Module) -> list[nn.Module]:
     """The layers of ``model`` that follow the run's progress (batch renorm's limits): each has ``set_progress(fraction)``,
     which the training loop calls before every step with the fraction of the run's steps done."""

@@ -22,7 +22,7 @@ from normlab import workers
 from normlab.config import Config, format_value, parse_widths, setting_fields
 from normlab.device import Runtime, set_threads, worker_runtimes
 from normlab.errors import ConfigError, UsageError
-from normlab.norms import NORMS
+from normlab.norms import reads
 from normlab.rundir import CHECKPOINT, CONFIG, RunDir, cell_folder, check_same_data, missing_model, model_folder
 
 SKIP, RESUME, NEW = "skip", "resume", "new"
@@ -89,19 +89,6 @@ def _job(cfg: Config, folder: Path, resume: bool, resume_hint: str, records: boo
 Grid = dict[str, tuple[Any, ...]]  # setting -> the values it takes, in the order given
 NOT_SWEPT = {"norm": "--norms", "seed": "--seeds"}  # settings that have their own flag in a sweep
 TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
-
-
-def norm_options() -> set[str]:
-    """The settings that some norm reads (``NORMS[name].options``): the others change every norm."""
-    return {o for n in NORMS.values() for o in n.options}
-
-
-def reads(norm: str, setting: str) -> bool:
-    """Whether ``setting`` can change a model with ``norm``: a norm's own options (``groups`` for gn) change no other norm,
-    and ``act`` changes none that brings its own nonlinearity (frn's TLU)."""
-    if setting == "act" and NORMS[norm].own_activation:
-        return False
-    return setting in NORMS[norm].options or setting not in norm_options()
 
 
 def _parse_value(name: str, text: str, default: Any) -> Any:

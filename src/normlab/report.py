@@ -21,7 +21,7 @@ from normlab import figures
 from normlab.config import MAX_EPOCHS, Config, format_value, setting_fields
 from normlab.errors import ReportError
 from normlab.models import PARAM_BUDGET, Net, model_summary, receptive_field
-from normlab.norms import NORMS
+from normlab.norms import NORMS, reads
 from normlab.rundir import FIGURES, REPORT, Run, atomic_write_text, command, find_runs, shown_path
 from normlab.version import UNRECORDED, __version__
 
@@ -203,14 +203,18 @@ def _header(models: dict[str, list[Run]], run_dir: Path, is_parent: bool, data_d
 
 
 def _settings_section(models: dict[str, list[Run]]) -> str:
-    """Every setting of the models (one value where they share it), the device and torch."""
+    """Every setting of the models (one value where they share it; the norms that do not read it named beside it), the
+    device and torch."""
     runs = [r for rs in models.values() for r in rs]
     settings = [(f.metadata["label"], f.name) for f in setting_fields() if f.name not in ("norm", "seed")]
     rows = []
     for label, key in settings:
-        values = {n: _by_seed(rs, lambda r: format_value(getattr(r.config, key))) for n, rs in models.items()}
+        values = {n: _by_seed(rs, lambda r: format_value(getattr(r.config, key))) for n, rs in models.items() if reads(n, key)}
         shown = set(values.values())
-        rows.append([label, shown.pop() if len(shown) == 1 else "; ".join(f"{n}: {v}" for n, v in values.items())])
+        value = shown.pop() if len(shown) == 1 else "; ".join(f"{n}: {v}" for n, v in values.items())
+        if ignored := [n for n in models if not reads(n, key)]:
+            value = f"{value} (not read by {', '.join(ignored)})" if values else "not read"
+        rows.append([label, value])
     where = lambda r: f"{_device(r)}, {r.results.threads or '?'} threads"
     model = lambda r: f"{r.config.norm} seed {r.seed}"
     rows.append(["device, precision", _by_seed(runs, where, model)])

@@ -25,8 +25,8 @@ from normlab import figures, lock, studies
 from normlab.config import Config, flag_of, format_value, setting_fields
 from normlab.device import Runtime
 from normlab.errors import ReportError, UsageError
-from normlab.norms import NORMS
-from normlab.plan import NOT_SWEPT, Cell, Grid, Part, cells_of, parse_grid, reads
+from normlab.norms import NORMS, reads
+from normlab.plan import NOT_SWEPT, Cell, Grid, Part, cells_of, parse_grid
 from normlab.report import COMMAND_LEAD, acc_cell, md_table, pct, secs_cell
 from normlab.rundir import (CONFIG, FIGURES, Results, RunDir, atomic_write, atomic_write_text, cell_folder, check_writable, command, csv_cell,
                             unwritable)
