@@ -113,3 +113,18 @@ def test_a_sweep_without_the_test_set_draws_validation_accuracy_and_says_so():
     assert spec["panels"][0]["ylabel"] == "validation accuracy (%)" and spec["title"].startswith("Validation accuracy")
     assert "over" not in spec["title"]  # one seed: no error bars to speak of
     assert spec["ticks"] == [4, 16] and not spec["log_x"]  # a span under 8 times: a linear axis
+
+
+def test_the_sweep_figure_title_counts_the_seeds_finished_so_far():
+    """A study cut short says how many seeds lie behind its points, not how many it will have."""
+    from normlab import studies
+    from normlab.config import Config
+    from normlab.sweepdir import Manifest, sweep_series
+
+    manifest = Manifest(Config(), studies.parts(), 3, 0)
+    rows = study_rows(manifest)
+    only_seed_0 = [r for r in rows if r["seed"] == 0]
+    assert sweep_series(manifest, only_seed_0, "norm_batch")["title"].endswith("(mean ± std over the seeds finished so far: 1 of 3)")
+    some_seed_1 = only_seed_0 + [r for r in rows if r["seed"] == 1 and r["norm"] == "gn"]
+    assert sweep_series(manifest, some_seed_1, "norm_batch")["title"].endswith("(mean ± std over the seeds finished so far: 1 to 2 of 3)")
+    assert sweep_series(manifest, rows, "norm_batch")["title"].endswith("(mean ± std over 3 seeds)")

@@ -388,14 +388,23 @@ def sweep_series(manifest: Manifest, rows: list[dict[str, Any]], key: str) -> di
                               "seeds": [len(points[x]) for x in xs]})
         lines.sort(key=lambda line: line["band"])  # the lines, then the bands: the legend reads in that order
         out_panels.append({"title": words[0].upper() + words[1:], "ylabel": f"{words} (%)", "lines": lines})
-    n = manifest.seeds
     what = ACCURACY_WORDS[shown]
     return {"title": f"{what[0].upper() + what[1:]} and clean train accuracy against {axis_words(key)}"
-                     + (f" (mean ± std over {n} seeds)" if n > 1 else ""),
+                     + _seeds_words(manifest.seeds, [c for line in out_panels[0]["lines"] for c in line["seeds"]]),
             "xlabel": axis_words(key), "log_x": numeric and log_x(values), "ticks": values if numeric else None,
             "tick_labels": tick_labels, "panels": out_panels,
             "note": f"bands: norms that {'read no batch statistics' if key == WHOLE_BATCH else 'do not read ' + axis_words(key)}, "
                     "mean ± std" if any(line["band"] for line in out_panels[0]["lines"]) else ""}
+
+
+def _seeds_words(seeds: int, drawn: list[int]) -> str:
+    """The title's note on the seeds behind each point: all of them, or as many as have finished so far."""
+    if seeds == 1 or not drawn:
+        return ""
+    if min(drawn) == max(drawn) == seeds:
+        return f" (mean ± std over {seeds} seeds)"
+    counts = f"{min(drawn)}" if min(drawn) == max(drawn) else f"{min(drawn)} to {max(drawn)}"
+    return f" (mean ± std over the seeds finished so far: {counts} of {seeds})"
 
 
 def sweep_figure(manifest: Manifest, rows: list[dict[str, Any]], key: str):
