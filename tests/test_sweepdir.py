@@ -74,7 +74,7 @@ def test_sweep_report_table_figures_and_command(swept, data_dir):
     assert "| model | lr | groups | seeds |" in text
     assert "| Batch Normalization (bn) | 0.05 | 8 (not read) | 2/2 |" in text
     assert "Batch Normalization (bn) does not read groups: trained once at groups=8." in text
-    assert "## Paired differences" in text and "| Group Normalization (gn) | groups 8 vs 4 (lr=0.05) | 0, 1 |" in text
+    assert "## Paired differences" in text and "| Group Normalization (gn) | groups 8 vs 4, at lr=0.05 | 0, 1 |" in text
     for key in ("lr", "groups"):
         assert f"(figures/sweep_{key}.png)" in text and (swept / "figures" / f"sweep_{key}.png").stat().st_size > 5000
     command = text.split("```sh\n", 1)[1].split("\n", 1)[0]
@@ -158,10 +158,12 @@ def test_paired_differences_pair_each_value_with_the_first_seed_by_seed():
     assert by[("bn", "norm_batch", "identity_init=True")]["diffs"] == pytest.approx([-5, -3, -3])
     table = paired_table(manifest, rows).splitlines()
     assert "validation acc difference" in table[0]
-    row = next(line for line in table if "identity_init True vs False (norm_batch=0)" in line)
-    assert "+2.00, +2.00, +1.00" in row and "+1.67" in row and row.rstrip(" |").endswith("yes")
-    row = next(line for line in table if "identity_init True vs False (norm_batch=8)" in line)
+    row = next(line for line in table if "identity_init True vs False, at norm_batch=0" in line)
+    assert "+2.00, +2.00, +1.00" in row and "+1.67" in row and row.rstrip(" |").endswith("better")
+    row = next(line for line in table if "identity_init True vs False, at norm_batch=8" in line)
     assert row.rstrip(" |").endswith("no")  # -1, +1, 0: no mean gain
+    row = next(line for line in table if "norm_batch 8 vs 0 (whole batch), at identity_init=True" in line)
+    assert "-5.00, -3.00, -3.00" in row and row.rstrip(" |").endswith("worse")  # a mean loss beyond the spread
 
 
 def test_results_table_gives_each_seed_beside_the_mean():

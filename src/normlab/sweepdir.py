@@ -41,6 +41,7 @@ RESULT_COLUMNS = ["params", "train_acc_running", "train_acc_clean", "val_acc", "
                   "seconds_per_epoch", "wall_seconds", "device", "precision", "threads"]
 COLUMNS = ["folder", "norm", "seed", "status", *SETTINGS, *RESULT_COLUMNS]
 FINISHED, UNFINISHED, NOT_STARTED = "finished", "unfinished", "not started"
+WHOLE_BATCH = "norm_batch"  # its value 0 is the whole batch: named so in tables, drawn at the batch size
 LOG_SPAN = 8  # a numeric setting whose positive values span at least this factor is drawn on a log axis
 
 
@@ -219,6 +220,11 @@ def _cell_label(cell: dict[str, Any]) -> str:
     return ", ".join(f"{k}={format_value(v)}" for k, v in cell.items())
 
 
+def shown_value(key: str, value: Any) -> str:
+    """A swept value as the tables show it: as typed, with 0 of ``norm_batch`` named the whole batch."""
+    return f"{format_value(value)} (whole batch)" if key == WHOLE_BATCH and value == 0 else format_value(value)
+
+
 def _groups(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
     """Rows by (norm, cell), in plan order (every seed of a cell together)."""
     out: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -251,7 +257,7 @@ def results_table(manifest: Manifest, rows: list[dict[str, Any]]) -> str:
     table = []
     for (norm, _), rs in _groups(rows).items():
         done = [r for r in rs if r["status"] == FINISHED]
-        values = [format_value(rs[0][k]) if reads(norm, k) else f"{format_value(rs[0][k])} (not read)" for k in keys]
+        values = [shown_value(k, rs[0][k]) if reads(norm, k) else f"{format_value(rs[0][k])} (not read)" for k in keys]
         walls = [r["wall_seconds"] for r in done if r["wall_seconds"] is not None]
         cells = [acc_cell([r[k] for r in done]) for k, _ in accs]
         if accs and accs[-1][0] == "test_acc":
@@ -303,16 +309,17 @@ def paired_differences(manifest: Manifest, rows: list[dict[str, Any]]) -> list[d
 
 def paired_table(manifest: Manifest, rows: list[dict[str, Any]]) -> str:
     """The markdown table of ``paired_differences``, with the decision rule: a change is kept only if its mean gain
-    exceeds the spread (sample standard deviation) of the paired differences."""
+    exceeds the spread (sample standard deviation) of the paired differences; a mean loss beyond it reads "worse"."""
     what = {"test_acc": "test", "val_acc": "validation"}.get(metric(rows) or "", "")
     table = []
     for d in paired_differences(manifest, rows):
-        gain = "–" if d["spread"] is None else "yes" if d["mean"] > d["spread"] else "no"
-        table.append([f"{NORMS[d['norm']].label} ({d['norm']})", f"{d['setting']} {format_value(d['value'])} vs {format_value(d['baseline'])}"
-                      + (f" ({d['other']})" if d["other"] else ""), ", ".join(str(s) for s in d["seeds"]) or "–",
+        beyond = ("–" if d["spread"] is None else "better" if d["mean"] > d["spread"]
+                  else "worse" if -d["mean"] > d["spread"] else "no")
+        table.append([f"{NORMS[d['norm']].label} ({d['norm']})", f"{d['setting']} {shown_value(d['setting'], d['value'])} vs {shown_value(d['setting'], d['baseline'])}"
+                      + (f", at {d['other']}" if d["other"] else ""), ", ".join(str(s) for s in d["seeds"]) or "–",
                       ", ".join(f"{x:+.2f}" for x in d["diffs"]) or "–", "–" if d["mean"] is None else f"{d['mean']:+.2f}",
-                      "–" if d["spread"] is None else f"{d['spread']:.2f}", gain])
-    header = ["model", "change", "paired seeds", f"{what} acc difference per seed (points)", "mean", "spread (std)", "mean gain > spread"]
+                      "–" if d["spread"] is None else f"{d['spread']:.2f}", beyond])
+    header = ["model", "change", "paired seeds", f"{what} acc difference per seed (points)", "mean", "spread (std)", "mean beyond the spread"]
     return md_table(header, table, "llllrrl")
 
 
@@ -324,7 +331,6 @@ def log_x(values: Sequence[Any]) -> bool:
 
 
 AXIS_WORDS = {"norm_batch": "images per normalization statistic"}  # the axis where a setting's own label is too long
-WHOLE_BATCH = "norm_batch"  # its value 0 is the whole batch: drawn at the batch size
 ACCURACY_WORDS = {"test_acc": "test accuracy", "val_acc": "validation accuracy"}
 
 
@@ -526,7 +532,7 @@ def _write_report(parent: Path, manifest: Manifest, rows: list[dict[str, Any]]) 
         parts += ["## Paired differences",
                   "Each value of a swept setting against its first value, seed by seed (same seed and other settings): the "
                   "paired difference removes most of the seed-to-seed noise. A change is worth keeping only if its mean gain "
-                  "exceeds the spread (sample standard deviation) of its paired differences.",
+                  "exceeds the spread (sample standard deviation) of its paired differences; a mean loss beyond it reads \"worse\".",
                   paired_table(manifest, rows)]
     unfinished = [r["folder"] for r in rows if r["status"] != FINISHED]
     if unfinished:
