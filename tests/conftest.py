@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from normlab.cli import main
 from normlab.data import FOLDER, TEST_FILES, TRAIN_FILES
 
 # The device of the tests that train: the CPU here and in CI; benchmarks/gpu_check.sh sets cuda.
@@ -15,6 +16,8 @@ DEVICE = os.environ.get("NORMLAB_TEST_DEVICE", "cpu")
 # What a test that compares two runs bit for bit adds on a GPU: cuDNN's default backward is not deterministic
 # (two default 1-epoch runs on an H100 shared 10 of 62 tensors, 2026-11-28).
 EXACT = ["--deterministic"] if DEVICE != "cpu" else []
+# The settings of the ``finished`` run folder: what a test passes to resume it or train it again.
+FINISHED = ["--epochs", "2", "--batch-size", "100", "--threads", "1", "--device", DEVICE, *EXACT]
 
 
 def make_cifar(root: Path, per_batch: int = 40, test: int = 50, seed: int = 0) -> Path:
@@ -70,6 +73,20 @@ def no_network_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(normlab.data, "URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")  # discard port: refused
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small synthetic CIFAR-10 that tests read and never change (200 training, 50 test images)."""
+    return make_cifar(tmp_path_factory.mktemp("cifar") / "data")
+
+
+@pytest.fixture(scope="session")
+def finished(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished batch-norm run folder trained with ``FINISHED``: tests copy it before they change it."""
+    out = tmp_path_factory.mktemp("finished") / "bn"
+    assert main(["train", "--data-dir", str(data_dir), "--norm", "bn", *FINISHED, "--out", str(out)]) == 0
+    return out
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 leaves the training untouched, and images of your own cut and resized as the network reads them. The result
 objects and predict: test_result.py."""
 import csv
-import io
 import json
 
 import numpy as np
@@ -11,7 +10,6 @@ import torch
 from PIL import Image
 
 import normlab
-from conftest import make_cifar
 from normlab import data as D
 from normlab import images as I
 from normlab import loop as T
@@ -21,11 +19,6 @@ from normlab.device import Placement
 from normlab.errors import ConfigError
 
 TINY = {"epochs": 2, "batch_size": 50, "threads": 1, "device": "cpu"}
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_cifar(tmp_path_factory.mktemp("api") / "data")
 
 
 # ---------------------------------------------------------------- train and run from a notebook

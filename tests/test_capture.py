@@ -20,7 +20,6 @@ from normlab.config import Config
 from normlab.device import Placement, Runtime, setup
 from normlab.errors import TrainingError
 from normlab.models import Net
-from normlab.rundir import CHECKPOINT
 
 
 def recording(t):

@@ -22,7 +22,7 @@ from normlab.cli import main
 from normlab.config import Config
 from normlab.data import FOLDER
 from normlab.models import PARAM_BUDGET, Net, count_params
-from normlab.norms import DEFAULT_NORMS, NORMS
+from normlab.norms import DEFAULT_NORMS
 from normlab.rundir import CHECKPOINT, METRICS_FIELDS, MODEL
 
 ALL_NORMS = list(DEFAULT_NORMS)  # what normlab run trains by default
@@ -31,14 +31,9 @@ TRAIN_ARGS = ["--epochs", str(EPOCHS), "--batch-size", str(BATCH), "--threads", 
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return make_cifar(tmp_path_factory.mktemp("cli") / "data")
-
-
-@pytest.fixture(scope="module")
-def runs(data_dir) -> tuple[Path, Path]:
+def runs(data_dir, tmp_path_factory) -> tuple[Path, Path]:
     """Two ``normlab run``-style parents, each with bn/ gn/ ln/ trained by ``normlab train`` with seed 0."""
-    parents = data_dir.parent / "runs_a", data_dir.parent / "runs_b"
+    parents = tmp_path_factory.mktemp("runs_a"), tmp_path_factory.mktemp("runs_b")
     for parent in parents:
         for norm in ALL_NORMS:
             rc = main(["train", "--data-dir", str(data_dir), "--norm", norm, *TRAIN_ARGS, "--seed", "0", "--out", str(parent / norm)])

@@ -81,11 +81,6 @@ def cluster():
             shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_cifar(tmp_path_factory.mktemp("ray") / "data")
-
-
 def rows(out: Path) -> dict[str, dict[str, str]]:
     with open(out / TABLE, newline="") as f:
         return {r["folder"]: r for r in csv.DictReader(f)}

@@ -140,11 +140,6 @@ def test_host_allocator_is_tuned_on_linux():
 
 
 # ---------------------------------------------------------------- whole runs
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return make_cifar(tmp_path_factory.mktemp("device") / "data")
-
-
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_mixed_precision_trains_on_a_cpu(data_dir, tmp_path, precision):
     """The T4's path (fp16 autocast with a gradient scaler) and the bf16 path run end to end on a CPU."""

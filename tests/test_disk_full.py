@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DEVICE, make_cifar, one_error_line
+from conftest import DEVICE, one_error_line
 from normlab import data as D
 from normlab.cli import main
 from normlab.errors import DiskFullError
@@ -76,11 +76,6 @@ class Disk:
     @property
     def full(self) -> bool:
         return self.checkpoints >= self.full_at
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return make_cifar(tmp_path_factory.mktemp("full") / "data")
 
 
 def leftovers(folder: Path) -> list[str]:

@@ -7,12 +7,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import DEVICE, make_cifar, one_error_line
+from conftest import DEVICE, one_error_line
 from normlab.cli import main
 from normlab.lock import LOCK, Busy, FolderLock, holder
 from normlab.rundir import CHECKPOINT, CONFIG
@@ -21,18 +20,6 @@ TRAIN = ["--epochs", "1", "--batch-size", "100", "--threads", "1", "--device", D
 # Another writer as the OS sees it: a process holding an exclusive flock on the folder's lock file, its pid inside
 HOLD = ("import fcntl, os, sys, time; fd = os.open(os.path.join(sys.argv[1], sys.argv[2]), os.O_RDWR | os.O_CREAT); "
         "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'%d\\n' % os.getpid()); print('held', flush=True); time.sleep(600)")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return make_cifar(tmp_path_factory.mktemp("lock") / "data")
-
-
-@pytest.fixture(scope="module")
-def finished(data_dir) -> Path:
-    out = data_dir.parent / "finished"
-    assert main(["train", "--data-dir", str(data_dir), "--norm", "bn", *TRAIN, "--out", str(out)]) == 0
-    return out
 
 
 @pytest.fixture

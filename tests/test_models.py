@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from normlab.config import Config, ConfigError
-from normlab.models import LAYER_ORDER, PARAM_BUDGET, ConvBlock, Net, PoolBlock, WSConv2d, count_params, norm_layers, whiten_
+from normlab.models import LAYER_ORDER, PARAM_BUDGET, ConvBlock, Net, PoolBlock, WSConv2d, count_params, whiten_
 from normlab.norms import DEFAULT_NORMS, NORMS, BatchRenorm2d, FilterResponseNormTlu2d, GhostBatchNorm2d, ScaledAffine2d, make_norm
 
 ALL_NORMS = list(NORMS)  # every norm of the registry

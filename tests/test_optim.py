@@ -2,7 +2,6 @@
 orthogonalization, closure, device learning rates, renormalized filters)."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from normlab import loop as T
 from normlab import optim as O

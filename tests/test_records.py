@@ -7,25 +7,11 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
 
-from conftest import DEVICE, make_cifar, one_error_line
+from conftest import FINISHED, one_error_line
 from normlab.cli import main
 from normlab.rundir import CHECKPOINT, CONFIG, MODEL, RESULTS
 
-TRAIN = ["--epochs", "2", "--batch-size", "100", "--threads", "1", "--device", DEVICE]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return make_cifar(tmp_path_factory.mktemp("records") / "data")
-
-
-@pytest.fixture(scope="module")
-def finished(data_dir) -> Path:
-    out = data_dir.parent / "finished"
-    assert main(["train", "--data-dir", str(data_dir), "--norm", "bn", *TRAIN, "--out", str(out)]) == 0
-    return out
 
 
 def mixed(finished: Path, folder: Path) -> Path:
@@ -56,7 +42,7 @@ def test_resume_refuses_a_record_of_two_runs(finished, data_dir, tmp_path, capsy
 def test_run_resume_refuses_a_record_of_two_runs(finished, data_dir, tmp_path, capsys):
     parent = tmp_path / "parent"
     out = mixed(finished, parent / "bn")
-    assert main(["run", "--data-dir", str(data_dir), "--norms", "bn", *TRAIN, "--out", str(parent), "--resume", "--no-report"]) == 2
+    assert main(["run", "--data-dir", str(data_dir), "--norms", "bn", *FINISHED, "--out", str(parent), "--resume", "--no-report"]) == 2
     assert f"{out} holds the files of two runs" in one_error_line(capsys)
 
 
@@ -75,7 +61,7 @@ def test_resume_writes_a_deleted_model_again_from_its_checkpoint(finished, data_
     parent = tmp_path / "parent"
     shutil.copytree(finished, parent / "bn")
     (parent / "bn" / MODEL).unlink()
-    argv = ["run", "--data-dir", str(data_dir), "--norms", "bn", *TRAIN, "--out", str(parent), "--resume", "--no-report"]
+    argv = ["run", "--data-dir", str(data_dir), "--norms", "bn", *FINISHED, "--out", str(parent), "--resume", "--no-report"]
     assert main(argv) == 0
     assert f"resuming {parent / 'bn'} after epoch 2 of 2" in capsys.readouterr().out  # no epoch trained again
     assert (parent / "bn" / MODEL).read_bytes() == (finished / MODEL).read_bytes()

@@ -12,7 +12,6 @@ import numpy as np
 
 import normlab
 import pytest
-from conftest import make_cifar
 from torch import nn
 
 from normlab.cli import build_parser, config_from, main
@@ -28,11 +27,6 @@ TINY = ["--epochs", "1", "--batch-size", "32", "--threads", "1"]
 SECTIONS = ["## Results", "## Misclassified test images", "## Training curves", "## Settings", "## Per-class test accuracy",
             "## Model summaries", "## Receptive field", "## Sample training images", "## Notes"]
 FIGURES = [f"{kind}_{n}.png" for kind in ("misclassified", "curves", "confusion") for n in DEFAULT_NORMS] + ["curves_all.png", "samples.png"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_cifar(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +187,7 @@ def test_single_train_folder(run_parent, data_dir):
 def test_the_data_folder_is_shown_relative_to_the_working_directory_when_near(run_parent, data_dir, tmp_path, monkeypatch):
     # The README runs from the project root with --data-dir ../shared/cifar10: a report says so, not the
     # absolute path of the machine that made it; a folder far away stays absolute.
-    project = data_dir.parent / "project"
+    project = data_dir.parent / "project"  # beside the data folder
     project.mkdir(exist_ok=True)
     monkeypatch.chdir(project)
     assert shown_path(data_dir) == os.path.join(os.pardir, data_dir.name)

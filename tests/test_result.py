@@ -13,7 +13,6 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 import normlab
-from conftest import make_cifar
 from normlab import data as D
 from normlab import images as I
 from normlab.cli import main
@@ -24,11 +23,6 @@ from normlab.report import write_report
 from normlab.rundir import METRICS_FIELDS, RunDir
 
 TINY = {"epochs": 2, "batch_size": 50, "threads": 1, "device": "cpu"}
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_cifar(tmp_path_factory.mktemp("result") / "data")
 
 
 @pytest.fixture(scope="module")

@@ -32,25 +32,13 @@ def crafted(path: Path, marker: Path, legacy: bool = False) -> None:
     torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return make_cifar(tmp_path_factory.mktemp("safety") / "data")
-
-
-@pytest.fixture(scope="module")
-def finished(data_dir) -> Path:
-    out = data_dir.parent / "run"
-    assert main(["train", "--data-dir", str(data_dir), "--norm", "bn", *TRAIN, "--out", str(out)]) == 0
-    return out
-
-
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
-def test_crafted_checkpoint_is_refused_on_resume(finished, tmp_path, capsys, legacy):
+def test_crafted_checkpoint_is_refused_on_resume(finished, data_dir, tmp_path, capsys, legacy):
     run, marker = tmp_path / "run", tmp_path / "MARKER"
     shutil.copytree(finished, run)
     (run / RESULTS).unlink()
     crafted(run / CHECKPOINT, marker, legacy)
-    assert main(["train", "--resume", str(run), "--data-dir", str(finished.parent / "data"), "--threads", "1"]) == 2
+    assert main(["train", "--resume", str(run), "--data-dir", str(data_dir), "--threads", "1"]) == 2
     err = one_error_line(capsys)
     assert str(run / CHECKPOINT) in err and "not a readable normlab checkpoint" in err
     assert not marker.exists()
@@ -65,13 +53,13 @@ def test_crafted_model_is_refused_by_evaluate(data_dir, tmp_path, capsys, legacy
     assert not marker.exists()
 
 
-def test_report_never_loads_a_crafted_model(finished, tmp_path, capsys):
+def test_report_never_loads_a_crafted_model(finished, data_dir, tmp_path, capsys):
     """report reads config.json, metrics.csv, results.json and predictions.csv only: a crafted model.pt is inert."""
     run, marker = tmp_path / "run", tmp_path / "MARKER"
     shutil.copytree(finished, run)
     crafted(run / MODEL, marker)
     crafted(run / CHECKPOINT, marker)
-    assert main(["report", str(run), "--data-dir", str(finished.parent / "data")]) == 0
+    assert main(["report", str(run), "--data-dir", str(data_dir)]) == 0
     assert (run / "report.md").is_file() and not marker.exists()
 
 

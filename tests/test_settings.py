@@ -8,7 +8,6 @@ import re
 import shlex
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from normlab.cli import build_parser, config_from

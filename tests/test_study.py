@@ -1,7 +1,6 @@
 """studies.py and normlab study: the study's cells (a union of rectangles no --grid can express), their order
 (seed 0 of every cell first), the command that trains it again, and the study end to end on small data."""
 import shlex
-from pathlib import Path
 
 from conftest import DEVICE, EXACT
 from normlab import studies

@@ -23,19 +23,14 @@ TRAIN_ARGS = ["--epochs", "1", "--batch-size", "50", "--threads", "1", "--device
 GRID = ["--norms", "bn,gn", "--grid", "lr=0.05,0.1", "--grid", "groups=4,8", "--seeds", "2"]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return make_cifar(tmp_path_factory.mktemp("sweep") / "data")
-
-
 def sweep_argv(data_dir: Path, out: Path, *extra: str, grid=GRID) -> list[str]:
     return ["sweep", "--data-dir", str(data_dir), *grid, *TRAIN_ARGS, "--out", str(out), *extra]
 
 
 @pytest.fixture(scope="module")
-def swept(data_dir) -> Path:
+def swept(data_dir, tmp_path_factory) -> Path:
     """bn and gn x lr 0.05, 0.1 x groups 4, 8 x seeds 0, 1: bn does not read groups, so 4 bn models and 8 gn ones."""
-    out = data_dir.parent / "sweep"
+    out = tmp_path_factory.mktemp("swept") / "sweep"
     assert main(sweep_argv(data_dir, out)) == 0
     return out
 
