@@ -62,7 +62,8 @@ def study_rows(manifest, shown="test_acc"):
 def test_study_figure_data_lines_bands_points_error_bars_and_words():
     from normlab import studies
     from normlab.config import Config
-    from normlab.sweepdir import Manifest, sweep_series
+    from normlab.manifest import Manifest
+    from normlab.sweeptables import sweep_series
 
     manifest = Manifest(Config(), studies.parts(), 3, 0)
     spec = sweep_series(manifest, study_rows(manifest), "norm_batch")
@@ -90,7 +91,8 @@ def test_study_figure_data_lines_bands_points_error_bars_and_words():
 def test_study_figure_draws_error_bars_a_log_axis_and_a_legend_in_words():
     from normlab import studies
     from normlab.config import Config
-    from normlab.sweepdir import Manifest, sweep_figure
+    from normlab.manifest import Manifest
+    from normlab.sweeptables import sweep_figure
 
     manifest = Manifest(Config(), studies.parts(), 2, 0)
     fig = sweep_figure(manifest, study_rows(manifest), "norm_batch")
@@ -106,7 +108,8 @@ def test_study_figure_draws_error_bars_a_log_axis_and_a_legend_in_words():
 def test_a_sweep_without_the_test_set_draws_validation_accuracy_and_says_so():
     from normlab.config import Config
     from normlab.plan import parse_grid
-    from normlab.sweepdir import Manifest, sweep_series
+    from normlab.manifest import Manifest
+    from normlab.sweeptables import sweep_series
 
     manifest = Manifest.sweep(Config(eval_test=False), ("bn", "ln"), parse_grid(["norm_batch=4,16"]), 1, 0)
     spec = sweep_series(manifest, study_rows(manifest, shown="val_acc"), "norm_batch")
@@ -119,7 +122,8 @@ def test_the_sweep_figure_title_counts_the_seeds_finished_so_far():
     """A study cut short says how many seeds lie behind its points, not how many it will have."""
     from normlab import studies
     from normlab.config import Config
-    from normlab.sweepdir import Manifest, sweep_series
+    from normlab.manifest import Manifest
+    from normlab.sweeptables import sweep_series
 
     manifest = Manifest(Config(), studies.parts(), 3, 0)
     rows = study_rows(manifest)

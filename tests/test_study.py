@@ -7,7 +7,8 @@ from normlab import studies
 from normlab.cli import build_parser, config_from, main
 from normlab.config import Config
 from normlab.plan import NEW, plan_cells
-from normlab.sweepdir import MANIFEST, REPORT, Manifest, read_manifest
+from normlab.manifest import MANIFEST, Manifest, read_manifest
+from normlab.sweepdir import REPORT
 
 
 def test_the_study_has_its_cells_once_each_seed_by_seed(tmp_path):

@@ -1,6 +1,6 @@
-"""sweepdir.py and normlab sweep without Ray: the folders, sweep.csv / sweep.md / the figure and their rebuild by
-normlab report, paired differences, the manifest's command, resume, and a failed model that leaves the others
-finished. The grid and the plan: test_plan.py; on Ray: test_cluster.py."""
+"""sweepdir.py, manifest.py, sweeptables.py and normlab sweep without Ray: the folders, sweep.csv / sweep.md / the
+figure and their rebuild by normlab report, paired differences, the manifest's command, resume, and a failed model that
+leaves the others finished. The grid and the plan: test_plan.py; on Ray: test_cluster.py."""
 import csv
 import json
 import shlex
@@ -14,10 +14,11 @@ import normlab
 from conftest import DEVICE, EXACT, make_cifar, one_error_line
 from normlab.cli import build_parser, config_from, main
 from normlab.config import Config
+from normlab.manifest import MANIFEST, Manifest, read_manifest, write_manifest
 from normlab.plan import parse_grid
 from normlab.rundir import shown_path
-from normlab.sweepdir import (COLUMNS, MANIFEST, REPORT, TABLE, Manifest, SweepResult, log_x, paired_differences, paired_table,
-                              read_manifest, results_table, sweep_figure)
+from normlab.sweepdir import COLUMNS, REPORT, TABLE, SweepResult
+from normlab.sweeptables import log_x, paired_differences, paired_table, results_table, sweep_figure
 
 TRAIN_ARGS = ["--epochs", "1", "--batch-size", "50", "--threads", "1", "--device", DEVICE, *EXACT]
 GRID = ["--norms", "bn,gn", "--grid", "lr=0.05,0.1", "--grid", "groups=4,8", "--seeds", "2"]
@@ -360,7 +361,6 @@ def test_merge_refuses_other_base_settings_other_data_and_a_gap_in_the_seeds(dat
 
 def test_a_resumed_sweep_with_more_cells_grows_into_the_union(tmp_path):
     from normlab.errors import UsageError
-    from normlab.sweepdir import write_manifest
 
     first = Manifest.sweep(Config(epochs=1), ("bn",), parse_grid(["norm_batch=2,8"]), 1, 0)
     more = Manifest.sweep(Config(epochs=1), ("frn",), {}, 2, 0)

@@ -35,7 +35,8 @@ from normlab.result import RunResult, TrainResult, predict, predictions_table
 from normlab.rundir import (CHECKPOINT, CONFIG, DATA, Results, RunDir, check_same_data, command, find_runs, load_model,
                             median_epoch_seconds)
 from normlab.studies import SEEDS as STUDY_SEEDS, parts as study_parts
-from normlab.sweepdir import TABLE, Manifest, SweepResult, is_sweep, merge as merge_sweeps, write_manifest, write_sweep
+from normlab.manifest import Manifest, is_sweep, write_manifest
+from normlab.sweepdir import TABLE, SweepResult, merge as merge_sweeps, write_sweep
 from normlab.version import __version__
 
 # What the command line reads from here (it talks to this module, config and errors only).

@@ -158,7 +158,7 @@ BAND_STYLES = ("--", ":", "-.", (0, (5, 1)))  # one per band of a norm
 
 
 def sweep_panels(spec: dict) -> Figure:
-    """A metric per panel against one swept setting (``sweepdir.sweep_series`` makes ``spec``): in each panel every
+    """A metric per panel against one swept setting (``sweeptables.sweep_series`` makes ``spec``): in each panel every
     line is mean ± std over seeds as error bars; a band (x ``[None]``: a norm that does not read the setting) is a
     horizontal line at its mean over a ± std band across the whole axis. ``ticks``: the swept values (numbers);
     without them x holds positions 0, 1, ... of ``tick_labels`` (words, true/false, widths). One legend below."""
