@@ -7,11 +7,9 @@ import json
 import shutil
 from pathlib import Path
 
-
 from conftest import FINISHED, one_error_line
 from normlab.cli import main
 from normlab.rundir import CHECKPOINT, CONFIG, MODEL, RESULTS
-
 
 
 def mixed(finished: Path, folder: Path) -> Path:
