@@ -145,8 +145,13 @@ def test_paired_differences_pair_each_value_with_the_first_seed_by_seed():
         rows.append({"norm": norm, "seed": seed, "status": "finished" if v is not None else "unfinished", "cell": cell,
                      "val_acc": v, "test_acc": None})
     by = {(d["norm"], d["setting"], d["other"]): d for d in paired_differences(manifest, rows)}
-    assert set(by) == {("bn", "identity_init", "norm_batch=0"), ("bn", "identity_init", "norm_batch=8"),
+    assert set(by) == {("gn", "norm", "identity_init=False, norm_batch=0"), ("gn", "norm", "identity_init=True, norm_batch=0"),
+                       ("bn", "identity_init", "norm_batch=0"), ("bn", "identity_init", "norm_batch=8"),
                        ("bn", "norm_batch", "identity_init=False"), ("bn", "norm_batch", "identity_init=True"), ("gn", "identity_init", "")}
+    # each norm against the first (bn) at the settings both read, bn at its own base value of the rest (norm_batch 0)
+    d = by[("gn", "norm", "identity_init=False, norm_batch=0")]
+    assert d["value"] == "gn" and d["baseline"] == "bn" and d["diffs"] == pytest.approx([-10, -9, -8]) and d["spread"] == pytest.approx(1)
+    assert by[("gn", "norm", "identity_init=True, norm_batch=0")]["seeds"] == [0, 2]
     d = by[("bn", "identity_init", "norm_batch=0")]
     assert d["seeds"] == [0, 1, 2] and d["diffs"] == pytest.approx([2, 2, 1]) and d["mean"] == pytest.approx(5 / 3)
     assert d["spread"] == pytest.approx(0.57735, abs=1e-4)
@@ -160,6 +165,18 @@ def test_paired_differences_pair_each_value_with_the_first_seed_by_seed():
     assert row.rstrip(" |").endswith("no")  # -1, +1, 0: no mean gain
     row = next(line for line in table if "norm_batch 8 vs 0 (whole batch), at identity_init=True" in line)
     assert "-5.00, -3.00, -3.00" in row and row.rstrip(" |").endswith("worse")  # a mean loss beyond the spread
+    assert any("| gn vs bn, at identity_init=False, norm_batch=0 | 0, 1, 2 | -10.00, -9.00, -8.00 |" in line for line in table)
+
+
+def test_paired_differences_name_each_cell_of_a_norm_compared_with_a_first_norm_that_reads_less():
+    """gn first: each bn cell against gn, one row per bn cell, told apart by the settings only bn reads."""
+    manifest = Manifest.sweep(Config(), ("gn", "bn"), parse_grid(["norm_batch=0,8"]), 2, 0)
+    acc = {("gn", None): [0.70, 0.71], ("bn", 0): [0.75, 0.77], ("bn", 8): [0.74, 0.73]}
+    rows = [{"norm": norm, "seed": seed, "status": "finished", "cell": cell, "test_acc": acc[(norm, cell.get("norm_batch"))][seed],
+             "val_acc": None} for norm, cell, seed, _ in manifest.models(Path("s"))]
+    by = {d["other"]: d for d in paired_differences(manifest, rows) if d["setting"] == "norm"}
+    assert set(by) == {"norm_batch=0", "norm_batch=8"} and all(d["norm"] == "bn" and d["baseline"] == "gn" for d in by.values())
+    assert by["norm_batch=0"]["diffs"] == pytest.approx([5, 6]) and by["norm_batch=8"]["diffs"] == pytest.approx([4, 2])
 
 
 def test_results_table_gives_each_seed_beside_the_mean():

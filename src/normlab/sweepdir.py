@@ -98,7 +98,8 @@ class SweepResult:
         return results_table(self.manifest, self.rows)
 
     def paired(self) -> str:
-        """Each swept value against the first, seed by seed: the markdown table (``paired_differences`` as data)."""
+        """Each norm against the first, and each swept value against the first, seed by seed: the markdown table
+        (``sweeptables.paired_differences`` as data)."""
         return paired_table(self.manifest, self.rows)
 
     def plot(self, setting: str | None = None):
@@ -176,10 +177,10 @@ def _write_report(parent: Path, manifest: Manifest, rows: list[dict[str, Any]]) 
     if len(devices(rows)) == 1:
         notes.append(f"Every model ran on {devices(rows)[0]}.")
     parts.append("\n".join(f"- {n}" for n in notes))
-    if manifest.seeds > 1 and any(len(vs) > 1 for vs in manifest.grid.values()):
+    if manifest.seeds > 1 and (len(manifest.norms) > 1 or any(len(vs) > 1 for vs in manifest.grid.values())):
         parts += ["## Paired differences",
-                  "Each value of a swept setting against its first value, seed by seed (same seed and other settings): the "
-                  "paired difference removes most of the seed-to-seed noise. A change is worth keeping only if its mean gain "
+                  f"Each norm against {manifest.norms[0]} at the same settings, and each value of a swept setting against its "
+                  "first value, seed by seed (same seed and other settings): the paired difference removes most of the seed-to-seed noise. A change is worth keeping only if its mean gain "
                   "exceeds the spread (sample standard deviation) of its paired differences; a mean loss beyond it reads \"worse\".",
                   paired_table(manifest, rows)]
     unfinished = [r["folder"] for r in rows if r["status"] != FINISHED]

@@ -89,13 +89,30 @@ def _settings(manifest: Manifest, norm: str, cell: dict[str, Any]) -> dict[str, 
 
 
 def paired_differences(manifest: Manifest, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each value of a swept setting against the first value of the same setting among the cells of the same norm and
-    other swept settings, seed by seed (paired), in points of the shown accuracy; one entry per norm, setting, value and
-    combination of the other swept settings, with the seeds both sides finished."""
+    """Seed by seed (paired), in points of the shown accuracy, with the seeds both sides finished: each norm against the
+    first norm of the sweep (``setting`` "norm"; ``other``: the first norm's settings it is compared at), then each value
+    of a swept setting against the first value of the same setting among the cells of the same norm and other swept
+    settings (one entry per norm, setting, value and combination of the other swept settings)."""
     shown = metric(rows)
     done = {(r["norm"], _cell_label(r["cell"]), r["seed"]): 100 * r[shown]
             for r in rows if shown and r["status"] == FINISHED and r[shown] is not None}
+
+    def pair(arm: tuple[str, str], base: tuple[str, str]) -> dict[str, Any]:
+        seeds = [s for s in manifest.seed_list if (*arm, s) in done and (*base, s) in done]
+        diffs = [done[(*arm, s)] - done[(*base, s)] for s in seeds]
+        return {"seeds": seeds, "diffs": diffs, "mean": statistics.mean(diffs) if diffs else None,
+                "spread": statistics.stdev(diffs) if len(diffs) > 1 else None}
+
     out = []
+    first = manifest.norms[0]
+    theirs = {_cell_label(_settings(manifest, first, c)): _cell_label(c) for n, c in manifest.cells() if n == first}
+    for norm, cell in manifest.cells():
+        # the first norm's cell with this cell's values of the settings both read, and its own base values of the rest
+        mine = _settings(manifest, norm, cell)
+        at = _settings(manifest, first, {k: v for k, v in mine.items() if reads(first, k)})
+        if norm != first and _cell_label(at) in theirs:
+            out.append({"norm": norm, "setting": "norm", "value": norm, "baseline": first, "other": _cell_label({**at, **mine}),
+                        **pair((norm, _cell_label(cell)), (first, theirs[_cell_label(at)]))})
     for key in manifest.grid:
         for norm in manifest.norms:
             if not reads(norm, key):
@@ -109,11 +126,8 @@ def paired_differences(manifest: Manifest, rows: list[dict[str, Any]]) -> list[d
             for other, arms in groups.items():
                 (baseline, base), *rest = arms.items()
                 for v, arm in rest:
-                    seeds = [s for s in manifest.seed_list if (norm, base, s) in done and (norm, arm, s) in done]
-                    diffs = [done[(norm, arm, s)] - done[(norm, base, s)] for s in seeds]
                     out.append({"norm": norm, "setting": key, "value": v, "baseline": baseline, "other": other,
-                                "seeds": seeds, "diffs": diffs, "mean": statistics.mean(diffs) if diffs else None,
-                                "spread": statistics.stdev(diffs) if len(diffs) > 1 else None})
+                                **pair((norm, arm), (norm, base))})
     return out
 
 
@@ -125,7 +139,9 @@ def paired_table(manifest: Manifest, rows: list[dict[str, Any]]) -> str:
     for d in paired_differences(manifest, rows):
         beyond = ("–" if d["spread"] is None else "better" if d["mean"] > d["spread"]
                   else "worse" if -d["mean"] > d["spread"] else "no")
-        table.append([f"{NORMS[d['norm']].label} ({d['norm']})", f"{d['setting']} {shown_value(d['setting'], d['value'])} vs {shown_value(d['setting'], d['baseline'])}"
+        setting = "" if d["setting"] == "norm" else f"{d['setting']} "
+        table.append([f"{NORMS[d['norm']].label} ({d['norm']})",
+                      f"{setting}{shown_value(d['setting'], d['value'])} vs {shown_value(d['setting'], d['baseline'])}"
                       + (f", at {d['other']}" if d["other"] else ""), ", ".join(str(s) for s in d["seeds"]) or "–",
                       ", ".join(f"{x:+.2f}" for x in d["diffs"]) or "–", "–" if d["mean"] is None else f"{d['mean']:+.2f}",
                       "–" if d["spread"] is None else f"{d['spread']:.2f}", beyond])
