@@ -90,7 +90,7 @@ def _settings(manifest: Manifest, norm: str, cell: dict[str, Any]) -> dict[str, 
 
 def paired_differences(manifest: Manifest, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Seed by seed (paired), in points of the shown accuracy, with the seeds both sides finished: each norm against the
-    first norm of the sweep (``setting`` "norm"; ``other``: the first norm's settings it is compared at), then each value
+    first norm of the sweep (``setting`` "norm"; ``other``: the swept settings of the two cells compared), then each value
     of a swept setting against the first value of the same setting among the cells of the same norm and other swept
     settings (one entry per norm, setting, value and combination of the other swept settings)."""
     shown = metric(rows)
