@@ -26,7 +26,7 @@ from normlab.plan import NOT_SWEPT, Grid
 from normlab.report import COMMAND_LEAD
 from normlab.rundir import CONFIG, FIGURES, Results, RunDir, atomic_write, atomic_write_text, csv_cell, unwritable
 from normlab.sweeptables import (ACCURACY_WORDS, FINISHED, NOT_STARTED, UNFINISHED, axis_words, devices, figure_keys, metric,
-                                 paired_table, results_table, sweep_figure)
+                                 paired_differences, paired_table, results_table, sweep_figure)
 from normlab.version import UNRECORDED, __version__
 
 TABLE = "sweep.csv"       # one row per cell and seed, from the run folders
@@ -177,7 +177,7 @@ def _write_report(parent: Path, manifest: Manifest, rows: list[dict[str, Any]]) 
     if len(devices(rows)) == 1:
         notes.append(f"Every model ran on {devices(rows)[0]}.")
     parts.append("\n".join(f"- {n}" for n in notes))
-    if manifest.seeds > 1 and (len(manifest.norms) > 1 or any(len(vs) > 1 for vs in manifest.grid.values())):
+    if manifest.seeds > 1 and paired_differences(manifest, rows):
         parts += ["## Paired differences",
                   f"Each norm against {manifest.norms[0]} at the same settings, and each value of a swept setting against its "
                   "first value, seed by seed (same seed and other settings): the paired difference removes most of the seed-to-seed noise. A change is worth keeping only if its mean gain "
