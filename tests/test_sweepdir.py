@@ -157,7 +157,7 @@ def test_paired_differences_pair_each_value_with_the_first_seed_by_seed():
     assert d["spread"] == pytest.approx(0.57735, abs=1e-4)
     assert by[("gn", "identity_init", "")]["seeds"] == [0, 2]  # seed 1 unfinished on one side: not paired
     assert by[("bn", "norm_batch", "identity_init=True")]["diffs"] == pytest.approx([-5, -3, -3])
-    table = paired_table(manifest, rows).splitlines()
+    table = paired_table(paired_differences(manifest, rows), "val_acc").splitlines()
     assert "validation acc difference" in table[0]
     row = next(line for line in table if "identity_init True vs False, at norm_batch=0" in line)
     assert "+2.00, +2.00, +1.00" in row and "+1.67" in row and row.rstrip(" |").endswith("better")

@@ -100,7 +100,7 @@ class SweepResult:
     def paired(self) -> str:
         """Each norm against the first, and each swept value against the first, seed by seed: the markdown table
         (``sweeptables.paired_differences`` as data)."""
-        return paired_table(self.manifest, self.rows)
+        return paired_table(paired_differences(self.manifest, self.rows), metric(self.rows))
 
     def plot(self, setting: str | None = None):
         """Accuracy against ``setting`` (default: the first swept one)."""
@@ -177,12 +177,13 @@ def _write_report(parent: Path, manifest: Manifest, rows: list[dict[str, Any]]) 
     if len(devices(rows)) == 1:
         notes.append(f"Every model ran on {devices(rows)[0]}.")
     parts.append("\n".join(f"- {n}" for n in notes))
-    if manifest.seeds > 1 and paired_differences(manifest, rows):
+    pairs = paired_differences(manifest, rows) if manifest.seeds > 1 else []
+    if pairs:
         parts += ["## Paired differences",
                   f"Each norm against {manifest.norms[0]} at the same settings, and each value of a swept setting against its "
                   "first value, seed by seed (same seed and other settings): the paired difference removes most of the seed-to-seed noise. A change is worth keeping only if its mean gain "
                   "exceeds the spread (sample standard deviation) of its paired differences; a mean loss beyond it reads \"worse\".",
-                  paired_table(manifest, rows)]
+                  paired_table(pairs, metric(rows))]
     unfinished = [r["folder"] for r in rows if r["status"] != FINISHED]
     if unfinished:
         busy = {f: pid for f in unfinished if (pid := lock.holder(parent / f)) is not None}  # a sweep still running

@@ -131,12 +131,13 @@ def paired_differences(manifest: Manifest, rows: list[dict[str, Any]]) -> list[d
     return out
 
 
-def paired_table(manifest: Manifest, rows: list[dict[str, Any]]) -> str:
-    """The markdown table of ``paired_differences``, with the decision rule: a change is kept only if its mean gain
-    exceeds the spread (sample standard deviation) of the paired differences; a mean loss beyond it reads "worse"."""
-    what = {"test_acc": "test", "val_acc": "validation"}.get(metric(rows) or "", "")
+def paired_table(pairs: list[dict[str, Any]], shown: str | None) -> str:
+    """The markdown table of ``paired_differences`` (``pairs``, of the accuracy ``shown``: ``metric(rows)``), with the
+    decision rule: a change is kept only if its mean gain exceeds the spread (sample standard deviation) of the paired
+    differences; a mean loss beyond it reads "worse"."""
+    what = {"test_acc": "test", "val_acc": "validation"}.get(shown or "", "")
     table = []
-    for d in paired_differences(manifest, rows):
+    for d in pairs:
         beyond = ("–" if d["spread"] is None else "better" if d["mean"] > d["spread"]
                   else "worse" if -d["mean"] > d["spread"] else "no")
         setting = "" if d["setting"] == "norm" else f"{d['setting']} "
