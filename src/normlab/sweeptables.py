@@ -30,9 +30,14 @@ def _cell_label(cell: dict[str, Any]) -> str:
     return ", ".join(f"{k}={format_value(v)}" for k, v in cell.items())
 
 
+def is_whole_batch(key: str, value: Any) -> bool:
+    """Whether a setting's value is 0 of ``norm_batch``: statistics over the whole batch."""
+    return key == WHOLE_BATCH and value == 0
+
+
 def shown_value(key: str, value: Any) -> str:
     """A swept value as the tables show it: as typed, with 0 of ``norm_batch`` named the whole batch."""
-    return f"{format_value(value)} (whole batch)" if key == WHOLE_BATCH and value == 0 else format_value(value)
+    return f"{format_value(value)} (whole batch)" if is_whole_batch(key, value) else format_value(value)
 
 
 def _groups(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
@@ -185,14 +190,14 @@ def sweep_series(manifest: Manifest, rows: list[dict[str, Any]], key: str) -> di
     def x_of(norm: str, cell: dict[str, Any]) -> Any:
         cfg = cfgs[(norm, _cell_label(cell))]
         v = getattr(cfg, key)
-        return cfg.batch_size if key == WHOLE_BATCH and v == 0 else v
+        return cfg.batch_size if is_whole_batch(key, v) else v
 
     values = list(dict.fromkeys(x_of(n, c) for n, c in manifest.cells() if reads(n, key)))  # in the order swept
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     if numeric:
         values.sort()
     position = (lambda v: v) if numeric else (lambda v: values.index(v))
-    whole = {cfg.batch_size for (n, _), cfg in cfgs.items() if key == WHOLE_BATCH and reads(n, key) and getattr(cfg, key) == 0}
+    whole = {cfg.batch_size for (n, _), cfg in cfgs.items() if reads(n, key) and is_whole_batch(key, getattr(cfg, key))}
     tick_labels = [f"{format_value(v)}\n(whole batch)" if v in whole else format_value(v) for v in values]
 
     panels = [(shown, ACCURACY_WORDS[shown]), ("train_acc_clean", "clean train accuracy")]
