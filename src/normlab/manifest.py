@@ -2,6 +2,7 @@
 written before anything trains; a study, a resumed sweep given more, or merged folders hold a union of parts."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -69,6 +70,10 @@ class Manifest:
 
     def cells(self) -> list[Cell]:
         return cells_of(self.parts)
+
+    def config(self, norm: str, cell: dict[str, Any], seed: int | None = None) -> Config:
+        """The settings a model of this sweep trains with: ``base`` with ``norm``, the ``cell``'s values and ``seed``."""
+        return dataclasses.replace(self.base, norm=norm, **cell, **({} if seed is None else {"seed": seed}))
 
     def models(self, parent: Path) -> list[tuple[str, dict[str, Any], int, Path]]:
         """(norm, cell, seed, folder) of every model, in the order ``plan_cells`` trains them (seed by seed)."""

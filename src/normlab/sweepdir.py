@@ -43,7 +43,7 @@ def collect(parent: Path, manifest: Manifest) -> list[dict[str, Any]]:
     rows = []
     for norm, cell, seed, folder in manifest.models(parent):
         rd = RunDir(folder)
-        cfg = Config(**{**manifest.base.to_dict(), "norm": norm, "seed": seed, **cell})
+        cfg = manifest.config(norm, cell, seed)
         status = FINISHED if rd.has_results else UNFINISHED if rd.is_run() else NOT_STARTED  # a record is enough
         results: Results | None = None
         if status == FINISHED:

@@ -2,7 +2,6 @@
 seeds, each seed beside it), the paired differences, and the figures' series (``figures.sweep_panels`` draws them)."""
 from __future__ import annotations
 
-import dataclasses
 import statistics
 from collections.abc import Sequence
 from typing import Any
@@ -89,7 +88,7 @@ def results_table(manifest: Manifest, rows: list[dict[str, Any]]) -> str:
 def _settings(manifest: Manifest, norm: str, cell: dict[str, Any]) -> dict[str, Any]:
     """The values of the swept settings that ``norm`` reads in ``cell``: the cell's own, else the base's (as the norm
     trains it: none's own learning rate, say)."""
-    cfg = dataclasses.replace(manifest.base, norm=norm, **cell)
+    cfg = manifest.config(norm, cell)
     return {k: getattr(cfg, k) for k in manifest.grid if reads(norm, k)}
 
 
@@ -185,7 +184,7 @@ def sweep_series(manifest: Manifest, rows: list[dict[str, Any]], key: str) -> di
     where they vary) as mean ± std over its finished seeds at each value of ``key``; a norm that does not read ``key``
     is a band (x ``[None]``) at its mean ± std. Value 0 of ``norm_batch`` (the whole batch) is drawn at the batch size."""
     shown = metric(rows)
-    cfgs = {(n, _cell_label(c)): dataclasses.replace(manifest.base, norm=n, **c) for n, c in manifest.cells()}
+    cfgs = {(n, _cell_label(c)): manifest.config(n, c) for n, c in manifest.cells()}
 
     def x_of(norm: str, cell: dict[str, Any]) -> Any:
         cfg = cfgs[(norm, _cell_label(cell))]
