@@ -154,7 +154,7 @@ def _write_report(parent: Path, manifest: Manifest, rows: list[dict[str, Any]]) 
     def rectangle(norms: Sequence[str], grid: Grid) -> str:
         values = "; ".join(f"{k} = {', '.join(format_value(v) for v in vs)}" for k, vs in grid.items()) or "no setting (norms and seeds only)"
         return f"{', '.join(f'{NORMS[n].label} ({n})' for n in norms)} x {values}"
-    seeds = f"{manifest.seeds} seed{'s' if manifest.seeds > 1 else ''} ({', '.join(str(manifest.first_seed + i) for i in range(manifest.seeds))})"
+    seeds = f"{manifest.seeds} seed{'s' if manifest.seeds > 1 else ''} ({', '.join(map(str, manifest.seed_list))})"
     ignored = [f"{NORMS[n].label} ({n}) does not read {', '.join(ks)}: trained once at {', '.join(f'{k}={format_value(getattr(manifest.base, k))}' for k in ks)}"
                for n in manifest.norms if (ks := [k for k in manifest.grid if not reads(n, k)])]
     parts = [f"# normlab sweep: `{parent}`",
@@ -183,7 +183,7 @@ def _write_report(parent: Path, manifest: Manifest, rows: list[dict[str, Any]]) 
                   f"Each norm against {manifest.norms[0]} at the same settings, and each value of a swept setting against its "
                   "first value, seed by seed (same seed and other settings): the paired difference removes most of the seed-to-seed noise. A change is worth keeping only if its mean gain "
                   "exceeds the spread (sample standard deviation) of its paired differences; a mean loss beyond it reads \"worse\".",
-                  paired_table(pairs, metric(rows))]
+                  paired_table(pairs, shown)]
     unfinished = [r["folder"] for r in rows if r["status"] != FINISHED]
     if unfinished:
         busy = {f: pid for f in unfinished if (pid := lock.holder(parent / f)) is not None}  # a sweep still running
